@@ -1,1 +1,209 @@
-fn main() {}
+//! `outbox-relay`: a thin command line over the `relay` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use relay::Config;
+use relay::config::LogFormat;
+use tokio::sync::watch;
+
+/// Streams a transactional outbox from a PostgreSQL pgoutput slot into ClickHouse.
+///
+/// Settings come from the TOML file given with --config (or RELAY_CONFIG) and from RELAY_*
+/// environment variables, which win; see docs/configuration.md.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short, env = "RELAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the outbox table, publication, slot and ClickHouse table if missing (idempotent).
+    Setup {
+        /// Print the DDL for both servers instead of applying it.
+        #[arg(long)]
+        print_sql: bool,
+    },
+    /// Stream the outbox into ClickHouse until SIGTERM/SIGINT.
+    Run,
+    /// Show the slot's position and lag, and whether ClickHouse answers.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("outbox-relay: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let _sentry = init_sentry(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "outbox-relay failed");
+            eprintln!("outbox-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Setup { print_sql: true } => {
+            println!("-- PostgreSQL\n{}", relay::schema::postgres_ddl(&config));
+            println!("-- ClickHouse\n{}", relay::schema::clickhouse_ddl(&config));
+            Ok(())
+        }
+        Command::Setup { print_sql: false } => {
+            let report = relay::setup::setup(&config).await.context("setup failed")?;
+            tracing::info!(
+                outbox = %format!("{}.{}", config.outbox_schema, config.outbox_table),
+                publication = %config.publication,
+                slot = %config.slot,
+                slot_created = report.slot_created,
+                clickhouse_table = %config.clickhouse_table,
+                "setup complete"
+            );
+            Ok(())
+        }
+        Command::Run => run(config).await,
+        Command::Status { json } => {
+            let status = relay::status::status(&config)
+                .await
+                .context("cannot read the slot's status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let purge = tokio::spawn(relay::purge::purge_forever(config.clone()));
+    let relay = relay::Relay::new(config)?;
+    let result = relay.run(stop_rx).await;
+    purge.abort();
+    result.context("the relay stopped")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop the relay with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn print_status(s: &relay::status::Status) {
+    let dash = || "-".to_string();
+    println!("slot                 {}", s.slot);
+    match &s.state {
+        None => println!("exists               no (run `outbox-relay setup`)"),
+        Some(st) => {
+            println!(
+                "active               {}{}",
+                st.active,
+                st.active_pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "confirmed_flush_lsn  {}",
+                st.confirmed_flush_lsn.clone().unwrap_or_else(dash)
+            );
+            println!(
+                "restart_lsn          {}",
+                st.restart_lsn.clone().unwrap_or_else(dash)
+            );
+            println!("current_wal_lsn      {}", st.current_wal_lsn);
+            println!(
+                "lag_bytes            {}",
+                st.lag_bytes.map(|v| v.to_string()).unwrap_or_else(dash)
+            );
+            println!(
+                "retained_wal_bytes   {}",
+                st.retained_wal_bytes
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(dash)
+            );
+            println!(
+                "wal_status           {}",
+                st.wal_status.clone().unwrap_or_else(dash)
+            );
+        }
+    }
+    println!("caught_up            {}", s.caught_up);
+    match &s.clickhouse_error {
+        None => println!("clickhouse           reachable"),
+        Some(e) => println!("clickhouse           UNREACHABLE: {e}"),
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
+        eprintln!(
+            "outbox-relay: log_level {:?} is not a valid filter ({e}); using info",
+            config.log_level
+        );
+        EnvFilter::new("info")
+    });
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn init_sentry(config: &Config) -> Option<sentry::ClientInitGuard> {
+    let dsn = config.sentry_dsn.as_deref()?;
+    let options = sentry::ClientOptions::new()
+        .dsn(dsn)
+        .maybe_release(sentry::release_name!())
+        .traces_sample_rate(config.sentry_traces_sample_rate);
+    Some(sentry::init(options))
+}

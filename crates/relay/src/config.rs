@@ -1,0 +1,396 @@
+//! Configuration: a TOML file plus `RELAY_*` environment variables (12-factor), validated once at
+//! start so that every later error is about the servers, not about the settings.
+//!
+//! Every setting has the same name in the file and, upper-cased with the `RELAY_` prefix, in the
+//! environment: `batch_max_rows` in the file is `RELAY_BATCH_MAX_ROWS` in the environment. The
+//! environment wins over the file. `SENTRY_DSN` is read without the prefix, as Sentry documents it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Every setting the relay reads, with its default. The configuration reference in
+/// `docs/configuration.md` lists the same names; a test keeps the two in step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// PostgreSQL connection URL or key=value string; the user needs the REPLICATION attribute.
+    pub postgres_url: String,
+    /// ClickHouse HTTP URL: `http://user:password@host:8123/database`.
+    pub clickhouse_url: String,
+    /// Logical replication slot (pgoutput) the relay streams from.
+    pub slot: String,
+    /// Publication that publishes the outbox table's inserts.
+    pub publication: String,
+    /// Schema of the outbox table.
+    pub outbox_schema: String,
+    /// Name of the outbox table.
+    pub outbox_table: String,
+    /// ClickHouse table the events land in.
+    pub clickhouse_table: String,
+    /// Default of the outbox's `environment` column, applied by `outbox-relay setup`.
+    pub environment: String,
+    /// A batch is flushed once it holds at least this many rows (at a transaction boundary).
+    pub batch_max_rows: usize,
+    /// A batch is flushed once its encoded rows reach this many bytes (at a transaction boundary).
+    pub batch_max_bytes: usize,
+    /// A batch is flushed this long after its first row, at the next transaction boundary.
+    pub batch_max_wait_ms: u64,
+    /// How often the relay reports its confirmed position to PostgreSQL at most.
+    pub status_interval_ms: u64,
+    /// First delay before reconnecting after an error; doubles up to `retry_max_ms`, with jitter.
+    pub retry_initial_ms: u64,
+    /// Longest delay between reconnect attempts.
+    pub retry_max_ms: u64,
+    /// Shipped outbox rows older than this are deleted by the relay (0 keeps them forever).
+    pub outbox_retention_hours: u64,
+    /// How often the relay deletes expired outbox rows.
+    pub purge_interval_s: u64,
+    /// `pretty` (for people) or `json` (for log pipelines).
+    pub log_format: LogFormat,
+    /// A tracing filter: `info`, `relay=debug,info`, ...
+    pub log_level: String,
+    /// Sentry DSN (`SENTRY_DSN`); Sentry is off when unset.
+    pub sentry_dsn: Option<String>,
+    /// Share of batches traced as Sentry transactions, 0.0 to 1.0.
+    pub sentry_traces_sample_rate: f32,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            postgres_url: String::new(),
+            clickhouse_url: String::new(),
+            slot: "event_outbox_slot".into(),
+            publication: "event_outbox_pub".into(),
+            outbox_schema: "public".into(),
+            outbox_table: "event_outbox".into(),
+            clickhouse_table: "event_log".into(),
+            environment: "production".into(),
+            batch_max_rows: 100_000,
+            batch_max_bytes: 64 * 1024 * 1024,
+            batch_max_wait_ms: 1_000,
+            status_interval_ms: 1_000,
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
+            outbox_retention_hours: 72,
+            purge_interval_s: 60,
+            log_format: LogFormat::Pretty,
+            log_level: "info".into(),
+            sentry_dsn: None,
+            sentry_traces_sample_rate: 1.0,
+        }
+    }
+}
+
+/// The names of every setting, as they appear in the file (and, upper-cased with `RELAY_`, in
+/// the environment).
+pub const SETTINGS: &[&str] = &[
+    "postgres_url",
+    "clickhouse_url",
+    "slot",
+    "publication",
+    "outbox_schema",
+    "outbox_table",
+    "clickhouse_table",
+    "environment",
+    "batch_max_rows",
+    "batch_max_bytes",
+    "batch_max_wait_ms",
+    "status_interval_ms",
+    "retry_initial_ms",
+    "retry_max_ms",
+    "outbox_retention_hours",
+    "purge_interval_s",
+    "log_format",
+    "log_level",
+    "sentry_dsn",
+    "sentry_traces_sample_rate",
+];
+
+/// A configuration that cannot be used, with the setting it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration: {0}")]
+    Load(#[source] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    MissingFile(String),
+    #[error("setting {setting} (env {env}): {problem}")]
+    Invalid {
+        setting: String,
+        env: String,
+        problem: String,
+    },
+}
+
+fn invalid(setting: &str, problem: impl Into<String>) -> ConfigError {
+    let setting = setting.to_ascii_lowercase();
+    let env = if setting == "sentry_dsn" {
+        "SENTRY_DSN".to_string()
+    } else {
+        format!("RELAY_{}", setting.to_ascii_uppercase())
+    };
+    ConfigError::Invalid {
+        setting,
+        env,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Loads the defaults, then the TOML file (if given), then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(file)?)
+    }
+
+    /// The layered sources, for callers (and tests) that add their own on top.
+    pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Ok(figment
+            .merge(Env::prefixed("RELAY_").filter(|key| SETTINGS.iter().any(|s| key == *s)))
+            .merge(Env::raw().only(&["SENTRY_DSN"])))
+    }
+
+    /// Extracts and validates a configuration from any figment.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| match e.path.last() {
+            // Name the setting the way the operator wrote it, with the source of the value.
+            Some(key) => {
+                let source = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| format!(" (from {})", m.name))
+                    .unwrap_or_default();
+                invalid(key, format!("{}{source}", e.kind))
+            }
+            None => ConfigError::Load(Box::new(e)),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.postgres_url.trim().is_empty() {
+            return Err(invalid(
+                "postgres_url",
+                "is required, e.g. postgres://relay:secret@db:5432/app",
+            ));
+        }
+        self.postgres_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| invalid("postgres_url", format!("is not a PostgreSQL URL: {e}")))?;
+        crate::sink::ClickHouseTarget::parse(&self.clickhouse_url)?;
+        for (setting, value) in [
+            ("slot", &self.slot),
+            ("publication", &self.publication),
+            ("outbox_schema", &self.outbox_schema),
+            ("outbox_table", &self.outbox_table),
+            ("clickhouse_table", &self.clickhouse_table),
+        ] {
+            check_identifier(setting, value)?;
+        }
+        if !self
+            .slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(invalid(
+                "slot",
+                format!(
+                    "{:?}: PostgreSQL slot names may contain only lower-case letters, digits and _",
+                    self.slot
+                ),
+            ));
+        }
+        for (setting, value, min) in [
+            ("batch_max_rows", self.batch_max_rows as u64, 1),
+            ("batch_max_bytes", self.batch_max_bytes as u64, 1024),
+            ("batch_max_wait_ms", self.batch_max_wait_ms, 1),
+            ("status_interval_ms", self.status_interval_ms, 10),
+            ("retry_initial_ms", self.retry_initial_ms, 1),
+            ("purge_interval_s", self.purge_interval_s, 1),
+        ] {
+            if value < min {
+                return Err(invalid(
+                    setting,
+                    format!("must be at least {min}, got {value}"),
+                ));
+            }
+        }
+        if self.retry_max_ms < self.retry_initial_ms {
+            return Err(invalid(
+                "retry_max_ms",
+                format!(
+                    "must be at least retry_initial_ms ({}), got {}",
+                    self.retry_initial_ms, self.retry_max_ms
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sentry_traces_sample_rate) {
+            return Err(invalid(
+                "sentry_traces_sample_rate",
+                format!(
+                    "must be between 0.0 and 1.0, got {}",
+                    self.sentry_traces_sample_rate
+                ),
+            ));
+        }
+        if let Some(dsn) = &self.sentry_dsn {
+            dsn.parse::<sentry::types::Dsn>()
+                .map_err(|e| invalid("sentry_dsn", format!("is not a Sentry DSN: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
+
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.status_interval_ms)
+    }
+}
+
+fn check_identifier(setting: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > 63 {
+        return Err(invalid(
+            setting,
+            format!("{value:?} must be 1 to 63 bytes long"),
+        ));
+    }
+    if value
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b'"' || b == b'`')
+    {
+        return Err(invalid(
+            setting,
+            format!("{value:?} must not contain quotes or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(jail: &figment::Jail) -> Result<Config, ConfigError> {
+        let _ = jail;
+        Config::load(Some(Path::new("relay.toml")))
+    }
+
+    const MINIMAL: &str = r#"
+        postgres_url = "postgres://relay@127.0.0.1:5432/app"
+        clickhouse_url = "http://default:@127.0.0.1:8123/analytics"
+    "#;
+
+    #[test]
+    fn file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", &format!("{MINIMAL}\nbatch_max_rows = 5000\n"))?;
+            jail.set_env("RELAY_BATCH_MAX_WAIT_MS", "250");
+            jail.set_env("RELAY_SLOT", "other_slot");
+            jail.set_env("RELAY_TEST_SOMETHING_ELSE", "ignored");
+            let config = load(jail).expect("valid");
+            assert_eq!(config.batch_max_rows, 5000);
+            assert_eq!(config.batch_max_wait_ms, 250);
+            assert_eq!(config.slot, "other_slot");
+            assert_eq!(config.clickhouse_table, "event_log");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", MINIMAL)?;
+            jail.set_env("RELAY_BATCH_MAX_ROWS", "0");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("batch_max_rows"), "{message}");
+            assert!(message.contains("RELAY_BATCH_MAX_ROWS"), "{message}");
+
+            jail.set_env("RELAY_BATCH_MAX_ROWS", "many");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("batch_max_rows"), "{message}");
+
+            jail.set_env("RELAY_BATCH_MAX_ROWS", "10");
+            jail.set_env("RELAY_CLICKHOUSE_URL", "ftp://x");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("RELAY_CLICKHOUSE_URL"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", &format!("{MINIMAL}\nbatch_max_row = 5\n"))?;
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("batch_max_row"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_required_urls() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "")?;
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("RELAY_POSTGRES_URL"), "{message}");
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod reference {
+    use super::*;
+
+    /// docs/configuration.md and deploy/outbox-relay.toml name every setting the code reads, and
+    /// no other.
+    #[test]
+    fn reference_lists_every_setting() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+        let doc = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+        let documented: Vec<&str> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        assert_eq!(
+            documented, SETTINGS,
+            "docs/configuration.md rows vs Config fields"
+        );
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let fields: Vec<&String> = defaults.as_object().unwrap().keys().collect();
+        let mut sorted_settings: Vec<&str> = SETTINGS.to_vec();
+        sorted_settings.sort();
+        let mut sorted_fields: Vec<&str> = fields.iter().map(|s| s.as_str()).collect();
+        sorted_fields.sort();
+        assert_eq!(sorted_fields, sorted_settings, "SETTINGS vs Config fields");
+
+        let example = std::fs::read_to_string(format!("{root}/deploy/outbox-relay.toml")).unwrap();
+        let parsed: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&example))
+            .extract()
+            .expect("deploy/outbox-relay.toml is a valid configuration");
+        assert_eq!(parsed.batch_max_rows, Config::default().batch_max_rows);
+    }
+}

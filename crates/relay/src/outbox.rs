@@ -1,0 +1,327 @@
+//! From the outbox table's pgoutput tuples to [`EventRow`]s: which tuple column holds which
+//! field (learnt from each Relation message, so added or reordered columns are picked up), and
+//! how each PostgreSQL value, in text or binary format, becomes a ClickHouse value.
+
+use pgoutput::{Column, Relation, TupleData};
+
+use crate::sink::EventRow;
+
+/// PostgreSQL type OIDs the outbox columns may have.
+mod oid {
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const INT8: u32 = 20;
+    pub const TEXT: u32 = 25;
+    pub const VARCHAR: u32 = 1043;
+    pub const JSON: u32 = 114;
+    pub const JSONB: u32 = 3802;
+    pub const UUID: u32 = 2950;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+}
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
+const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+/// The outbox table's layout does not fit the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error(
+        "outbox table {table} has no column {column:?}; the relay needs event_id, event_type, \
+         event_date_time, environment, event_context and metadata_version (see migrations/postgres)"
+    )]
+    MissingColumn { table: String, column: &'static str },
+    #[error(
+        "outbox column {table}.{column} has type oid {type_oid}, which the relay cannot ship; \
+         expected {expected}"
+    )]
+    WrongType {
+        table: String,
+        column: &'static str,
+        type_oid: u32,
+        expected: &'static str,
+    },
+    #[error("relation message is malformed: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+}
+
+/// One outbox row that cannot become an event row.
+#[derive(Debug, thiserror::Error)]
+#[error("outbox column {column}: {problem}")]
+pub struct RowError {
+    pub column: &'static str,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    index: usize,
+    type_oid: u32,
+}
+
+/// Where each event field sits in the outbox table's tuples.
+#[derive(Debug, Clone)]
+pub struct OutboxLayout {
+    event_id: Field,
+    event_type: Field,
+    event_date_time: Field,
+    environment: Field,
+    event_context: Field,
+    metadata_version: Field,
+}
+
+impl OutboxLayout {
+    /// Reads the layout from the outbox table's Relation message.
+    pub fn from_relation(relation: &Relation) -> Result<OutboxLayout, SchemaError> {
+        let table = format!("{}.{}", relation.namespace()?, relation.name()?);
+        let names = relation
+            .columns
+            .iter()
+            .map(|c| c.name())
+            .collect::<Result<Vec<&str>, _>>()?;
+        let field = |column: &'static str, allowed: &[u32], expected: &'static str| {
+            let index = names.iter().position(|n| *n == column).ok_or_else(|| {
+                SchemaError::MissingColumn {
+                    table: table.clone(),
+                    column,
+                }
+            })?;
+            let type_oid = relation.columns[index].type_oid;
+            if !allowed.contains(&type_oid) {
+                return Err(SchemaError::WrongType {
+                    table: table.clone(),
+                    column,
+                    type_oid,
+                    expected,
+                });
+            }
+            Ok(Field { index, type_oid })
+        };
+        let text = [oid::TEXT, oid::VARCHAR];
+        Ok(OutboxLayout {
+            event_id: field("event_id", &[oid::UUID], "uuid")?,
+            event_type: field("event_type", &text, "text or varchar")?,
+            event_date_time: field(
+                "event_date_time",
+                &[oid::TIMESTAMPTZ, oid::TIMESTAMP],
+                "timestamptz",
+            )?,
+            environment: field("environment", &text, "text or varchar")?,
+            event_context: field(
+                "event_context",
+                &[oid::JSON, oid::JSONB, oid::TEXT],
+                "json, jsonb or text",
+            )?,
+            metadata_version: field(
+                "metadata_version",
+                &[oid::INT8, oid::INT4, oid::INT2],
+                "bigint, integer or smallint",
+            )?,
+        })
+    }
+
+    /// Turns one inserted tuple into an event row, borrowing its strings.
+    pub fn row<'a>(
+        &self,
+        tuple: &'a TupleData,
+        commit_lsn: u64,
+        tx_seq: u32,
+    ) -> Result<EventRow<'a>, RowError> {
+        Ok(EventRow {
+            event_id: uuid(value(tuple, self.event_id, "event_id")?)?,
+            event_type: text(value(tuple, self.event_type, "event_type")?),
+            event_date_time_us: timestamp(value(tuple, self.event_date_time, "event_date_time")?)?,
+            environment: text(value(tuple, self.environment, "environment")?),
+            event_context: json(value(tuple, self.event_context, "event_context")?),
+            metadata_version: version(value(tuple, self.metadata_version, "metadata_version")?)?,
+            commit_lsn,
+            tx_seq,
+        })
+    }
+}
+
+/// A column's raw value with what is needed to read it.
+struct Value<'a> {
+    column: &'static str,
+    type_oid: u32,
+    binary: bool,
+    bytes: &'a [u8],
+}
+
+fn value<'a>(
+    tuple: &'a TupleData,
+    field: Field,
+    column: &'static str,
+) -> Result<Value<'a>, RowError> {
+    let (binary, bytes) = match tuple.columns.get(field.index) {
+        Some(Column::Text(b)) => (false, b.as_ref()),
+        Some(Column::Binary(b)) => (true, b.as_ref()),
+        Some(Column::Null) => return Err(problem(column, "is NULL")),
+        Some(Column::UnchangedToast) => {
+            return Err(problem(column, "was sent as an unchanged TOAST value"));
+        }
+        None => return Err(problem(column, "is missing from the tuple")),
+    };
+    Ok(Value {
+        column,
+        type_oid: field.type_oid,
+        binary,
+        bytes,
+    })
+}
+
+fn problem(column: &'static str, problem: impl Into<String>) -> RowError {
+    RowError {
+        column,
+        problem: problem.into(),
+    }
+}
+
+fn text(v: Value<'_>) -> &[u8] {
+    v.bytes
+}
+
+fn json(v: Value<'_>) -> &[u8] {
+    // jsonb's binary format is a version byte (1) followed by the JSON text.
+    match (v.type_oid, v.binary, v.bytes.split_first()) {
+        (oid::JSONB, true, Some((1, rest))) => rest,
+        _ => v.bytes,
+    }
+}
+
+fn uuid(v: Value<'_>) -> Result<[u8; 16], RowError> {
+    if v.binary {
+        return v
+            .bytes
+            .try_into()
+            .map_err(|_| problem(v.column, format!("uuid has {} bytes", v.bytes.len())));
+    }
+    let hex: Vec<u8> = v.bytes.iter().copied().filter(|b| *b != b'-').collect();
+    let mut out = [0u8; 16];
+    if hex.len() != 32 {
+        return Err(problem(v.column, "is not a uuid"));
+    }
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).map_err(|_| problem(v.column, "is not a uuid"))?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| problem(v.column, "is not a uuid"))?;
+    }
+    Ok(out)
+}
+
+fn version(v: Value<'_>) -> Result<u64, RowError> {
+    let n: i64 = if v.binary {
+        match v.bytes.len() {
+            8 => i64::from_be_bytes(v.bytes.try_into().expect("8 bytes")),
+            4 => i32::from_be_bytes(v.bytes.try_into().expect("4 bytes")).into(),
+            2 => i16::from_be_bytes(v.bytes.try_into().expect("2 bytes")).into(),
+            n => return Err(problem(v.column, format!("integer has {n} bytes"))),
+        }
+    } else {
+        std::str::from_utf8(v.bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| problem(v.column, "is not an integer"))?
+    };
+    u64::try_from(n).map_err(|_| problem(v.column, format!("{n} is negative")))
+}
+
+fn timestamp(v: Value<'_>) -> Result<i64, RowError> {
+    if v.binary {
+        let us = i64::from_be_bytes(
+            v.bytes
+                .try_into()
+                .map_err(|_| problem(v.column, "timestamp is not 8 bytes"))?,
+        );
+        if us == i64::MAX || us == i64::MIN {
+            return Err(problem(v.column, "is infinity"));
+        }
+        return us
+            .checked_add(PG_EPOCH_UNIX_US)
+            .ok_or_else(|| problem(v.column, "is out of range"));
+    }
+    parse_text_timestamp(v.bytes).ok_or_else(|| {
+        problem(
+            v.column,
+            format!(
+                "{:?} is not an ISO timestamp in UTC",
+                String::from_utf8_lossy(v.bytes)
+            ),
+        )
+    })
+}
+
+/// Parses `YYYY-MM-DD HH:MM:SS[.ffffff][+00[:00]]` (DateStyle ISO, TimeZone UTC, which the relay
+/// sets on its replication connection) into Unix microseconds.
+fn parse_text_timestamp(raw: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(raw).ok()?;
+    let (date, rest) = s.split_once(' ')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let (time, offset_s) = match rest.find(['+', '-']) {
+        Some(i) => (&rest[..i], offset_seconds(&rest[i..])?),
+        None => (rest, 0),
+    };
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, sec): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let micros: i64 = format!("{frac:0<6}").parse().ok()?;
+    let days = days_from_civil(y, m, day)?;
+    Some(((days * 86_400 + h * 3_600 + mi * 60 + sec - offset_s) * 1_000_000) + micros)
+}
+
+fn offset_seconds(s: &str) -> Option<i64> {
+    let sign = if s.starts_with('-') { -1 } else { 1 };
+    let mut parts = s[1..].split(':');
+    let h: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next().map_or(Some(0), |p| p.parse().ok())?;
+    let sec: i64 = parts.next().map_or(Some(0), |p| p.parse().ok())?;
+    Some(sign * (h * 3_600 + m * 60 + sec))
+}
+
+/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_timestamps() {
+        assert_eq!(parse_text_timestamp(b"1970-01-01 00:00:00+00"), Some(0));
+        assert_eq!(
+            parse_text_timestamp(b"2000-01-01 00:00:00.5+00"),
+            Some(PG_EPOCH_UNIX_US + 500_000)
+        );
+        assert_eq!(
+            parse_text_timestamp(b"2026-11-25 03:23:21.123456+00"),
+            Some(1_795_577_001_123_456)
+        );
+        assert_eq!(
+            parse_text_timestamp(b"2026-11-25 05:23:21.123456+02"),
+            Some(1_795_577_001_123_456)
+        );
+        assert_eq!(parse_text_timestamp(b"infinity"), None);
+    }
+}

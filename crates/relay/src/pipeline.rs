@@ -1,0 +1,519 @@
+//! The relay loop: replication stream -> decode -> batch -> ClickHouse -> confirm.
+//!
+//! Where an event goes, by name: [`Relay::run`] keeps a [`Session`] alive; the session reads
+//! [`ReplicationEvent`]s, [`pgoutput::decode`]s each change, turns outbox inserts into
+//! [`EventRow`](crate::sink::EventRow)s through the [`OutboxLayout`], writes them into the open
+//! [`Batch`]'s insert, and [`Session::flush`] ends that insert and only then confirms the batch's
+//! last commit LSN to PostgreSQL.
+//!
+//! Invariants:
+//! - a batch ends only at a transaction boundary, so a transaction is never split;
+//! - the confirmed LSN is the end LSN of a commit whose rows ClickHouse has accepted, or, when
+//!   nothing is pending, the WAL position the server says it has sent everything up to;
+//! - any error drops the open insert (ClickHouse aborts it) and the session; the next session
+//!   restarts from the slot's confirmed position, so nothing is lost.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgoutput::{Lsn, Message};
+use pgwire_replication::{
+    FeedbackObserver, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+    TlsConfig,
+};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::outbox::{OutboxLayout, RowError, SchemaError};
+use crate::pg::{self, PgError};
+use crate::sink::{BatchInsert, ClickHouseSink, ClickHouseTarget, SinkError};
+
+/// Microseconds between 1970-01-01 and 2000-01-01.
+const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error("replication connection to {target}: {source}")]
+    Replication {
+        target: String,
+        #[source]
+        source: PgWireError,
+    },
+    #[error("the replication stream ended without being asked to")]
+    StreamEnded,
+    #[error(transparent)]
+    ClickHouse(#[from] SinkError),
+    #[error("cannot decode a pgoutput message at WAL {lsn}: {source}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(
+        "outbox row {tx_seq} of the transaction committed at {commit_lsn} cannot be shipped: \
+         {source}. The relay stops here so that nothing is skipped; fix the row's source and \
+         see docs/operations.md"
+    )]
+    Row {
+        commit_lsn: Lsn,
+        tx_seq: u32,
+        #[source]
+        source: RowError,
+    },
+    #[error("an insert into the outbox table arrived outside a transaction (WAL {0})")]
+    Protocol(Lsn),
+}
+
+impl RelayError {
+    /// Whether waiting and reconnecting can cure this error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Postgres(PgError::NotReady(_)) => false,
+            RelayError::Postgres(_) => true,
+            RelayError::Replication { source, .. } => !matches!(source, PgWireError::Auth(_)),
+            RelayError::StreamEnded | RelayError::ClickHouse(_) => true,
+            RelayError::Decode { .. }
+            | RelayError::Schema(_)
+            | RelayError::Row { .. }
+            | RelayError::Protocol(_) => false,
+        }
+    }
+}
+
+/// The relay: owns the configuration and the ClickHouse sink, runs sessions until shutdown.
+pub struct Relay {
+    config: Config,
+    sink: ClickHouseSink,
+}
+
+impl Relay {
+    pub fn new(config: Config) -> Result<Relay, crate::config::ConfigError> {
+        let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
+        let sink = ClickHouseSink::new(&target, &config.clickhouse_table);
+        Ok(Relay { config, sink })
+    }
+
+    /// Streams until `shutdown` turns true (then flushes and returns `Ok`) or a permanent error.
+    /// Transient errors (a server down, a connection cut) are retried with exponential backoff.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), RelayError> {
+        let mut backoff = Backoff::new(&self.config);
+        loop {
+            let started = Instant::now();
+            let mut session = Session::new(&self.config, &self.sink);
+            let result = session.run(&mut shutdown).await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    if session.shipped_batches > 0 || started.elapsed() > backoff.max {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next();
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "relay session failed; nothing was confirmed past ClickHouse, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter (each delay is 50-100% of the nominal one).
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(config: &Config) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(config.retry_initial_ms),
+            max: Duration::from_millis(config.retry_max_ms),
+            attempt: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        let nominal = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt += 1;
+        nominal.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+/// The transaction being received.
+struct Tx {
+    commit_lsn: Lsn,
+    commit_time_us: i64,
+    seq: u32,
+}
+
+/// The batch being filled: an open ClickHouse insert plus what it covers.
+struct Batch {
+    insert: BatchInsert,
+    opened: Instant,
+    deadline: tokio::time::Instant,
+    first_commit_lsn: Lsn,
+    /// End LSN of the last complete transaction in the batch: what a flush confirms.
+    last_end_lsn: Option<Lsn>,
+    last_commit_time_us: i64,
+    transactions: u64,
+    trace: Option<sentry::Transaction>,
+}
+
+/// One replication connection's worth of streaming.
+struct Session<'a> {
+    config: &'a Config,
+    sink: &'a ClickHouseSink,
+    outbox_relation: Option<(u32, OutboxLayout)>,
+    tx: Option<Tx>,
+    batch: Option<Batch>,
+    confirmed: Lsn,
+    /// Highest WAL position the server said it has sent everything up to.
+    wal_end: Lsn,
+    shipped_batches: u64,
+}
+
+impl<'a> Session<'a> {
+    fn new(config: &'a Config, sink: &'a ClickHouseSink) -> Session<'a> {
+        Session {
+            config,
+            sink,
+            outbox_relation: None,
+            tx: None,
+            batch: None,
+            confirmed: Lsn(0),
+            wal_end: Lsn(0),
+            shipped_batches: 0,
+        }
+    }
+
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
+        let sql = pg::connect(&self.config.postgres_url).await?;
+        let start = pg::preflight(&sql, &self.config.slot).await?;
+        drop(sql);
+        self.confirmed = start;
+        let feedback = Arc::new(Notify::new());
+        let mut client = self.connect(start, feedback.clone()).await?;
+        info!(slot = %self.config.slot, from_lsn = %start, "streaming");
+        let mut stopping = *shutdown.borrow();
+        loop {
+            if stopping && self.tx.is_none() {
+                return self.finish(client, &feedback).await;
+            }
+            let flush_at = match (&self.batch, &self.tx) {
+                (Some(batch), None) => Some(batch.deadline),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed(), if !stopping => {
+                    stopping = *shutdown.borrow();
+                    if stopping {
+                        info!("shutdown requested: finishing the transaction in hand, flushing");
+                    }
+                }
+                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                    self.flush(&client).await?;
+                }
+                event = client.recv() => {
+                    let event = event.map_err(|source| self.replication_error(source))?;
+                    self.handle(&client, event.ok_or(RelayError::StreamEnded)?).await?;
+                }
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        start: Lsn,
+        feedback: Arc<Notify>,
+    ) -> Result<ReplicationClient, RelayError> {
+        let config = replication_config(self.config, start, feedback)?;
+        ReplicationClient::connect(config)
+            .await
+            .map_err(|source| self.replication_error(source))
+    }
+
+    fn replication_error(&self, source: PgWireError) -> RelayError {
+        RelayError::Replication {
+            target: pg::describe(&self.config.postgres_url),
+            source,
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        client: &ReplicationClient,
+        event: ReplicationEvent,
+    ) -> Result<(), RelayError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.tx = Some(Tx {
+                    commit_lsn: Lsn(final_lsn.as_u64()),
+                    commit_time_us: commit_time_micros,
+                    seq: 0,
+                });
+            }
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => {
+                let lsn = Lsn(wal_start.as_u64());
+                let message =
+                    pgoutput::decode(data).map_err(|source| RelayError::Decode { lsn, source })?;
+                self.change(message, lsn).await?;
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let end = Lsn(end_lsn.as_u64());
+                let tx = self.tx.take();
+                self.wal_end = self.wal_end.max(end);
+                match &mut self.batch {
+                    Some(batch) => {
+                        batch.last_end_lsn = Some(end);
+                        batch.transactions += 1;
+                        if let Some(tx) = tx {
+                            batch.last_commit_time_us = tx.commit_time_us;
+                        }
+                        if self.batch_full() {
+                            self.flush(client).await?;
+                        }
+                    }
+                    // A transaction without outbox rows: nothing to wait for.
+                    None => self.confirm(client, end),
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.wal_end = self.wal_end.max(Lsn(wal_end.as_u64()));
+                if self.tx.is_none() && self.batch.is_none() {
+                    // Everything the server sent up to wal_end is in ClickHouse: let the slot
+                    // move on even when only other tables write WAL.
+                    self.confirm(client, self.wal_end);
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// One decoded change inside a transaction.
+    async fn change(&mut self, message: Message, lsn: Lsn) -> Result<(), RelayError> {
+        match message {
+            Message::Relation(relation) => {
+                let decode = |source| RelayError::Decode { lsn, source };
+                if relation.namespace().map_err(decode)? == self.config.outbox_schema
+                    && relation.name().map_err(decode)? == self.config.outbox_table
+                {
+                    let layout = OutboxLayout::from_relation(&relation)?;
+                    self.outbox_relation = Some((relation.id, layout));
+                }
+            }
+            Message::Insert(insert) => {
+                let Some((id, layout)) = &self.outbox_relation else {
+                    return Ok(());
+                };
+                if insert.relation_id != *id {
+                    return Ok(());
+                }
+                let tx = self.tx.as_mut().ok_or(RelayError::Protocol(lsn))?;
+                let row = layout
+                    .row(&insert.tuple, tx.commit_lsn.0, tx.seq)
+                    .map_err(|source| RelayError::Row {
+                        commit_lsn: tx.commit_lsn,
+                        tx_seq: tx.seq,
+                        source,
+                    })?;
+                tx.seq += 1;
+                let batch = match &mut self.batch {
+                    Some(batch) => batch,
+                    None => self.batch.insert(open_batch(
+                        self.sink,
+                        self.config.batch_max_wait(),
+                        tx.commit_lsn,
+                    )),
+                };
+                batch.insert.write(&row).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.as_ref().is_some_and(|b| {
+            b.insert.rows() >= self.config.batch_max_rows as u64
+                || b.insert.bytes() >= self.config.batch_max_bytes as u64
+                || tokio::time::Instant::now() >= b.deadline
+        })
+    }
+
+    /// Ends the batch's insert; once ClickHouse accepted it, confirms its last commit.
+    async fn flush(&mut self, client: &ReplicationClient) -> Result<(), RelayError> {
+        let Some(batch) = self.batch.take() else {
+            return Ok(());
+        };
+        let Some(last_end) = batch.last_end_lsn else {
+            // Only part of a transaction: cannot happen when flushes wait for commits.
+            return Ok(());
+        };
+        let (rows, bytes) = (batch.insert.rows(), batch.insert.bytes());
+        let fill_ms = batch.opened.elapsed().as_millis() as u64;
+        let insert_span = batch
+            .trace
+            .as_ref()
+            .map(|t| t.start_child("db.clickhouse.insert", "INSERT ... FORMAT RowBinary"));
+        let started = Instant::now();
+        batch.insert.commit().await?;
+        let insert_ms = started.elapsed().as_millis() as u64;
+        if let Some(span) = insert_span {
+            span.finish();
+        }
+        let confirm_span = batch
+            .trace
+            .as_ref()
+            .map(|t| t.start_child("relay.confirm", "standby status update"));
+        self.confirm(client, last_end);
+        if let Some(span) = confirm_span {
+            span.finish();
+        }
+        self.shipped_batches += 1;
+        let lag_ms = (unix_now_us() - (batch.last_commit_time_us + PG_EPOCH_UNIX_US)) / 1000;
+        info!(
+            rows,
+            bytes,
+            transactions = batch.transactions,
+            first_lsn = %batch.first_commit_lsn,
+            last_lsn = %last_end,
+            fill_ms,
+            flush_ms = insert_ms,
+            lag_ms,
+            lag_bytes = self.wal_end.0.saturating_sub(last_end.0),
+            "batch shipped"
+        );
+        if let Some(trace) = batch.trace {
+            trace.set_data("rows", rows.into());
+            trace.set_data("bytes", bytes.into());
+            trace.set_data("first_lsn", batch.first_commit_lsn.to_string().into());
+            trace.set_data("last_lsn", last_end.to_string().into());
+            trace.finish();
+        }
+        Ok(())
+    }
+
+    fn confirm(&mut self, client: &ReplicationClient, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        }
+    }
+
+    /// Graceful stop: flush, make sure the server heard the final position, close the stream.
+    async fn finish(
+        &mut self,
+        mut client: ReplicationClient,
+        feedback: &Notify,
+    ) -> Result<(), RelayError> {
+        self.flush(&client).await?;
+        let deadline = Instant::now() + self.config.status_interval() * 3 + Duration::from_secs(2);
+        while client.feedback_pending_since().is_some() && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(200), feedback.notified()).await;
+        }
+        let _ = client.shutdown().await;
+        info!(confirmed_lsn = %self.confirmed, "stopped");
+        Ok(())
+    }
+}
+
+fn open_batch(sink: &ClickHouseSink, max_wait: Duration, first_commit_lsn: Lsn) -> Batch {
+    let trace = sentry::Hub::current().client().map(|_| {
+        let ctx = sentry::TransactionContext::new("outbox-relay batch", "relay.batch");
+        let trace = sentry::start_transaction(ctx);
+        trace.set_data("first_lsn", first_commit_lsn.to_string().into());
+        trace
+    });
+    Batch {
+        insert: sink.begin(),
+        opened: Instant::now(),
+        deadline: tokio::time::Instant::now() + max_wait,
+        first_commit_lsn,
+        last_end_lsn: None,
+        last_commit_time_us: 0,
+        transactions: 0,
+        trace,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn unix_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+/// The replication connection's settings, from `postgres_url`.
+fn replication_config(
+    config: &Config,
+    start: Lsn,
+    feedback: Arc<Notify>,
+) -> Result<ReplicationConfig, RelayError> {
+    let pg: tokio_postgres::Config = config
+        .postgres_url
+        .parse()
+        .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let tls = match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Require => TlsConfig::require(),
+        _ => TlsConfig::disabled(),
+    };
+    let start = pgwire_replication::Lsn::from_u64(start.0);
+    Ok(ReplicationConfig::new(
+        host,
+        pg.get_user().unwrap_or("postgres"),
+        password,
+        pg.get_dbname().unwrap_or("postgres"),
+        config.slot.clone(),
+        config.publication.clone(),
+    )
+    .with_port(pg.get_ports().first().copied().unwrap_or(5432))
+    .with_tls(tls)
+    .with_start_lsn(start)
+    .with_ack_lsn(start)
+    .with_binary(true)
+    .with_options("-c timezone=UTC -c datestyle=ISO")
+    .with_application_name("outbox-relay")
+    .with_status_interval(config.status_interval())
+    .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one())))
+}

@@ -1,0 +1,138 @@
+//! The DDL of both sides, rendered from the configuration. `migrations/` holds the same DDL
+//! rendered with the default names (a test keeps them equal), for teams that apply schema changes
+//! with their own migration tool; `outbox-relay setup` applies it idempotently.
+
+use crate::config::Config;
+use crate::sink::quote_ch_ident;
+
+/// `"name"` with inner quotes doubled, for PostgreSQL identifiers.
+pub fn quote_pg_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'` with inner quotes doubled, for PostgreSQL string literals.
+pub fn quote_pg_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The outbox table, its purge index and its publication (PostgreSQL).
+pub fn postgres_ddl(config: &Config) -> String {
+    let table = format!(
+        "{}.{}",
+        quote_pg_ident(&config.outbox_schema),
+        quote_pg_ident(&config.outbox_table)
+    );
+    let name = &config.outbox_table;
+    let index = quote_pg_ident(&format!("{name}_event_date_time_brin"));
+    let check = |what: &str| quote_pg_ident(&format!("{name}_{what}_check"));
+    let publication = quote_pg_ident(&config.publication);
+    let publication_literal = quote_pg_literal(&config.publication);
+    let environment = quote_pg_literal(&config.environment);
+    let (type_check, context_check, version_check, time_check) = (
+        check("event_type"),
+        check("event_context"),
+        check("metadata_version"),
+        check("event_date_time"),
+    );
+    format!(
+        r#"-- The transactional outbox. Publish an event inside the application's own transaction:
+--   INSERT INTO {table} (event_type, event_context) VALUES ($1, $2);
+-- Column choices (docs/design.md): event_context is json, not jsonb, so the exact text that was
+-- published (key order, spacing, duplicate keys, number spelling) is what ClickHouse receives.
+CREATE TABLE IF NOT EXISTS {table} (
+    event_id         uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    event_type       text        NOT NULL,
+    event_date_time  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    environment      text        NOT NULL DEFAULT {environment},
+    event_context    json        NOT NULL,
+    metadata_version bigint      NOT NULL DEFAULT 1,
+    CONSTRAINT {type_check} CHECK (event_type <> ''),
+    CONSTRAINT {context_check} CHECK (json_typeof(event_context) = 'object'),
+    CONSTRAINT {version_check} CHECK (metadata_version >= 0),
+    CONSTRAINT {time_check}
+        CHECK (event_date_time >= '1900-01-01 00:00:00+00' AND event_date_time < '2300-01-01 00:00:00+00')
+);
+
+-- The environment default follows the relay's `environment` setting.
+ALTER TABLE {table} ALTER COLUMN environment SET DEFAULT {environment};
+
+-- Shipped rows are deleted by the relay once older than `outbox_retention_hours`; a BRIN index
+-- keeps that cheap on an append-only table.
+CREATE INDEX IF NOT EXISTS {index} ON {table} USING brin (event_date_time);
+
+-- Only inserts are published: the relay's purge deletes never travel.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication_literal}) THEN
+        CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert');
+    END IF;
+END
+$$;
+"#
+    )
+}
+
+/// The event table (ClickHouse).
+pub fn clickhouse_ddl(config: &Config) -> String {
+    let table = quote_ch_ident(&config.clickhouse_table);
+    format!(
+        r#"-- The "one big table" of events. One row per outbox row, exactly as published.
+-- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL.
+CREATE TABLE IF NOT EXISTS {table}
+(
+    event_id         UUID,
+    event_type       LowCardinality(String),
+    event_date_time  DateTime64(6, 'UTC'),
+    environment      LowCardinality(String),
+    event_context    JSON,
+    metadata_version UInt64,
+    commit_lsn       UInt64,
+    tx_seq           UInt32
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_date_time)
+ORDER BY (event_type, event_date_time, event_id)
+SETTINGS non_replicated_deduplication_window = 1000
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_config() -> Config {
+        Config::default()
+    }
+
+    /// `migrations/` is the default rendering, so it never drifts from what `setup` applies.
+    #[test]
+    fn migrations_match_setup() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations");
+        for (path, rendered) in [
+            (
+                "postgres/0001_event_outbox.sql",
+                postgres_ddl(&default_config()),
+            ),
+            (
+                "clickhouse/0001_event_log.sql",
+                clickhouse_ddl(&default_config()),
+            ),
+        ] {
+            let file = std::fs::read_to_string(format!("{root}/{path}"))
+                .unwrap_or_else(|e| panic!("migrations/{path}: {e}"));
+            assert_eq!(
+                file, rendered,
+                "migrations/{path} differs from what setup renders; regenerate it with \
+                 `cargo run -p outbox-relay -- setup --print-sql`"
+            );
+        }
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_pg_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_pg_literal("it's"), "'it''s'");
+        assert_eq!(quote_ch_ident("a`b"), "`a\\`b`");
+    }
+}

@@ -1,0 +1,98 @@
+//! `outbox-relay setup`: creates, idempotently, everything the relay needs on both servers.
+
+use crate::config::Config;
+use crate::pg::{self, PgError};
+use crate::schema;
+use crate::sink::{self, ClickHouseTarget, SinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error(transparent)]
+    ClickHouse(#[from] SinkError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What setup found or created.
+#[derive(Debug, Default)]
+pub struct SetupReport {
+    pub slot_created: bool,
+}
+
+/// Applies the PostgreSQL DDL, creates the slot, then the ClickHouse database and table.
+pub async fn setup(config: &Config) -> Result<SetupReport, SetupError> {
+    let report = setup_postgres(config).await?;
+    setup_clickhouse(config).await?;
+    Ok(report)
+}
+
+pub async fn setup_postgres(config: &Config) -> Result<SetupReport, SetupError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    let settings = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('server_encoding'), \
+                    current_setting('server_version_num')::int",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("settings query"))?;
+    let (wal_level, encoding, version): (String, String, i32) =
+        (settings.get(0), settings.get(1), settings.get(2));
+    if wal_level != "logical" {
+        return Err(SetupError::Unsupported(format!(
+            "PostgreSQL wal_level is {wal_level:?}; logical replication needs wal_level = logical: \
+             run `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL"
+        )));
+    }
+    if encoding != "UTF8" {
+        return Err(SetupError::Unsupported(format!(
+            "database encoding is {encoding}; the relay ships text as UTF-8 and needs a UTF8 database"
+        )));
+    }
+    if version < 150_000 {
+        return Err(SetupError::Unsupported(format!(
+            "PostgreSQL {version} is too old: the relay needs PostgreSQL 15 or newer"
+        )));
+    }
+    client
+        .batch_execute(&format!(
+            "SET client_min_messages = warning;\n{}",
+            schema::postgres_ddl(config)
+        ))
+        .await
+        .map_err(PgError::query("outbox DDL"))?;
+    let mut report = SetupReport::default();
+    if pg::slot_state(&client, &config.slot).await?.is_none() {
+        match client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&config.slot],
+            )
+            .await
+        {
+            Ok(_) => report.slot_created = true,
+            // Another setup created it in between: fine.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) => return Err(PgError::query("slot creation")(e).into()),
+        }
+    }
+    Ok(report)
+}
+
+pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
+    let target = ClickHouseTarget::parse(&config.clickhouse_url)
+        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
+    let server = target.client(false);
+    sink::execute(
+        &server,
+        &format!(
+            "CREATE DATABASE IF NOT EXISTS {}",
+            sink::quote_ch_ident(&target.database)
+        ),
+    )
+    .await?;
+    sink::execute(&target.client(true), &schema::clickhouse_ddl(config)).await?;
+    Ok(())
+}

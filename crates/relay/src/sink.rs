@@ -1,0 +1,329 @@
+//! The ClickHouse side: one `INSERT ... FORMAT RowBinary` per batch, rows encoded straight from
+//! the decoded WAL bytes into the insert's buffer and streamed (lz4) while the batch fills.
+
+use std::time::Duration;
+
+use clickhouse::Client;
+use clickhouse::insert_formatted::BufInsertFormatted;
+
+use crate::config::ConfigError;
+
+/// The ClickHouse columns the relay writes, in RowBinary order.
+pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
+                           metadata_version, commit_lsn, tx_seq";
+
+/// A ClickHouse HTTP endpoint parsed from `http://user:password@host:8123/database`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClickHouseTarget {
+    /// `scheme://host:port`, without credentials or path.
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl ClickHouseTarget {
+    pub fn parse(raw: &str) -> Result<ClickHouseTarget, ConfigError> {
+        let bad = |problem: String| ConfigError::Invalid {
+            setting: "clickhouse_url".into(),
+            env: "RELAY_CLICKHOUSE_URL".into(),
+            problem,
+        };
+        if raw.trim().is_empty() {
+            return Err(bad(
+                "is required, e.g. http://default:secret@clickhouse:8123/default".into(),
+            ));
+        }
+        let url = url::Url::parse(raw).map_err(|e| bad(format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad(format!(
+                "scheme {:?} is not supported: use http:// or https:// (the ClickHouse HTTP interface, port 8123 or 8443)",
+                url.scheme()
+            )));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| bad("has no host".into()))?
+            .to_string();
+        let port = url.port_or_known_default().unwrap_or(8123);
+        let database = url.path().trim_matches('/');
+        if database.contains('/') {
+            return Err(bad(format!(
+                "path {:?} must be a single database name",
+                url.path()
+            )));
+        }
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        Ok(ClickHouseTarget {
+            url: format!("{}://{}:{}", url.scheme(), host, port),
+            user: if url.username().is_empty() {
+                "default".into()
+            } else {
+                decode(url.username())
+            },
+            password: url.password().map(decode).unwrap_or_default(),
+            database: if database.is_empty() {
+                "default".into()
+            } else {
+                database.to_string()
+            },
+        })
+    }
+
+    /// A client for this endpoint; `with_database` false gives one for `CREATE DATABASE`.
+    pub fn client(&self, with_database: bool) -> Client {
+        let client = Client::default()
+            .with_url(&self.url)
+            .with_user(&self.user)
+            .with_password(&self.password)
+            .with_compression(clickhouse::Compression::Lz4);
+        if with_database {
+            client.with_database(&self.database)
+        } else {
+            client
+        }
+    }
+}
+
+/// One event as it goes to ClickHouse, borrowing its strings from the decoded WAL message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRow<'a> {
+    /// The UUID's 16 bytes in their usual (big-endian) order.
+    pub event_id: [u8; 16],
+    pub event_type: &'a [u8],
+    /// Microseconds since the Unix epoch, UTC.
+    pub event_date_time_us: i64,
+    pub environment: &'a [u8],
+    /// The JSON text exactly as published.
+    pub event_context: &'a [u8],
+    pub metadata_version: u64,
+    /// Commit LSN of the PostgreSQL transaction that published the event.
+    pub commit_lsn: u64,
+    /// Position of the event within that transaction, from 0.
+    pub tx_seq: u32,
+}
+
+impl EventRow<'_> {
+    /// Appends the row in ClickHouse's RowBinary format, in [`COLUMNS`] order.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        // UUID: two little-endian u64 halves, high half first.
+        out.extend(self.event_id[..8].iter().rev());
+        out.extend(self.event_id[8..].iter().rev());
+        put_string(out, self.event_type);
+        out.extend_from_slice(&self.event_date_time_us.to_le_bytes());
+        put_string(out, self.environment);
+        put_string(out, self.event_context);
+        out.extend_from_slice(&self.metadata_version.to_le_bytes());
+        out.extend_from_slice(&self.commit_lsn.to_le_bytes());
+        out.extend_from_slice(&self.tx_seq.to_le_bytes());
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, value: &[u8]) {
+    let mut len = value.len() as u64;
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(value);
+}
+
+/// Errors from ClickHouse; every one of them leaves the slot where it was.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("ClickHouse insert into {table} failed: {source}")]
+    Insert {
+        table: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("ClickHouse query failed: {source} (query: {query})")]
+    Query {
+        query: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+}
+
+/// Writes batches into one ClickHouse table.
+#[derive(Clone)]
+pub struct ClickHouseSink {
+    client: Client,
+    table: String,
+}
+
+impl ClickHouseSink {
+    pub fn new(target: &ClickHouseTarget, table: &str) -> ClickHouseSink {
+        ClickHouseSink {
+            client: target.client(true),
+            table: table.to_string(),
+        }
+    }
+
+    /// Opens the insert of a new batch. Nothing is visible in ClickHouse until
+    /// [`BatchInsert::commit`]; dropping the batch aborts it.
+    pub fn begin(&self) -> BatchInsert {
+        let sql = format!(
+            "INSERT INTO {} ({COLUMNS}) FORMAT RowBinary",
+            quote_ch_ident(&self.table)
+        );
+        let insert = self
+            .client
+            .insert_formatted_with(sql)
+            .with_setting("input_format_binary_read_json_as_string", "1")
+            .with_timeouts(
+                Some(Duration::from_secs(60)),
+                Some(Duration::from_secs(300)),
+            )
+            .buffered();
+        BatchInsert {
+            insert,
+            table: self.table.clone(),
+            scratch: Vec::with_capacity(1024),
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Runs a statement that returns nothing (DDL).
+    pub async fn execute(&self, query: &str) -> Result<(), SinkError> {
+        execute(&self.client, query).await
+    }
+
+    /// `SELECT 1`: is the server there and does it accept our credentials?
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        let query = "SELECT 1";
+        self.client
+            .query(query)
+            .fetch_one::<u8>()
+            .await
+            .map(|_| ())
+            .map_err(|source| SinkError::Query {
+                query: query.into(),
+                source,
+            })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+pub(crate) async fn execute(client: &Client, query: &str) -> Result<(), SinkError> {
+    client
+        .query(query)
+        .execute()
+        .await
+        .map_err(|source| SinkError::Query {
+            query: query.into(),
+            source,
+        })
+}
+
+/// `` `name` `` with backquotes escaped, for ClickHouse identifiers.
+pub fn quote_ch_ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// One batch's insert, open while the batch fills.
+pub struct BatchInsert {
+    insert: BufInsertFormatted,
+    table: String,
+    scratch: Vec<u8>,
+    rows: u64,
+    bytes: u64,
+}
+
+impl BatchInsert {
+    /// Adds a row; sends a compressed chunk when the buffer is full.
+    pub async fn write(&mut self, row: &EventRow<'_>) -> Result<(), SinkError> {
+        self.scratch.clear();
+        row.encode(&mut self.scratch);
+        self.insert.write_buffered(&self.scratch);
+        self.rows += 1;
+        self.bytes += self.scratch.len() as u64;
+        if self.insert.buf_len() >= self.insert.nominal_capacity() {
+            self.insert.flush().await.map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// RowBinary bytes written so far (before compression).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Ends the insert and waits for ClickHouse to accept it.
+    pub async fn commit(mut self) -> Result<(), SinkError> {
+        self.insert.end().await.map_err(|e| self.error(e))
+    }
+
+    fn error(&self, source: clickhouse::error::Error) -> SinkError {
+        SinkError::Insert {
+            table: self.table.clone(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_clickhouse_urls() {
+        let t = ClickHouseTarget::parse("http://relay:s%40cret@ch.local:8123/analytics").unwrap();
+        assert_eq!(t.url, "http://ch.local:8123");
+        assert_eq!(t.user, "relay");
+        assert_eq!(t.password, "s@cret");
+        assert_eq!(t.database, "analytics");
+        let t = ClickHouseTarget::parse("https://ch.local").unwrap();
+        assert_eq!(
+            (t.url.as_str(), t.user.as_str(), t.database.as_str()),
+            ("https://ch.local:443", "default", "default")
+        );
+        for bad in ["", "tcp://ch:9000/db", "http://ch:8123/a/b", "not a url"] {
+            let err = ClickHouseTarget::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("RELAY_CLICKHOUSE_URL"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn encodes_rowbinary() {
+        let row = EventRow {
+            event_id: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            event_type: b"a",
+            event_date_time_us: 1,
+            environment: b"",
+            event_context: &[b'x'; 200],
+            metadata_version: 2,
+            commit_lsn: 3,
+            tx_seq: 4,
+        };
+        let mut out = Vec::new();
+        row.encode(&mut out);
+        assert_eq!(
+            &out[..16],
+            &[7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8]
+        );
+        assert_eq!(&out[16..18], &[1, b'a']);
+        assert_eq!(&out[18..26], &1i64.to_le_bytes());
+        assert_eq!(out[26], 0);
+        assert_eq!(&out[27..29], &[200 | 0x80, 1]);
+        assert_eq!(out.len(), 29 + 200 + 8 + 8 + 4);
+    }
+}

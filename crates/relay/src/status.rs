@@ -1,0 +1,42 @@
+//! `outbox-relay status`: the slot as PostgreSQL sees it, and whether ClickHouse answers.
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::pg::{self, PgError, SlotState};
+use crate::sink::{ClickHouseSink, ClickHouseTarget};
+
+/// Everything `status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub slot: String,
+    pub exists: bool,
+    #[serde(flatten)]
+    pub state: Option<SlotState>,
+    /// True when the slot has confirmed everything PostgreSQL has written.
+    pub caught_up: bool,
+    pub clickhouse_reachable: bool,
+    pub clickhouse_error: Option<String>,
+}
+
+pub async fn status(config: &Config) -> Result<Status, PgError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    let state = pg::slot_state(&client, &config.slot).await?;
+    let sink = ClickHouseSink::new(
+        &ClickHouseTarget::parse(&config.clickhouse_url)
+            .map_err(|e| PgError::NotReady(e.to_string()))?,
+        &config.clickhouse_table,
+    );
+    let clickhouse_error = sink.ping().await.err().map(|e| e.to_string());
+    Ok(Status {
+        slot: config.slot.clone(),
+        exists: state.is_some(),
+        caught_up: state
+            .as_ref()
+            .and_then(|s| s.lag_bytes)
+            .is_some_and(|lag| lag <= 0),
+        state,
+        clickhouse_reachable: clickhouse_error.is_none(),
+        clickhouse_error,
+    })
+}

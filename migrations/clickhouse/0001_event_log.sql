@@ -1,0 +1,17 @@
+-- The "one big table" of events. One row per outbox row, exactly as published.
+-- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL.
+CREATE TABLE IF NOT EXISTS `event_log`
+(
+    event_id         UUID,
+    event_type       LowCardinality(String),
+    event_date_time  DateTime64(6, 'UTC'),
+    environment      LowCardinality(String),
+    event_context    JSON,
+    metadata_version UInt64,
+    commit_lsn       UInt64,
+    tx_seq           UInt32
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_date_time)
+ORDER BY (event_type, event_date_time, event_id)
+SETTINGS non_replicated_deduplication_window = 1000

@@ -1,0 +1,33 @@
+-- The transactional outbox. Publish an event inside the application's own transaction:
+--   INSERT INTO "public"."event_outbox" (event_type, event_context) VALUES ($1, $2);
+-- Column choices (docs/design.md): event_context is json, not jsonb, so the exact text that was
+-- published (key order, spacing, duplicate keys, number spelling) is what ClickHouse receives.
+CREATE TABLE IF NOT EXISTS "public"."event_outbox" (
+    event_id         uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    event_type       text        NOT NULL,
+    event_date_time  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    environment      text        NOT NULL DEFAULT 'production',
+    event_context    json        NOT NULL,
+    metadata_version bigint      NOT NULL DEFAULT 1,
+    CONSTRAINT "event_outbox_event_type_check" CHECK (event_type <> ''),
+    CONSTRAINT "event_outbox_event_context_check" CHECK (json_typeof(event_context) = 'object'),
+    CONSTRAINT "event_outbox_metadata_version_check" CHECK (metadata_version >= 0),
+    CONSTRAINT "event_outbox_event_date_time_check"
+        CHECK (event_date_time >= '1900-01-01 00:00:00+00' AND event_date_time < '2300-01-01 00:00:00+00')
+);
+
+-- The environment default follows the relay's `environment` setting.
+ALTER TABLE "public"."event_outbox" ALTER COLUMN environment SET DEFAULT 'production';
+
+-- Shipped rows are deleted by the relay once older than `outbox_retention_hours`; a BRIN index
+-- keeps that cheap on an append-only table.
+CREATE INDEX IF NOT EXISTS "event_outbox_event_date_time_brin" ON "public"."event_outbox" USING brin (event_date_time);
+
+-- Only inserts are published: the relay's purge deletes never travel.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'event_outbox_pub') THEN
+        CREATE PUBLICATION "event_outbox_pub" FOR TABLE "public"."event_outbox" WITH (publish = 'insert');
+    END IF;
+END
+$$;

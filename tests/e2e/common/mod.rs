@@ -1,0 +1,267 @@
+//! What every end-to-end test shares: a real PostgreSQL and ClickHouse, the relay binary run as a
+//! child process with its configuration in the environment, and readers of both sides.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{ClickHouseServer, PgServer, PgVersion};
+
+/// A PostgreSQL cluster and a ClickHouse server of this test's own, with setup done.
+pub struct Fixture {
+    pub pg: PgServer,
+    pub ch: ClickHouseServer,
+    pub db: String,
+    pub ch_db: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Fixture {
+    /// Starts both servers, creates a database on each and runs `outbox-relay setup`.
+    pub fn start(version: PgVersion, extra_env: &[(&str, &str)]) -> Fixture {
+        let pg = PgServer::start(version).expect("start PostgreSQL");
+        let ch = ClickHouseServer::start().expect("start ClickHouse");
+        let db = "app".to_string();
+        pg.create_database(&db).expect("create database");
+        let ch_db = "analytics".to_string();
+        let mut env = vec![
+            ("RELAY_POSTGRES_URL".to_string(), pg.url(&db)),
+            ("RELAY_CLICKHOUSE_URL".to_string(), ch.url(&ch_db)),
+            ("RELAY_BATCH_MAX_WAIT_MS".to_string(), "200".to_string()),
+            ("RELAY_STATUS_INTERVAL_MS".to_string(), "100".to_string()),
+            ("RELAY_RETRY_INITIAL_MS".to_string(), "100".to_string()),
+            ("RELAY_RETRY_MAX_MS".to_string(), "1000".to_string()),
+            ("RELAY_ENVIRONMENT".to_string(), "test".to_string()),
+            ("RELAY_LOG_LEVEL".to_string(), "info".to_string()),
+        ];
+        for (k, v) in extra_env {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let fixture = Fixture {
+            pg,
+            ch,
+            db,
+            ch_db,
+            env,
+        };
+        let out = fixture.relay(&["setup"]);
+        assert!(out.status.success(), "setup failed: {}", stderr(&out));
+        fixture
+    }
+
+    /// Runs `outbox-relay ARGS` to completion.
+    pub fn relay(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run outbox-relay")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(relay_bin());
+        cmd.args(args).env_clear();
+        for key in ["PATH", "HOME"] {
+            if let Ok(v) = std::env::var(key) {
+                cmd.env(key, v);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Starts `outbox-relay run` in the background; its log goes to a file in the test's dir.
+    pub fn spawn_relay(&self) -> RelayProcess {
+        let log = tempfile_path("relay-log");
+        let file = std::fs::File::create(&log).expect("relay log file");
+        let child = self
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn outbox-relay run");
+        RelayProcess { child, log }
+    }
+
+    /// Runs SQL on the application database, returning psql's unaligned output.
+    pub fn sql(&self, sql: &str) -> String {
+        self.pg
+            .psql(&self.db, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:#}"))
+    }
+
+    /// Runs a ClickHouse query in the events database, returning the TSV body.
+    pub fn ch(&self, sql: &str) -> String {
+        self.ch
+            .query(&sql.replace("{db}", &self.ch_db))
+            .unwrap_or_else(|e| panic!("{sql}: {e:#}"))
+    }
+
+    pub fn ch_count(&self) -> u64 {
+        self.ch("SELECT count() FROM {db}.event_log")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The set of event_ids ClickHouse holds, and how many rows it holds.
+    pub fn ch_ids(&self) -> (HashSet<String>, u64) {
+        let body = self.ch("SELECT toString(event_id) FROM {db}.event_log");
+        let rows = body.lines().count() as u64;
+        (body.lines().map(str::to_string).collect(), rows)
+    }
+
+    /// The set of event_ids in the outbox table.
+    pub fn pg_ids(&self) -> HashSet<String> {
+        self.sql("SELECT event_id FROM event_outbox")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The slot's confirmed_flush_lsn, as a number.
+    pub fn confirmed_lsn(&self) -> u64 {
+        parse_lsn(
+            self.sql(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'event_outbox_slot'",
+            )
+            .trim(),
+        )
+    }
+
+    pub fn current_lsn(&self) -> u64 {
+        parse_lsn(self.sql("SELECT pg_current_wal_lsn()").trim())
+    }
+
+    /// Waits until ClickHouse holds `n` rows, or panics with the relay log after `timeout`.
+    pub fn wait_for_rows(&self, n: u64, timeout: Duration, relay: Option<&RelayProcess>) {
+        let ok = wait_until(timeout, || self.ch_count() >= n);
+        if !ok {
+            panic!(
+                "ClickHouse has {} rows, expected {n} within {timeout:?}\nrelay log:\n{}",
+                self.ch_count(),
+                relay.map(|r| r.log()).unwrap_or_default()
+            );
+        }
+    }
+
+    /// `outbox-relay status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.relay(&["status", "--json"]);
+        assert!(out.status.success(), "status failed: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Publishes `n` events, `per_tx` per transaction, server-side for speed.
+    pub fn publish(&self, n: u64, per_tx: u64, event_type: &str) {
+        let sql = format!(
+            "DO $$
+             DECLARE i bigint := 0;
+             BEGIN
+               WHILE i < {n} LOOP
+                 INSERT INTO event_outbox (event_type, event_context)
+                 SELECT '{event_type}', json_build_object('n', g, 'tx', i)
+                   FROM generate_series(i, least(i + {per_tx}, {n}) - 1) g;
+                 COMMIT;
+                 i := i + {per_tx};
+               END LOOP;
+             END $$;"
+        );
+        self.sql(&sql);
+    }
+}
+
+/// The relay running in the background; killed by pid when dropped.
+pub struct RelayProcess {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl RelayProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        signal(self.pid(), "TERM");
+        self.child.wait().expect("wait for relay")
+    }
+
+    /// SIGKILL, then waits for the exit.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn signal(pid: i32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Polls `cond` until it holds or `timeout` passes (polling an observable outcome, not a sleep
+/// standing in for one).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {s:?}"));
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `outbox-relay` binary built by `cargo build -p outbox-relay` (make test does that).
+pub fn relay_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("OUTBOX_RELAY_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
+    let bin = target.join("debug/outbox-relay");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p outbox-relay` first (`make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+fn tempfile_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(harness::unique_name(prefix))
+}

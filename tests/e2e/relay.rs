@@ -1,0 +1,310 @@
+//! End to end, against real servers: PostgreSQL (logical replication) -> outbox-relay ->
+//! ClickHouse. Each scenario runs on PostgreSQL 15 and 18.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Fixture, parse_lsn, stderr, wait_until};
+use harness::PgVersion;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// One test function per PostgreSQL version for each scenario.
+macro_rules! on_each_postgres {
+    ($($name:ident),* $(,)?) => {
+        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
+        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
+    };
+}
+
+on_each_postgres!(
+    columns_arrive_intact,
+    rollbacks_never_arrive,
+    batches_and_inserts,
+    confirmed_lsn_never_passes_clickhouse,
+    restart_resumes_without_loss,
+    clickhouse_down_holds_the_slot,
+    kill9_mid_stream_loses_nothing,
+    idle_relay_advances_slot_past_unrelated_wal,
+);
+
+fn columns_arrive_intact(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    f.sql(
+        r#"INSERT INTO event_outbox (event_id, event_type, event_date_time, environment, event_context, metadata_version)
+           VALUES ('8c1e7f7e-2f6b-4a43-9d5e-0a1b2c3d4e5f', 'user.login', '2026-11-25 10:11:12.345678+03', 'staging',
+                   '{"user": {"id": 42, "name": "Zoë ✓"}, "ip": "10.0.0.1", "tags": ["a", "b"], "ok": true}', 7);
+           INSERT INTO event_outbox (event_type, event_context) VALUES ('defaults', '{"k": "v"}');"#,
+    );
+    f.wait_for_rows(2, LONG, Some(&relay));
+    let row = f.ch(
+        "SELECT toString(event_id), event_type, toString(event_date_time), environment, \
+                toJSONString(event_context), metadata_version \
+           FROM {db}.event_log WHERE event_type = 'user.login' FORMAT TSV",
+    );
+    let cols: Vec<&str> = row.trim_end().split('\t').collect();
+    assert_eq!(cols[0], "8c1e7f7e-2f6b-4a43-9d5e-0a1b2c3d4e5f");
+    assert_eq!(cols[1], "user.login");
+    assert_eq!(cols[2], "2026-11-25 07:11:12.345678");
+    assert_eq!(cols[3], "staging");
+    let context: serde_json::Value = serde_json::from_str(cols[4]).unwrap();
+    assert_eq!(
+        context,
+        serde_json::json!({"user": {"id": 42, "name": "Zoë ✓"}, "ip": "10.0.0.1", "tags": ["a", "b"], "ok": true})
+    );
+    assert_eq!(cols[5], "7");
+
+    // Defaults: a uuid, the publishing time to the microsecond, the configured environment, 1.
+    let pg = f.sql(
+        "SELECT event_id, to_char(event_date_time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), environment, metadata_version \
+           FROM event_outbox WHERE event_type = 'defaults'",
+    );
+    let pg: Vec<&str> = pg.trim().split('|').collect();
+    let ch = f.ch(
+        "SELECT toString(event_id), toString(event_date_time), environment, metadata_version \
+           FROM {db}.event_log WHERE event_type = 'defaults' FORMAT TSV",
+    );
+    let ch: Vec<&str> = ch.trim_end().split('\t').collect();
+    assert_eq!(pg, ch);
+    assert_eq!(ch[2], "test");
+    assert_eq!(ch[3], "1");
+    drop(relay);
+}
+
+fn rollbacks_never_arrive(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    f.sql(
+        "BEGIN;
+         INSERT INTO event_outbox (event_type, event_context) VALUES ('rolled_back', '{}');
+         ROLLBACK;
+         BEGIN;
+         INSERT INTO event_outbox (event_type, event_context) VALUES ('kept', '{\"i\": 1}');
+         SAVEPOINT s;
+         INSERT INTO event_outbox (event_type, event_context) VALUES ('rolled_back_savepoint', '{}');
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO event_outbox (event_type, event_context) VALUES ('kept', '{\"i\": 2}');
+         COMMIT;
+         INSERT INTO event_outbox (event_type, event_context) VALUES ('marker', '{}');",
+    );
+    f.wait_for_rows(3, LONG, Some(&relay));
+    let types = f.ch("SELECT event_type, count() FROM {db}.event_log GROUP BY event_type ORDER BY event_type FORMAT TSV");
+    assert_eq!(types, "kept\t2\nmarker\t1\n");
+    // The two kept events of one transaction: one commit LSN, positions 0 and 1.
+    let kept = f.ch(
+        "SELECT uniqExact(commit_lsn), groupArray(tx_seq) FROM (SELECT * FROM {db}.event_log WHERE event_type = 'kept' ORDER BY tx_seq) FORMAT TSV",
+    );
+    assert_eq!(kept, "1\t[0,1]\n");
+    drop(relay);
+}
+
+/// 25,000 events in one transaction plus 25,000 single-event transactions, at most 10,000 rows
+/// per batch: exactly 50,000 rows, each once, from at most 6 inserts; the slot catches up.
+fn batches_and_inserts(v: PgVersion) {
+    let f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "10000")]);
+    // Without merges, every insert stays its own part, with its own block number.
+    f.ch("SYSTEM STOP MERGES {db}.event_log");
+    // The backlog is written while the relay is stopped, so batching is decided by the sizes.
+    f.publish(25_000, 25_000, "big_tx");
+    f.publish(25_000, 1, "single");
+    let relay = f.spawn_relay();
+    f.wait_for_rows(50_000, LONG, Some(&relay));
+    let (ids, rows) = f.ch_ids();
+    assert_eq!(rows, 50_000);
+    assert_eq!(ids.len(), 50_000);
+    assert_eq!(ids, f.pg_ids());
+    let inserts = insert_count(&f);
+    println!("50,000 events shipped in {inserts} inserts");
+    assert!(inserts <= 6, "{inserts} inserts");
+    // The big transaction is one batch: all its rows in one insert.
+    let blocks = f.ch(
+        "SELECT uniqExact(_block_number) FROM {db}.event_log WHERE event_type = 'big_tx' FORMAT TSV",
+    );
+    assert_eq!(blocks.trim(), "1");
+    assert!(
+        wait_until(LONG, || f.status()["caught_up"] == true),
+        "slot did not catch up: {}",
+        f.status()
+    );
+    assert_eq!(relay.terminate().code(), Some(0));
+}
+
+/// How many inserts ClickHouse received for the events table, counted by ClickHouse itself: each
+/// insert allocates the next block number (an aborted one may burn one too, which only counts more).
+fn insert_count(f: &Fixture) -> u64 {
+    f.ch("SELECT max(max_block_number) FROM system.parts WHERE database = '{db}' AND table = 'event_log' FORMAT TSV")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// While events stream, every transaction whose commit the slot has confirmed is in ClickHouse.
+fn confirmed_lsn_never_passes_clickhouse(v: PgVersion) {
+    let f = Fixture::start(v, &[("RELAY_BATCH_MAX_WAIT_MS", "50")]);
+    let relay = f.spawn_relay();
+    // Each transaction records the WAL position after its commit: its commit ends at or before.
+    f.sql("CREATE TABLE tx_end (tx int PRIMARY KEY, end_lsn pg_lsn)");
+    let mut checks = 0;
+    for tx in 0..60 {
+        f.sql(&format!(
+            "INSERT INTO event_outbox (event_type, event_context)
+               SELECT 'tx{tx}', json_build_object('n', g) FROM generate_series(1, 50) g;
+             INSERT INTO tx_end VALUES ({tx}, pg_current_wal_insert_lsn());"
+        ));
+        // Read the slot first, then ClickHouse (which only grows).
+        let confirmed = f.confirmed_lsn();
+        let counts: HashSet<String> = f
+            .ch("SELECT event_type FROM {db}.event_log GROUP BY event_type HAVING count() = 50 FORMAT TSV")
+            .lines()
+            .map(str::to_string)
+            .collect();
+        for line in f.sql("SELECT tx, end_lsn FROM tx_end").lines() {
+            let (t, lsn) = line.split_once('|').unwrap();
+            if parse_lsn(lsn) <= confirmed {
+                checks += 1;
+                assert!(
+                    counts.contains(&format!("tx{t}")),
+                    "slot confirmed {confirmed:X} past transaction tx{t} (ends before {lsn}) which ClickHouse does not have"
+                );
+            }
+        }
+    }
+    assert!(checks > 0, "the slot never confirmed anything while publishing");
+    f.wait_for_rows(3_000, LONG, Some(&relay));
+}
+
+fn restart_resumes_without_loss(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    f.publish(1_000, 10, "before");
+    f.wait_for_rows(1_000, LONG, Some(&relay));
+    let log = relay.log();
+    assert_eq!(relay.terminate().code(), Some(0), "SIGTERM exits 0; log:\n{log}");
+    f.publish(1_000, 10, "while_stopped");
+    let relay = f.spawn_relay();
+    f.publish(1_000, 10, "after");
+    f.wait_for_rows(3_000, LONG, Some(&relay));
+    let (ids, rows) = f.ch_ids();
+    assert_eq!(ids, f.pg_ids());
+    assert_eq!(rows, 3_000, "no duplicates after a clean stop");
+    assert_eq!(relay.terminate().code(), Some(0));
+}
+
+/// ClickHouse killed: the slot does not move past what ClickHouse has; once ClickHouse is back,
+/// everything arrives.
+fn clickhouse_down_holds_the_slot(v: PgVersion) {
+    let mut f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    f.publish(100, 10, "before");
+    f.wait_for_rows(100, LONG, Some(&relay));
+    f.ch.kill().expect("kill ClickHouse");
+    let before = parse_lsn(f.sql("SELECT pg_current_wal_insert_lsn()").trim());
+    f.publish(500, 10, "during");
+    // The relay fails to flush and retries; wait until it has tried and failed three times.
+    assert!(
+        wait_until(LONG, || relay.log().matches("retrying").count() >= 3),
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert!(
+        f.confirmed_lsn() <= before,
+        "slot confirmed {:X} past {before:X} while ClickHouse was down",
+        f.confirmed_lsn()
+    );
+    f.ch.restart().expect("restart ClickHouse");
+    f.wait_for_rows(600, LONG, Some(&relay));
+    let (ids, _) = f.ch_ids();
+    assert_eq!(ids, f.pg_ids());
+    assert!(relay.log().contains("retrying"), "the outage is logged");
+}
+
+/// kill -9 in the middle of a 100,000-event stream, then a restart: every committed event_id
+/// is in ClickHouse.
+fn kill9_mid_stream_loses_nothing(v: PgVersion) {
+    let f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "5000")]);
+    let relay = f.spawn_relay();
+    f.publish(100_000, 100, "stream");
+    let started = wait_until(LONG, || f.ch_count() >= 10_000);
+    assert!(started, "relay log:\n{}", relay.log());
+    relay.kill9();
+    let at_kill = f.ch_count();
+    let relay = f.spawn_relay();
+    let ok = wait_until(LONG, || {
+        let (ids, _) = f.ch_ids();
+        ids.len() == 100_000
+    });
+    assert!(ok, "relay log:\n{}", relay.log());
+    let (ids, rows) = f.ch_ids();
+    assert_eq!(ids, f.pg_ids());
+    println!(
+        "kill -9 at {at_kill} rows: {} rows for 100000 events ({} duplicates)",
+        rows,
+        rows - 100_000
+    );
+}
+
+/// With the relay stopped, 256 MB of WAL on an unrelated table; restarted and idle, the slot's
+/// restart_lsn catches up with the server.
+fn idle_relay_advances_slot_past_unrelated_wal(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    f.sql("CREATE TABLE unrelated (id bigint, pad text)");
+    let start = f.current_lsn();
+    while f.current_lsn() - start < 256 * 1024 * 1024 {
+        f.sql("INSERT INTO unrelated SELECT g, repeat('x', 1000) FROM generate_series(1, 50000) g");
+    }
+    let written = f.current_lsn() - start;
+    let relay = f.spawn_relay();
+    let caught_up = wait_until(LONG, || {
+        // A checkpoint logs the running transactions, which lets the slot move restart_lsn.
+        f.sql("CHECKPOINT");
+        let row = f.sql(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots",
+        );
+        row.trim().parse::<i64>().unwrap() < 1024 * 1024
+    });
+    let status = f.status();
+    assert!(
+        caught_up,
+        "restart_lsn still behind after {written} bytes of WAL: {status}\n{}",
+        relay.log()
+    );
+    println!("{written} bytes of unrelated WAL; slot now: {status}");
+    assert_eq!(relay.terminate().code(), Some(0));
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let bin = common::relay_bin();
+    let run = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(&bin)
+            .arg("status")
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (out.status.code(), stderr(&out))
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("RELAY_POSTGRES_URL"), "{err}");
+    let base = [
+        ("RELAY_POSTGRES_URL", "postgres://u@127.0.0.1:1/db"),
+        ("RELAY_CLICKHOUSE_URL", "http://127.0.0.1:1/db"),
+    ];
+    let (code, err) = run(&[base[0], base[1], ("RELAY_BATCH_MAX_ROWS", "lots")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("batch_max_rows"), "{err}");
+    let (code, err) = run(&[base[0], ("RELAY_CLICKHOUSE_URL", "clickhouse://x:9000")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("RELAY_CLICKHOUSE_URL"), "{err}");
+    let (code, err) = run(&[base[0], base[1], ("RELAY_CONFIG", "/nonexistent/relay.toml")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/relay.toml"), "{err}");
+    // A server that is not there: exit 1, saying which server.
+    let (code, err) = run(&base);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
