@@ -172,7 +172,10 @@ fn confirmed_lsn_never_passes_clickhouse(v: PgVersion) {
             }
         }
     }
-    assert!(checks > 0, "the slot never confirmed anything while publishing");
+    assert!(
+        checks > 0,
+        "the slot never confirmed anything while publishing"
+    );
     f.wait_for_rows(3_000, LONG, Some(&relay));
 }
 
@@ -182,7 +185,11 @@ fn restart_resumes_without_loss(v: PgVersion) {
     f.publish(1_000, 10, "before");
     f.wait_for_rows(1_000, LONG, Some(&relay));
     let log = relay.log();
-    assert_eq!(relay.terminate().code(), Some(0), "SIGTERM exits 0; log:\n{log}");
+    assert_eq!(
+        relay.terminate().code(),
+        Some(0),
+        "SIGTERM exits 0; log:\n{log}"
+    );
     f.publish(1_000, 10, "while_stopped");
     let relay = f.spawn_relay();
     f.publish(1_000, 10, "after");
@@ -300,7 +307,11 @@ fn configuration_errors_are_clear() {
     let (code, err) = run(&[base[0], ("RELAY_CLICKHOUSE_URL", "clickhouse://x:9000")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("RELAY_CLICKHOUSE_URL"), "{err}");
-    let (code, err) = run(&[base[0], base[1], ("RELAY_CONFIG", "/nonexistent/relay.toml")]);
+    let (code, err) = run(&[
+        base[0],
+        base[1],
+        ("RELAY_CONFIG", "/nonexistent/relay.toml"),
+    ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("/nonexistent/relay.toml"), "{err}");
     // A server that is not there: exit 1, saying which server.

