@@ -288,6 +288,7 @@ fn check_identifier(setting: &'static str, value: &str) -> Result<(), ConfigErro
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
 
