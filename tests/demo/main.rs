@@ -105,6 +105,16 @@ fn main() -> Result<()> {
              FORMAT Vertical"
         )?
     );
+    // The relay reports its position every status interval: wait for the slot to catch up.
+    let caught_up = || -> Result<bool> {
+        let out = relay(&["status", "--json"]).output()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(status["caught_up"] == true)
+    };
+    let started = Instant::now();
+    while !caught_up()? && started.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     println!("-- outbox-relay status");
     let status = relay(&["status"]).output()?;
     print!("{}", String::from_utf8_lossy(&status.stdout));

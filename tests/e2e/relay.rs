@@ -28,6 +28,8 @@ on_each_postgres!(
     clickhouse_down_holds_the_slot,
     kill9_mid_stream_loses_nothing,
     idle_relay_advances_slot_past_unrelated_wal,
+    inserts_are_rows_over_max_rows,
+    purge_keeps_the_outbox_bounded,
 );
 
 fn columns_arrive_intact(v: PgVersion) {
@@ -130,6 +132,54 @@ fn batches_and_inserts(v: PgVersion) {
         f.status()
     );
     assert_eq!(relay.terminate().code(), Some(0));
+}
+
+/// N single-event transactions become ceil(N / batch_max_rows) inserts when the wait limit does
+/// not cut batches first.
+fn inserts_are_rows_over_max_rows(v: PgVersion) {
+    let f = Fixture::start(
+        v,
+        &[
+            ("RELAY_BATCH_MAX_ROWS", "4000"),
+            ("RELAY_BATCH_MAX_WAIT_MS", "5000"),
+        ],
+    );
+    f.publish(10_000, 1, "single");
+    let relay = f.spawn_relay();
+    f.wait_for_rows(10_000, LONG, Some(&relay));
+    assert_eq!(insert_count(&f), 3, "10,000 rows / 4,000 per batch");
+    assert_eq!(f.ch_count(), 10_000);
+}
+
+/// Rows older than the retention are deleted from the outbox; deleting them loses no event,
+/// shipped or not, because the relay ships from the WAL.
+fn purge_keeps_the_outbox_bounded(v: PgVersion) {
+    let f = Fixture::start(
+        v,
+        &[
+            ("RELAY_OUTBOX_RETENTION_HOURS", "1"),
+            ("RELAY_PURGE_INTERVAL_S", "1"),
+        ],
+    );
+    // Published before the relay runs: nothing is shipped yet when the first purge runs.
+    f.sql(
+        "INSERT INTO event_outbox (event_type, event_date_time, event_context)
+         SELECT 'old', now() - interval '2 hours', json_build_object('n', g) FROM generate_series(1, 25000) g;
+         INSERT INTO event_outbox (event_type, event_context)
+         SELECT 'new', json_build_object('n', g) FROM generate_series(1, 100) g;",
+    );
+    let relay = f.spawn_relay();
+    let purged = wait_until(LONG, || {
+        f.sql("SELECT count(*) FROM event_outbox WHERE event_type = 'old'")
+            .trim()
+            == "0"
+    });
+    assert!(purged, "old rows not purged; relay log:\n{}", relay.log());
+    assert_eq!(f.sql("SELECT count(*) FROM event_outbox").trim(), "100");
+    f.wait_for_rows(25_100, LONG, Some(&relay));
+    let types = f.ch("SELECT event_type, count(), uniqExact(event_id) FROM {db}.event_log GROUP BY 1 ORDER BY 1 FORMAT TSV");
+    assert_eq!(types, "new\t100\t100\nold\t25000\t25000\n");
+    assert!(relay.log().contains("outbox purged"), "{}", relay.log());
 }
 
 /// How many inserts ClickHouse received for the events table, counted by ClickHouse itself: each

@@ -174,6 +174,8 @@ struct Batch {
     last_commit_time_us: i64,
     transactions: u64,
     trace: Option<sentry::Transaction>,
+    /// Open while rows are decoded and encoded into the insert.
+    decode_span: Option<sentry::Span>,
 }
 
 /// One replication connection's worth of streaming.
@@ -374,6 +376,9 @@ impl<'a> Session<'a> {
             // Only part of a transaction: cannot happen when flushes wait for commits.
             return Ok(());
         };
+        if let Some(span) = batch.decode_span {
+            span.finish();
+        }
         let (rows, bytes) = (batch.insert.rows(), batch.insert.bytes());
         let fill_ms = batch.opened.elapsed().as_millis() as u64;
         let insert_span = batch
@@ -449,6 +454,9 @@ fn open_batch(sink: &ClickHouseSink, max_wait: Duration, first_commit_lsn: Lsn) 
         trace.set_data("first_lsn", first_commit_lsn.to_string().into());
         trace
     });
+    let decode_span = trace
+        .as_ref()
+        .map(|t| t.start_child("relay.decode", "decode pgoutput, encode RowBinary"));
     Batch {
         insert: sink.begin(),
         opened: Instant::now(),
@@ -458,6 +466,7 @@ fn open_batch(sink: &ClickHouseSink, max_wait: Duration, first_commit_lsn: Lsn) 
         last_commit_time_us: 0,
         transactions: 0,
         trace,
+        decode_span,
     }
 }
 
