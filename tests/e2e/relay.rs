@@ -73,6 +73,18 @@ fn columns_arrive_intact(v: PgVersion) {
     assert_eq!(pg, ch);
     assert_eq!(ch[2], "test");
     assert_eq!(ch[3], "1");
+
+    // Columns added to (and dropped from) the outbox are picked up from the next Relation
+    // message.
+    f.sql(
+        "ALTER TABLE event_outbox ADD COLUMN trace_id text;
+         INSERT INTO event_outbox (event_type, event_context, trace_id) VALUES ('after_alter', '{\"a\": 1}', 'abc');
+         ALTER TABLE event_outbox ADD COLUMN first_col int, DROP COLUMN trace_id;
+         INSERT INTO event_outbox (event_type, event_context, first_col) VALUES ('after_alter', '{\"a\": 2}', 5);",
+    );
+    f.wait_for_rows(4, LONG, Some(&relay));
+    let after = f.ch("SELECT toJSONString(event_context) FROM {db}.event_log WHERE event_type = 'after_alter' ORDER BY commit_lsn FORMAT TSV");
+    assert_eq!(after, "{\"a\":1}\n{\"a\":2}\n");
     drop(relay);
 }
 
