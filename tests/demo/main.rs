@@ -25,11 +25,18 @@ fn main() -> Result<()> {
     let pg = PgServer::start(version)?;
     let ch = ClickHouseServer::start()?;
     pg.create_database("app")?;
+    let metrics_addr = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    );
     let env = [
         ("RELAY_POSTGRES_URL", pg.url("app")),
         ("RELAY_CLICKHOUSE_URL", ch.url("analytics")),
         ("RELAY_ENVIRONMENT", "demo".to_string()),
         ("RELAY_BATCH_MAX_WAIT_MS", "500".to_string()),
+        ("RELAY_METRICS_ADDR", metrics_addr.clone()),
     ];
     let relay = |args: &[&str]| {
         let mut cmd = Command::new(relay_bin());
@@ -118,6 +125,24 @@ fn main() -> Result<()> {
     println!("-- outbox-relay status");
     let status = relay(&["status"]).output()?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
+
+    println!("-- a few of http://{metrics_addr}/metrics");
+    let metrics = ureq::get(&format!("http://{metrics_addr}/metrics"))
+        .call()?
+        .into_string()?;
+    for line in metrics.lines().filter(|l| {
+        [
+            "outbox_relay_events_shipped_total ",
+            "outbox_relay_batches_shipped_total ",
+            "outbox_relay_lag_bytes ",
+            "outbox_relay_lag_seconds ",
+            "outbox_relay_slot_active ",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+    }) {
+        println!("{line}");
+    }
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Fixture, parse_lsn, stderr, wait_until};
+use common::{Fixture, http_get, metric, parse_lsn, stderr, wait_until};
 use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -30,6 +30,7 @@ on_each_postgres!(
     idle_relay_advances_slot_past_unrelated_wal,
     inserts_are_rows_over_max_rows,
     purge_keeps_the_outbox_bounded,
+    metrics_match_clickhouse_and_the_slot,
 );
 
 fn columns_arrive_intact(v: PgVersion) {
@@ -192,6 +193,77 @@ fn purge_keeps_the_outbox_bounded(v: PgVersion) {
     let types = f.ch("SELECT event_type, count(), uniqExact(event_id) FROM {db}.event_log GROUP BY 1 ORDER BY 1 FORMAT TSV");
     assert_eq!(types, "new\t100\t100\nold\t25000\t25000\n");
     assert!(relay.log().contains("outbox purged"), "{}", relay.log());
+}
+
+/// After a scripted run, /metrics agrees with ClickHouse and pg_replication_slots; /healthz and
+/// /readyz answer, and /readyz turns 503 when ClickHouse is gone.
+fn metrics_match_clickhouse_and_the_slot(v: PgVersion) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut f = Fixture::start(v, &[("RELAY_METRICS_ADDR", &addr)]);
+    let relay = f.spawn_relay();
+    f.publish(3_000, 30, "metered");
+    f.wait_for_rows(3_000, LONG, Some(&relay));
+    // Wait until the relay has confirmed everything and PostgreSQL shows it.
+    let settled = wait_until(LONG, || {
+        let text = http_get(&addr, "/metrics").1;
+        f.status()["caught_up"] == true
+            && metric(&text, "outbox_relay_confirmed_lsn") as u64 == f.confirmed_lsn()
+    });
+    let text = http_get(&addr, "/metrics").1;
+    assert!(
+        settled,
+        "metrics never matched the slot:\n{text}\n{}",
+        f.status()
+    );
+    assert_eq!(
+        metric(&text, "outbox_relay_events_shipped_total") as u64,
+        f.ch_count()
+    );
+    assert_eq!(
+        metric(&text, "outbox_relay_batches_shipped_total") as u64,
+        insert_count(&f)
+    );
+    assert_eq!(
+        metric(&text, "outbox_relay_batch_rows_count") as u64,
+        insert_count(&f)
+    );
+    assert_eq!(metric(&text, "outbox_relay_batch_rows_sum") as u64, 3_000);
+    assert_eq!(metric(&text, "outbox_relay_slot_active"), 1.0);
+    assert_eq!(metric(&text, "outbox_relay_lag_seconds"), 0.0);
+    assert_eq!(
+        f.sql("SELECT active FROM pg_replication_slots").trim(),
+        "t",
+        "the slot is active while the relay reports it so"
+    );
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+
+    f.ch.kill().unwrap();
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("ClickHouse"), "{body}");
+    f.publish(10, 10, "during_outage");
+    assert!(
+        wait_until(LONG, || {
+            let text = http_get(&addr, "/metrics").1;
+            text.lines().any(|l| {
+                l.starts_with("outbox_relay_clickhouse_errors_total{kind=\"network\"}")
+                    && !l.ends_with(" 0")
+            })
+        }),
+        "{}",
+        http_get(&addr, "/metrics").1
+    );
+    assert_eq!(
+        http_get(&addr, "/healthz").0,
+        200,
+        "alive while ClickHouse is down"
+    );
 }
 
 /// How many inserts ClickHouse received for the events table, counted by ClickHouse itself: each

@@ -112,10 +112,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
         wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
-    let purge = tokio::spawn(relay::purge::purge_forever(config.clone()));
-    let relay = relay::Relay::new(config)?;
+    let relay = relay::Relay::new(config.clone())?;
+    let http = match config.metrics_addr() {
+        Some(addr) => {
+            let listener = relay::http::bind(addr).await.with_context(|| {
+                format!("cannot listen on metrics_addr {addr} (RELAY_METRICS_ADDR); set another address, or empty to turn the endpoint off")
+            })?;
+            Some(tokio::spawn(relay::http::serve(
+                listener,
+                relay.metrics(),
+                relay.sink().clone(),
+            )))
+        }
+        None => None,
+    };
+    let purge = tokio::spawn(relay::purge::purge_forever(config));
     let result = relay.run(stop_rx).await;
     purge.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
     result.context("the relay stopped")
 }
 

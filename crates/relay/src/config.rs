@@ -53,6 +53,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// A tracing filter: `info`, `relay=debug,info`, ...
     pub log_level: String,
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint; empty turns it off.
+    pub metrics_addr: String,
     /// Sentry DSN (`SENTRY_DSN`); Sentry is off when unset.
     pub sentry_dsn: Option<String>,
     /// Share of batches traced as Sentry transactions, 0.0 to 1.0.
@@ -88,6 +90,7 @@ impl Default for Config {
             purge_interval_s: 60,
             log_format: LogFormat::Pretty,
             log_level: "info".into(),
+            metrics_addr: "127.0.0.1:9898".into(),
             sentry_dsn: None,
             sentry_traces_sample_rate: 1.0,
         }
@@ -115,6 +118,7 @@ pub const SETTINGS: &[&str] = &[
     "purge_interval_s",
     "log_format",
     "log_level",
+    "metrics_addr",
     "sentry_dsn",
     "sentry_traces_sample_rate",
 ];
@@ -252,11 +256,29 @@ impl Config {
                 ),
             ));
         }
+        if !self.metrics_addr.is_empty() {
+            self.metrics_addr
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| {
+                    invalid(
+                        "metrics_addr",
+                        format!(
+                            "{:?} is not an address like 0.0.0.0:9898 ({e}); empty turns the endpoint off",
+                            self.metrics_addr
+                        ),
+                    )
+                })?;
+        }
         if let Some(dsn) = &self.sentry_dsn {
             dsn.parse::<sentry::types::Dsn>()
                 .map_err(|e| invalid("sentry_dsn", format!("is not a Sentry DSN: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The metrics endpoint's address, if it is on.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr.parse().ok()
     }
 
     pub fn batch_max_wait(&self) -> Duration {

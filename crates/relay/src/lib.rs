@@ -9,6 +9,8 @@
 //! - [`config::Config`], [`setup`], [`status`], [`schema`]: around it.
 
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod pg;
 pub mod pipeline;

@@ -14,6 +14,7 @@
 //!   restarts from the slot's confirmed position, so nothing is lost.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use pgoutput::{Lsn, Message};
@@ -25,6 +26,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::outbox::{OutboxLayout, RowError, SchemaError};
 use crate::pg::{self, PgError};
 use crate::sink::{BatchInsert, ClickHouseSink, ClickHouseTarget, SinkError};
@@ -89,13 +91,27 @@ impl RelayError {
 pub struct Relay {
     config: Config,
     sink: ClickHouseSink,
+    metrics: Arc<Metrics>,
 }
 
 impl Relay {
     pub fn new(config: Config) -> Result<Relay, crate::config::ConfigError> {
         let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
         let sink = ClickHouseSink::new(&target, &config.clickhouse_table);
-        Ok(Relay { config, sink })
+        Ok(Relay {
+            config,
+            sink,
+            metrics: Arc::default(),
+        })
+    }
+
+    /// The counters and gauges `/metrics` shows.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn sink(&self) -> &ClickHouseSink {
+        &self.sink
     }
 
     /// Streams until `shutdown` turns true (then flushes and returns `Ok`) or a permanent error.
@@ -104,8 +120,17 @@ impl Relay {
         let mut backoff = Backoff::new(&self.config);
         loop {
             let started = Instant::now();
-            let mut session = Session::new(&self.config, &self.sink);
+            let mut session = Session::new(&self.config, &self.sink, &self.metrics);
             let result = session.run(&mut shutdown).await;
+            self.metrics.replicating.store(false, Relaxed);
+            self.metrics.pending_since_us.store(0, Relaxed);
+            match &result {
+                Err(RelayError::ClickHouse(e)) => self.metrics.clickhouse_error(e.kind()),
+                Err(_) => {
+                    self.metrics.postgres_errors.fetch_add(1, Relaxed);
+                }
+                Ok(()) => {}
+            }
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
@@ -182,6 +207,7 @@ struct Batch {
 struct Session<'a> {
     config: &'a Config,
     sink: &'a ClickHouseSink,
+    metrics: &'a Metrics,
     outbox_relation: Option<(u32, OutboxLayout)>,
     tx: Option<Tx>,
     batch: Option<Batch>,
@@ -192,10 +218,11 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(config: &'a Config, sink: &'a ClickHouseSink) -> Session<'a> {
+    fn new(config: &'a Config, sink: &'a ClickHouseSink, metrics: &'a Metrics) -> Session<'a> {
         Session {
             config,
             sink,
+            metrics,
             outbox_relation: None,
             tx: None,
             batch: None,
@@ -213,6 +240,8 @@ impl<'a> Session<'a> {
         let feedback = Arc::new(Notify::new());
         let mut client = self.connect(start, feedback.clone()).await?;
         info!(slot = %self.config.slot, from_lsn = %start, "streaming");
+        self.metrics.replicating.store(true, Relaxed);
+        self.metrics.confirmed_lsn.store(start.0, Relaxed);
         let mut stopping = *shutdown.borrow();
         loop {
             if stopping && self.tx.is_none() {
@@ -287,7 +316,7 @@ impl<'a> Session<'a> {
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let end = Lsn(end_lsn.as_u64());
                 let tx = self.tx.take();
-                self.wal_end = self.wal_end.max(end);
+                self.saw_wal(end);
                 match &mut self.batch {
                     Some(batch) => {
                         batch.last_end_lsn = Some(end);
@@ -304,7 +333,7 @@ impl<'a> Session<'a> {
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                self.wal_end = self.wal_end.max(Lsn(wal_end.as_u64()));
+                self.saw_wal(Lsn(wal_end.as_u64()));
                 if self.tx.is_none() && self.batch.is_none() {
                     // Everything the server sent up to wal_end is in ClickHouse: let the slot
                     // move on even when only other tables write WAL.
@@ -346,11 +375,16 @@ impl<'a> Session<'a> {
                 tx.seq += 1;
                 let batch = match &mut self.batch {
                     Some(batch) => batch,
-                    None => self.batch.insert(open_batch(
-                        self.sink,
-                        self.config.batch_max_wait(),
-                        tx.commit_lsn,
-                    )),
+                    None => {
+                        self.metrics
+                            .pending_since_us
+                            .store(tx.commit_time_us + PG_EPOCH_UNIX_US, Relaxed);
+                        self.batch.insert(open_batch(
+                            self.sink,
+                            self.config.batch_max_wait(),
+                            tx.commit_lsn,
+                        ))
+                    }
                 };
                 batch.insert.write(&row).await?;
             }
@@ -387,7 +421,10 @@ impl<'a> Session<'a> {
             .map(|t| t.start_child("db.clickhouse.insert", "INSERT ... FORMAT RowBinary"));
         let started = Instant::now();
         batch.insert.commit().await?;
-        let insert_ms = started.elapsed().as_millis() as u64;
+        let insert_time = started.elapsed();
+        let insert_ms = insert_time.as_millis() as u64;
+        self.metrics.batch_shipped(rows, bytes, insert_time);
+        self.metrics.pending_since_us.store(0, Relaxed);
         if let Some(span) = insert_span {
             span.finish();
         }
@@ -400,7 +437,8 @@ impl<'a> Session<'a> {
             span.finish();
         }
         self.shipped_batches += 1;
-        let lag_ms = (unix_now_us() - (batch.last_commit_time_us + PG_EPOCH_UNIX_US)) / 1000;
+        let lag_ms =
+            (crate::http::unix_now_us() - (batch.last_commit_time_us + PG_EPOCH_UNIX_US)) / 1000;
         info!(
             rows,
             bytes,
@@ -423,9 +461,15 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    fn saw_wal(&mut self, lsn: Lsn) {
+        self.wal_end = self.wal_end.max(lsn);
+        self.metrics.server_wal_lsn.store(self.wal_end.0, Relaxed);
+    }
+
     fn confirm(&mut self, client: &ReplicationClient, lsn: Lsn) {
         if lsn > self.confirmed {
             self.confirmed = lsn;
+            self.metrics.confirmed_lsn.store(lsn.0, Relaxed);
             client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
         }
     }
@@ -475,13 +519,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn unix_now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
 }
 
 /// The replication connection's settings, from `postgres_url`.

@@ -155,6 +155,19 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// The kind counted in `outbox_relay_clickhouse_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self;
+        match source {
+            clickhouse::error::Error::Network(_) => "network",
+            clickhouse::error::Error::TimedOut => "timeout",
+            clickhouse::error::Error::BadResponse(_) => "server",
+            _ => "other",
+        }
+    }
+}
+
 /// Writes batches into one ClickHouse table.
 #[derive(Clone)]
 pub struct ClickHouseSink {

@@ -36,6 +36,8 @@ impl Fixture {
             ("RELAY_RETRY_MAX_MS".to_string(), "1000".to_string()),
             ("RELAY_ENVIRONMENT".to_string(), "test".to_string()),
             ("RELAY_LOG_LEVEL".to_string(), "info".to_string()),
+            // Tests run side by side: no fixed port. The metrics test sets its own.
+            ("RELAY_METRICS_ADDR".to_string(), String::new()),
         ];
         for (k, v) in extra_env {
             env.retain(|(key, _)| key != k);
@@ -169,6 +171,27 @@ impl Fixture {
         );
         self.sql(&sql);
     }
+}
+
+/// GET `http://addr/path`: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    match ureq::get(&format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(10))
+        .call()
+    {
+        Ok(resp) => (resp.status(), resp.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// The value of an unlabelled series in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+        .parse()
+        .unwrap()
 }
 
 /// The relay running in the background; killed by pid when dropped.
