@@ -1,5 +1,6 @@
 -- The "one big table" of events. One row per outbox row, exactly as published.
--- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL.
+-- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL; trace_id is the
+-- publisher's trace (empty when none was recorded).
 CREATE TABLE IF NOT EXISTS `event_log`
 (
     event_id         UUID,
@@ -9,7 +10,8 @@ CREATE TABLE IF NOT EXISTS `event_log`
     event_context    JSON,
     metadata_version UInt64,
     commit_lsn       UInt64,
-    tx_seq           UInt32
+    tx_seq           UInt32,
+    trace_id         String
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_date_time)

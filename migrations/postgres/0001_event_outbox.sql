@@ -9,12 +9,17 @@ CREATE TABLE IF NOT EXISTS "public"."event_outbox" (
     environment      text        NOT NULL DEFAULT 'production',
     event_context    json        NOT NULL,
     metadata_version bigint      NOT NULL DEFAULT 1,
+    sentry_trace     text,
     CONSTRAINT "event_outbox_event_type_check" CHECK (event_type <> ''),
     CONSTRAINT "event_outbox_event_context_check" CHECK (json_typeof(event_context) = 'object'),
     CONSTRAINT "event_outbox_metadata_version_check" CHECK (metadata_version >= 0),
     CONSTRAINT "event_outbox_event_date_time_check"
         CHECK (event_date_time >= '1900-01-01 00:00:00+00' AND event_date_time < '2300-01-01 00:00:00+00')
 );
+
+-- Optional: the publisher's trace (sentry_sdk.get_traceparent(), or a W3C traceparent), so a
+-- ClickHouse row (trace_id) and the relay's Sentry transaction lead back to the request.
+ALTER TABLE "public"."event_outbox" ADD COLUMN IF NOT EXISTS sentry_trace text;
 
 -- The environment default follows the relay's `environment` setting.
 ALTER TABLE "public"."event_outbox" ALTER COLUMN environment SET DEFAULT 'production';

@@ -68,6 +68,8 @@ pub struct OutboxLayout {
     environment: Field,
     event_context: Field,
     metadata_version: Field,
+    /// Optional: the publisher's trace (`sentry-trace` or W3C `traceparent` value).
+    sentry_trace: Option<Field>,
 }
 
 impl OutboxLayout {
@@ -117,6 +119,10 @@ impl OutboxLayout {
                 &[oid::INT8, oid::INT4, oid::INT2],
                 "bigint, integer or smallint",
             )?,
+            sentry_trace: match names.contains(&"sentry_trace") {
+                true => Some(field("sentry_trace", &text, "text or varchar")?),
+                false => None,
+            },
         })
     }
 
@@ -136,6 +142,12 @@ impl OutboxLayout {
             metadata_version: version(value(tuple, self.metadata_version, "metadata_version")?)?,
             commit_lsn,
             tx_seq,
+            sentry_trace: self
+                .sentry_trace
+                .and_then(|f| match tuple.columns.get(f.index) {
+                    Some(Column::Text(b) | Column::Binary(b)) => Some(b.as_ref()),
+                    _ => None,
+                }),
         })
     }
 }

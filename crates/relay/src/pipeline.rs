@@ -23,7 +23,7 @@ use pgwire_replication::{
     TlsConfig,
 };
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -201,7 +201,12 @@ struct Batch {
     trace: Option<sentry::Transaction>,
     /// Open while rows are decoded and encoded into the insert.
     decode_span: Option<sentry::Span>,
+    /// Distinct publisher trace ids seen in the batch (at most [`MAX_LINKED_TRACES`]).
+    trace_ids: Vec<String>,
 }
+
+/// How many publisher traces a batch's Sentry transaction lists.
+const MAX_LINKED_TRACES: usize = 32;
 
 /// One replication connection's worth of streaming.
 struct Session<'a> {
@@ -383,9 +388,17 @@ impl<'a> Session<'a> {
                             self.sink,
                             self.config.batch_max_wait(),
                             tx.commit_lsn,
+                            row.sentry_trace_header().as_deref(),
                         ))
                     }
                 };
+                if let Some(id) = row.trace_id()
+                    && batch.trace.is_some()
+                    && batch.trace_ids.len() < MAX_LINKED_TRACES
+                    && !batch.trace_ids.iter().any(|t| t == id)
+                {
+                    batch.trace_ids.push(id.to_string());
+                }
                 batch.insert.write(&row).await?;
             }
             _ => {}
@@ -419,8 +432,10 @@ impl<'a> Session<'a> {
             .trace
             .as_ref()
             .map(|t| t.start_child("db.clickhouse.insert", "INSERT ... FORMAT RowBinary"));
+        let span = info_span!("batch", first_lsn = %batch.first_commit_lsn, last_lsn = %last_end);
         let started = Instant::now();
-        batch.insert.commit().await?;
+        batch.insert.commit().instrument(span.clone()).await?;
+        let _in_span = span.enter();
         let insert_time = started.elapsed();
         let insert_ms = insert_time.as_millis() as u64;
         self.metrics.batch_shipped(rows, bytes, insert_time);
@@ -456,6 +471,7 @@ impl<'a> Session<'a> {
             trace.set_data("bytes", bytes.into());
             trace.set_data("first_lsn", batch.first_commit_lsn.to_string().into());
             trace.set_data("last_lsn", last_end.to_string().into());
+            trace.set_data("linked_trace_ids", batch.trace_ids.clone().into());
             trace.finish();
         }
         Ok(())
@@ -491,9 +507,24 @@ impl<'a> Session<'a> {
     }
 }
 
-fn open_batch(sink: &ClickHouseSink, max_wait: Duration, first_commit_lsn: Lsn) -> Batch {
+/// Opens a batch; with Sentry on, its transaction continues the first event's publisher trace
+/// (`sentry-trace`), so the batch shows up inside the request that published it.
+fn open_batch(
+    sink: &ClickHouseSink,
+    max_wait: Duration,
+    first_commit_lsn: Lsn,
+    sentry_trace: Option<&str>,
+) -> Batch {
     let trace = sentry::Hub::current().client().map(|_| {
-        let ctx = sentry::TransactionContext::new("outbox-relay batch", "relay.batch");
+        let (name, op) = ("outbox-relay batch", "relay.batch");
+        let ctx = match sentry_trace {
+            Some(header) => sentry::TransactionContext::continue_from_headers(
+                name,
+                op,
+                [("sentry-trace", header)],
+            ),
+            None => sentry::TransactionContext::new(name, op),
+        };
         let trace = sentry::start_transaction(ctx);
         trace.set_data("first_lsn", first_commit_lsn.to_string().into());
         trace
@@ -511,6 +542,7 @@ fn open_batch(sink: &ClickHouseSink, max_wait: Duration, first_commit_lsn: Lsn) 
         transactions: 0,
         trace,
         decode_span,
+        trace_ids: Vec::new(),
     }
 }
 

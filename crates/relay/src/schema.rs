@@ -46,12 +46,17 @@ CREATE TABLE IF NOT EXISTS {table} (
     environment      text        NOT NULL DEFAULT {environment},
     event_context    json        NOT NULL,
     metadata_version bigint      NOT NULL DEFAULT 1,
+    sentry_trace     text,
     CONSTRAINT {type_check} CHECK (event_type <> ''),
     CONSTRAINT {context_check} CHECK (json_typeof(event_context) = 'object'),
     CONSTRAINT {version_check} CHECK (metadata_version >= 0),
     CONSTRAINT {time_check}
         CHECK (event_date_time >= '1900-01-01 00:00:00+00' AND event_date_time < '2300-01-01 00:00:00+00')
 );
+
+-- Optional: the publisher's trace (sentry_sdk.get_traceparent(), or a W3C traceparent), so a
+-- ClickHouse row (trace_id) and the relay's Sentry transaction lead back to the request.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS sentry_trace text;
 
 -- The environment default follows the relay's `environment` setting.
 ALTER TABLE {table} ALTER COLUMN environment SET DEFAULT {environment};
@@ -77,7 +82,8 @@ pub fn clickhouse_ddl(config: &Config) -> String {
     let table = quote_ch_ident(&config.clickhouse_table);
     format!(
         r#"-- The "one big table" of events. One row per outbox row, exactly as published.
--- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL.
+-- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL; trace_id is the
+-- publisher's trace (empty when none was recorded).
 CREATE TABLE IF NOT EXISTS {table}
 (
     event_id         UUID,
@@ -87,7 +93,8 @@ CREATE TABLE IF NOT EXISTS {table}
     event_context    JSON,
     metadata_version UInt64,
     commit_lsn       UInt64,
-    tx_seq           UInt32
+    tx_seq           UInt32,
+    trace_id         String
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_date_time)

@@ -10,7 +10,7 @@ use crate::config::ConfigError;
 
 /// The ClickHouse columns the relay writes, in RowBinary order.
 pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
-                           metadata_version, commit_lsn, tx_seq";
+                           metadata_version, commit_lsn, tx_seq, trace_id";
 
 /// A ClickHouse HTTP endpoint parsed from `http://user:password@host:8123/database`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,8 @@ pub struct EventRow<'a> {
     pub commit_lsn: u64,
     /// Position of the event within that transaction, from 0.
     pub tx_seq: u32,
+    /// The publisher's trace, as recorded in the optional `sentry_trace` outbox column.
+    pub sentry_trace: Option<&'a [u8]>,
 }
 
 impl EventRow<'_> {
@@ -121,6 +123,31 @@ impl EventRow<'_> {
         out.extend_from_slice(&self.metadata_version.to_le_bytes());
         out.extend_from_slice(&self.commit_lsn.to_le_bytes());
         out.extend_from_slice(&self.tx_seq.to_le_bytes());
+        put_string(out, self.trace_id().unwrap_or_default().as_bytes());
+    }
+
+    /// The 32-hex-digit trace id of [`Self::sentry_trace`], from either a `sentry-trace` value
+    /// (`trace-span[-sampled]`) or a W3C `traceparent` (`00-trace-span-flags`).
+    pub fn trace_id(&self) -> Option<&str> {
+        let text = std::str::from_utf8(self.sentry_trace?).ok()?.trim();
+        let text = text.strip_prefix("00-").unwrap_or(text);
+        let id = text.get(..32)?;
+        id.bytes().all(|b| b.is_ascii_hexdigit()).then_some(id)
+    }
+
+    /// The trace as a `sentry-trace` header value, for continuing it.
+    pub fn sentry_trace_header(&self) -> Option<String> {
+        let text = std::str::from_utf8(self.sentry_trace?).ok()?.trim();
+        match text.strip_prefix("00-") {
+            // traceparent: 00-trace-span-flags -> trace-span-sampled
+            Some(rest) => {
+                let mut parts = rest.split('-');
+                let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+                let sampled = u8::from_str_radix(flags, 16).ok()? & 1;
+                Some(format!("{trace}-{span}-{sampled}"))
+            }
+            None => Some(text.to_string()),
+        }
     }
 }
 
@@ -326,6 +353,7 @@ mod tests {
             metadata_version: 2,
             commit_lsn: 3,
             tx_seq: 4,
+            sentry_trace: None,
         };
         let mut out = Vec::new();
         row.encode(&mut out);
@@ -337,6 +365,30 @@ mod tests {
         assert_eq!(&out[18..26], &1i64.to_le_bytes());
         assert_eq!(out[26], 0);
         assert_eq!(&out[27..29], &[200 | 0x80, 1]);
-        assert_eq!(out.len(), 29 + 200 + 8 + 8 + 4);
+        assert_eq!(out.len(), 29 + 200 + 8 + 8 + 4 + 1);
+    }
+
+    #[test]
+    fn trace_ids() {
+        let sentry = b"771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-1";
+        let w3c = b"00-771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-01";
+        for raw in [&sentry[..], &w3c[..]] {
+            let row = EventRow {
+                event_id: [0; 16],
+                event_type: b"",
+                event_date_time_us: 0,
+                environment: b"",
+                event_context: b"{}",
+                metadata_version: 1,
+                commit_lsn: 0,
+                tx_seq: 0,
+                sentry_trace: Some(raw),
+            };
+            assert_eq!(row.trace_id(), Some("771a43a4192642f0b136d5159a501700"));
+            assert_eq!(
+                row.sentry_trace_header().as_deref(),
+                Some("771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-1")
+            );
+        }
     }
 }
