@@ -2,6 +2,9 @@
 # .venv with the pinned PostgreSQL 18 and ClickHouse wheels for local servers).
 SHELL := /bin/bash
 CARGO ?= cargo
+# A nextest filter expression, e.g. TEST_FILTER='not test(/kill9/)'.
+TEST_FILTER ?= all()
+VENV_BIN := .venv/bin
 
 .PHONY: demo test lint fmt bootstrap build fuzz bench
 
@@ -16,11 +19,16 @@ demo: bootstrap build
 
 test: bootstrap build
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
-	$(CARGO) nextest run --workspace --profile ci
+	$(CARGO) nextest run --workspace --profile ci -E '$(TEST_FILTER)'
 
-lint:
+lint: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(VENV_BIN)/actionlint .github/workflows/*.yml
+	$(VENV_BIN)/hadolint deploy/Dockerfile
+	@if command -v docker-compose >/dev/null; then docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: valid"; \
+	 elif docker compose version >/dev/null 2>&1; then docker compose config -q && echo "docker-compose.yml: valid"; \
+	 else echo "docker compose not installed: docker-compose.yml not validated"; fi
 
 fmt:
 	$(CARGO) fmt --all

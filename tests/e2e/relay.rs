@@ -236,17 +236,26 @@ fn metrics_match_clickhouse_and_the_slot(v: PgVersion) {
     assert_eq!(metric(&text, "outbox_relay_slot_active"), 1.0);
     assert_eq!(metric(&text, "outbox_relay_lag_seconds"), 0.0);
     assert_eq!(
-        f.sql("SELECT active FROM pg_replication_slots").trim(),
+        f.sql(&format!(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = '{}'",
+            f.slot
+        ))
+        .trim(),
         "t",
         "the slot is active while the relay reports it so"
     );
     assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
     assert_eq!(http_get(&addr, "/readyz").0, 200);
+    let health = f.relay(&["health"]);
+    assert!(health.status.success(), "{}", stderr(&health));
 
     f.ch.kill().unwrap();
     let (code, body) = http_get(&addr, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("ClickHouse"), "{body}");
+    let health = f.relay(&["health"]);
+    assert_eq!(health.status.code(), Some(1));
+    assert!(stderr(&health).contains("not ready"), "{}", stderr(&health));
     f.publish(10, 10, "during_outage");
     assert!(
         wait_until(LONG, || {
@@ -401,9 +410,10 @@ fn idle_relay_advances_slot_past_unrelated_wal(v: PgVersion) {
     let caught_up = wait_until(LONG, || {
         // A checkpoint logs the running transactions, which lets the slot move restart_lsn.
         f.sql("CHECKPOINT");
-        let row = f.sql(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots",
-        );
+        let row = f.sql(&format!(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = '{}'",
+            f.slot
+        ));
         row.trim().parse::<i64>().unwrap() < 1024 * 1024
     });
     let status = f.status();

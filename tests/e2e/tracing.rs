@@ -23,6 +23,7 @@ fn batch_transaction_continues_the_publishers_trace() {
     let config = relay::Config {
         postgres_url: f.pg.url(&f.db),
         clickhouse_url: f.ch.url(&f.ch_db),
+        slot: f.slot.clone(),
         batch_max_wait_ms: 100,
         status_interval_ms: 100,
         metrics_addr: String::new(),

@@ -173,8 +173,12 @@ fn postgres_user() -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-/// A PostgreSQL cluster of the test's own.
+/// A PostgreSQL cluster of the test's own, or (with `RELAY_TEST_POSTGRES_URL` set, e.g. a CI
+/// service container) a shared external server, where each test uses databases of its own and
+/// the fault methods (`kill`, `stop`, `restart`) are unavailable.
 pub struct PgServer {
+    /// `postgres://user[:password]@host:port` of an external server.
+    external: Option<String>,
     version: PgVersion,
     bin: PathBuf,
     port: u16,
@@ -188,6 +192,9 @@ pub struct PgServer {
 impl PgServer {
     /// initdb (trust auth, UTF8), `wal_level = logical`, start, wait until it accepts queries.
     pub fn start(version: PgVersion) -> Result<PgServer> {
+        if let Ok(url) = std::env::var("RELAY_TEST_POSTGRES_URL") {
+            return Self::external(version, &url);
+        }
         let bin = version.bin_dir()?;
         let dir = TempDir::new("relay_pg")?;
         let run_as = if is_root() {
@@ -223,6 +230,7 @@ impl PgServer {
             .open(data.join("postgresql.conf"))?
             .write_all_str(&conf)?;
         let mut server = PgServer {
+            external: None,
             version,
             bin,
             port,
@@ -234,6 +242,45 @@ impl PgServer {
         };
         server.spawn()?;
         Ok(server)
+    }
+
+    fn external(version: PgVersion, url: &str) -> Result<PgServer> {
+        let parsed = url::Url::parse(url).context("RELAY_TEST_POSTGRES_URL")?;
+        let base = format!(
+            "postgres://{}{}@{}:{}",
+            parsed.username(),
+            parsed
+                .password()
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default(),
+            parsed.host_str().unwrap_or("127.0.0.1"),
+            parsed.port().unwrap_or(5432)
+        );
+        let server = PgServer {
+            external: Some(base),
+            version,
+            bin: PathBuf::new(),
+            port: parsed.port().unwrap_or(5432),
+            data: PathBuf::new(),
+            log: PathBuf::new(),
+            run_as: None,
+            child: None,
+            _dir: TempDir::new("relay_pg_external")?,
+        };
+        server.psql("postgres", "SELECT 1")?;
+        Ok(server)
+    }
+
+    /// Whether this is a shared external server (no fault injection).
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    fn local_only(&self, what: &str) -> Result<()> {
+        match &self.external {
+            Some(_) => bail!("cannot {what} an external PostgreSQL (RELAY_TEST_POSTGRES_URL)"),
+            None => Ok(()),
+        }
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -291,7 +338,10 @@ impl PgServer {
 
     /// `postgres://postgres@127.0.0.1:PORT/db`
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        match &self.external {
+            Some(base) => format!("{base}/{db}"),
+            None => format!("postgres://postgres@127.0.0.1:{}/{db}", self.port),
+        }
     }
 
     pub fn create_database(&self, name: &str) -> Result<()> {
@@ -333,6 +383,7 @@ impl PgServer {
 
     /// SIGKILL of the postmaster (its backends notice and exit).
     pub fn kill(&mut self) -> Result<()> {
+        self.local_only("kill")?;
         if let Some(mut child) = self.child.take() {
             child.kill()?;
             child.wait()?;
@@ -342,6 +393,7 @@ impl PgServer {
 
     /// Fast shutdown (SIGINT), waiting for the exit.
     pub fn stop(&mut self) -> Result<()> {
+        self.local_only("stop")?;
         if let Some(mut child) = self.child.take() {
             signal(child.id(), "INT");
             child.wait()?;
@@ -403,8 +455,12 @@ impl WriteStr for std::fs::File {
 // ---------------------------------------------------------------------------------------------
 // ClickHouse
 
-/// A ClickHouse server (chdb-core's embedded listeners) of the test's own.
+/// A ClickHouse server (chdb-core's embedded listeners) of the test's own, or (with
+/// `RELAY_TEST_CLICKHOUSE_URL` set, e.g. a clickhouse-server service container) a shared external
+/// one, where `kill` and `restart` are unavailable.
 pub struct ClickHouseServer {
+    /// (`http://host:port`, user, password) of an external server.
+    external: Option<(String, String, String)>,
     http_port: u16,
     tcp_port: u16,
     dir: TempDir,
@@ -414,7 +470,33 @@ pub struct ClickHouseServer {
 impl ClickHouseServer {
     /// Starts the server and waits until `/ping` answers.
     pub fn start() -> Result<ClickHouseServer> {
+        if let Ok(raw) = std::env::var("RELAY_TEST_CLICKHOUSE_URL") {
+            let url = url::Url::parse(&raw).context("RELAY_TEST_CLICKHOUSE_URL")?;
+            let server = ClickHouseServer {
+                external: Some((
+                    format!(
+                        "{}://{}:{}",
+                        url.scheme(),
+                        url.host_str().unwrap_or("127.0.0.1"),
+                        url.port_or_known_default().unwrap_or(8123)
+                    ),
+                    if url.username().is_empty() {
+                        "default".into()
+                    } else {
+                        url.username().into()
+                    },
+                    url.password().unwrap_or_default().into(),
+                )),
+                http_port: url.port_or_known_default().unwrap_or(8123),
+                tcp_port: 0,
+                dir: TempDir::new("relay_ch_external")?,
+                child: None,
+            };
+            server.query("SELECT 1")?;
+            return Ok(server);
+        }
         let mut server = ClickHouseServer {
+            external: None,
             http_port: free_port()?,
             tcp_port: free_port()?,
             dir: TempDir::new("relay_ch")?,
@@ -470,14 +552,33 @@ impl ClickHouseServer {
 
     /// `http://default:@127.0.0.1:PORT/database`
     pub fn url(&self, database: &str) -> String {
-        format!("http://default:@127.0.0.1:{}/{database}", self.http_port)
+        match &self.external {
+            Some((base, user, password)) => {
+                let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+                format!("{scheme}://{user}:{password}@{rest}/{database}")
+            }
+            None => format!("http://default:@127.0.0.1:{}/{database}", self.http_port),
+        }
+    }
+
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
     }
 
     /// Runs a query over HTTP and returns the body (an error carries ClickHouse's message).
     pub fn query(&self, sql: &str) -> Result<String> {
-        let url = format!("http://127.0.0.1:{}/", self.http_port);
+        let (url, user, password) = match &self.external {
+            Some((base, user, password)) => (format!("{base}/"), user.as_str(), password.as_str()),
+            None => (
+                format!("http://127.0.0.1:{}/", self.http_port),
+                "default",
+                "",
+            ),
+        };
         match ureq::post(&url)
             .timeout(Duration::from_secs(60))
+            .set("X-ClickHouse-User", user)
+            .set("X-ClickHouse-Key", password)
             .send_string(sql)
         {
             Ok(resp) => Ok(resp.into_string()?),
@@ -493,6 +594,9 @@ impl ClickHouseServer {
 
     /// SIGKILL by pid (the server ignores SIGTERM).
     pub fn kill(&mut self) -> Result<()> {
+        if self.external.is_some() {
+            bail!("cannot kill an external ClickHouse (RELAY_TEST_CLICKHOUSE_URL)");
+        }
         if let Some(mut child) = self.child.take() {
             child.kill()?;
             child.wait()?;

@@ -33,6 +33,9 @@ enum Command {
     },
     /// Stream the outbox into ClickHouse until SIGTERM/SIGINT.
     Run,
+    /// Ask a running relay's /readyz (at metrics_addr): exit 0 when ready, 1 otherwise. For
+    /// container health checks where no HTTP client is installed.
+    Health,
     /// Show the slot's position and lag, and whether ClickHouse answers.
     Status {
         /// Machine-readable output.
@@ -92,6 +95,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(config).await,
+        Command::Health => health(&config).await,
         Command::Status { json } => {
             let status = relay::status::status(&config)
                 .await
@@ -133,6 +137,35 @@ async fn run(config: Config) -> anyhow::Result<()> {
         http.abort();
     }
     result.context("the relay stopped")
+}
+
+async fn health(config: &Config) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = config
+        .metrics_addr()
+        .context("metrics_addr (RELAY_METRICS_ADDR) is empty: the endpoint is off")?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .context("no answer within 5 s")?
+    .with_context(|| format!("cannot reach the relay at {addr}"))?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+    if response.starts_with("HTTP/1.1 200") {
+        println!("{body}");
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: {body}")
+    }
 }
 
 async fn wait_for_signal() {

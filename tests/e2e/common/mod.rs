@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use harness::{ClickHouseServer, PgServer, PgVersion};
 
-/// A PostgreSQL cluster and a ClickHouse server of this test's own, with setup done.
+/// A PostgreSQL cluster and a ClickHouse server of this test's own (or databases and a slot of
+/// its own on external servers), with setup done.
 pub struct Fixture {
     pub pg: PgServer,
     pub ch: ClickHouseServer,
     pub db: String,
     pub ch_db: String,
+    pub slot: String,
     pub env: Vec<(String, String)>,
 }
 
@@ -24,12 +26,15 @@ impl Fixture {
     pub fn start(version: PgVersion, extra_env: &[(&str, &str)]) -> Fixture {
         let pg = PgServer::start(version).expect("start PostgreSQL");
         let ch = ClickHouseServer::start().expect("start ClickHouse");
-        let db = "app".to_string();
+        // Names of this test's own, so tests can share an external server.
+        let db = harness::unique_name("app");
         pg.create_database(&db).expect("create database");
-        let ch_db = "analytics".to_string();
+        let ch_db = harness::unique_name("analytics");
+        let slot = harness::unique_name("slot");
         let mut env = vec![
             ("RELAY_POSTGRES_URL".to_string(), pg.url(&db)),
             ("RELAY_CLICKHOUSE_URL".to_string(), ch.url(&ch_db)),
+            ("RELAY_SLOT".to_string(), slot.clone()),
             ("RELAY_BATCH_MAX_WAIT_MS".to_string(), "200".to_string()),
             ("RELAY_STATUS_INTERVAL_MS".to_string(), "100".to_string()),
             ("RELAY_RETRY_INITIAL_MS".to_string(), "100".to_string()),
@@ -48,6 +53,7 @@ impl Fixture {
             ch,
             db,
             ch_db,
+            slot,
             env,
         };
         let out = fixture.relay(&["setup"]);
@@ -124,9 +130,10 @@ impl Fixture {
     /// The slot's confirmed_flush_lsn, as a number.
     pub fn confirmed_lsn(&self) -> u64 {
         parse_lsn(
-            self.sql(
-                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'event_outbox_slot'",
-            )
+            self.sql(&format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+                self.slot
+            ))
             .trim(),
         )
     }
@@ -192,6 +199,28 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
         .parse()
         .unwrap()
+}
+
+impl Drop for Fixture {
+    /// On a shared external server, frees what this test made (slots are cluster-wide and pin
+    /// WAL). A local server is thrown away whole.
+    fn drop(&mut self) {
+        if self.pg.is_external() {
+            let _ = self.pg.psql(
+                "postgres",
+                &format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}';
+                     DROP DATABASE IF EXISTS \"{}\" WITH (FORCE);",
+                    self.slot, self.db
+                ),
+            );
+        }
+        if self.ch.is_external() {
+            let _ = self
+                .ch
+                .query(&format!("DROP DATABASE IF EXISTS {}", self.ch_db));
+        }
+    }
 }
 
 /// The relay running in the background; killed by pid when dropped.
