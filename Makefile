@@ -6,7 +6,7 @@ CARGO ?= cargo
 TEST_FILTER ?= all()
 VENV_BIN := .venv/bin
 
-.PHONY: demo test lint fmt bootstrap build fuzz bench
+.PHONY: demo test lint fmt bootstrap build fuzz bench deny
 
 bootstrap:
 	bash tools/bootstrap.sh
@@ -35,3 +35,7 @@ fmt:
 
 fuzz:
 	cd crates/pgoutput/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=60
+
+# Licenses, bans and sources (advisories need the RustSec database from GitHub: CI runs them).
+deny:
+	$(CARGO) deny check licenses bans sources
