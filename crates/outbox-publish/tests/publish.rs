@@ -18,15 +18,13 @@ impl Event for OrderCreated {
 #[tokio::test]
 async fn publishes_with_the_transaction() {
     let pg = PgServer::start(PgVersion::V15).unwrap();
-    pg.create_database("app").unwrap();
+    let db = harness::unique_name("publish");
+    pg.create_database(&db).unwrap();
     // The outbox table exactly as `outbox-relay setup` creates it.
-    pg.psql(
-        "app",
-        &relay::schema::postgres_ddl(&relay::Config::default()),
-    )
-    .unwrap();
+    pg.psql(&db, &relay::schema::postgres_ddl(&relay::Config::default()))
+        .unwrap();
 
-    let (mut client, conn) = tokio_postgres::connect(&pg.url("app"), tokio_postgres::NoTls)
+    let (mut client, conn) = tokio_postgres::connect(&pg.url(&db), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
@@ -64,7 +62,7 @@ async fn publishes_with_the_transaction() {
 
     let rows = pg
         .psql(
-            "app",
+            &db,
             "SELECT event_id, event_type, event_context FROM event_outbox ORDER BY event_type",
         )
         .unwrap();
