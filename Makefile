@@ -36,6 +36,11 @@ fmt:
 fuzz:
 	cd crates/pgoutput/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=60
 
+# The benchmark (bench/README.md): release builds, local servers, bench/results.json.
+bench: bootstrap
+	$(CARGO) build --release -p outbox-relay -p relay-tests --bin bench
+	target/release/bench
+
 # Licenses, bans and sources (advisories need the RustSec database from GitHub: CI runs them).
 deny:
 	$(CARGO) deny check licenses bans sources

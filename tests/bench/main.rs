@@ -1,0 +1,512 @@
+//! `make bench`: outbox-relay side by side with PostgreSQL's own decoding speed, ClickHouse's
+//! insert speed and a SKIP LOCKED polling outbox, on local servers. Prints a table and writes
+//! bench/results.json (medians of BENCH_RUNS runs). See bench/README.md.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use harness::{ClickHouseServer, PgServer, PgVersion};
+use relay::sink::{ClickHouseSink, ClickHouseTarget, EventRow};
+
+const SLOT: &str = "bench_relay";
+const RECV_SLOT: &str = "bench_recvlogical";
+
+struct Bench {
+    pg: PgServer,
+    ch: ClickHouseServer,
+    events: u64,
+    relay_bin: std::path::PathBuf,
+}
+
+fn main() -> Result<()> {
+    let runs: usize = env_or("BENCH_RUNS", 3);
+    let events: u64 = env_or("BENCH_EVENTS", 1_000_000);
+    let version = match std::env::var("BENCH_PG").as_deref() {
+        Ok("18") => PgVersion::V18,
+        _ => *PgVersion::available().first().context("no PostgreSQL")?,
+    };
+    let relay_bin = harness::workspace_root().join("target/release/outbox-relay");
+    if !relay_bin.exists() {
+        bail!("{} missing: `make bench` builds it", relay_bin.display());
+    }
+    eprintln!("bench: PostgreSQL {version:?}, {events} events, {runs} runs");
+    let bench = Bench {
+        pg: PgServer::start(version)?,
+        ch: ClickHouseServer::start()?,
+        events,
+        relay_bin,
+    };
+    bench.pg.create_database("bench")?;
+    bench.relay(&["setup"], &[])?;
+
+    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for run in 0..runs {
+        eprintln!("bench: run {}/{runs}", run + 1);
+        for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
+            let (wal, relay, rss, cpu) = bench.drain(per_tx)?;
+            samples
+                .entry(leak(format!("wal_limit_events_per_s{shape}")))
+                .or_default()
+                .push(wal);
+            samples
+                .entry(leak(format!("relay_events_per_s{shape}")))
+                .or_default()
+                .push(relay);
+            samples
+                .entry(leak(format!("relay_to_wal_ratio{shape}")))
+                .or_default()
+                .push(relay / wal);
+            samples
+                .entry(leak(format!("relay_peak_rss_mb{shape}")))
+                .or_default()
+                .push(rss);
+            samples
+                .entry(leak(format!("relay_cpu_s_per_million_events{shape}")))
+                .or_default()
+                .push(cpu);
+        }
+        samples
+            .entry("clickhouse_insert_limit_events_per_s")
+            .or_default()
+            .push(bench.clickhouse_limit()?);
+        samples
+            .entry("polling_outbox_events_per_s")
+            .or_default()
+            .push(bench.polling_outbox()?);
+    }
+    let mut results: BTreeMap<String, f64> = samples
+        .iter()
+        .map(|(k, v)| (k.to_string(), median(v)))
+        .collect();
+    // Peak memory: the worst run, not the median.
+    for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"] {
+        results.insert(key.into(), samples[key].iter().cloned().fold(0.0, f64::max));
+    }
+    for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))] {
+        let (p50, p99, inserts) = bench.latency(wait_ms)?;
+        results.insert(format!("latency_p50_ms{suffix}"), p50);
+        results.insert(format!("latency_p99_ms{suffix}"), p99);
+        results.insert(format!("inserts_per_s{suffix}"), inserts);
+    }
+
+    println!("\n{:<44} {:>14}", "figure", "value");
+    for (k, v) in &results {
+        println!("{k:<44} {v:>14.2}");
+    }
+    let json = serde_json::json!({
+        "results": results,
+        "events": events,
+        "runs": runs,
+        "postgres": format!("{version:?}"),
+        "machine": machine(),
+        "commit": git_commit(),
+    });
+    let path = harness::workspace_root().join("bench/results.json");
+    std::fs::create_dir_all(path.parent().expect("bench/"))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
+    println!("\nwritten to {}", path.display());
+    Ok(())
+}
+
+impl Bench {
+    fn relay(&self, args: &[&str], extra: &[(&str, &str)]) -> Result<()> {
+        let out = self.relay_command(args, extra).output()?;
+        if !out.status.success() {
+            bail!(
+                "outbox-relay {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn relay_command(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(&self.relay_bin);
+        cmd.args(args)
+            .env("RELAY_POSTGRES_URL", self.pg.url("bench"))
+            .env("RELAY_CLICKHOUSE_URL", self.ch.url("bench"))
+            .env("RELAY_SLOT", SLOT)
+            .env("RELAY_METRICS_ADDR", "")
+            .env("RELAY_OUTBOX_RETENTION_HOURS", "0")
+            .env("RELAY_LOG_LEVEL", "warn")
+            .envs(extra.iter().copied());
+        cmd
+    }
+
+    fn sql(&self, sql: &str) -> Result<String> {
+        self.pg.psql("bench", sql)
+    }
+
+    /// Fresh slots for pg_recvlogical and the relay, an empty event table, then the backlog.
+    fn prepare_backlog(&self, per_tx: u64) -> Result<u64> {
+        self.sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
+             TRUNCATE event_outbox;
+             SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');
+             SELECT 1 FROM pg_create_logical_replication_slot('{RECV_SLOT}', 'pgoutput');"
+        ))?;
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        self.publish(self.events, per_tx)?;
+        // The insert position: with synchronous_commit off the write position may lag behind.
+        Ok(parse_lsn(
+            self.sql("SELECT pg_current_wal_insert_lsn()")?.trim(),
+        ))
+    }
+
+    fn publish(&self, n: u64, per_tx: u64) -> Result<()> {
+        self.sql(&format!(
+            "SET synchronous_commit = off;
+             DO $$
+             DECLARE i bigint := 0;
+             BEGIN
+               WHILE i < {n} LOOP
+                 INSERT INTO event_outbox (event_type, event_context)
+                 SELECT 'bench.' || (g % 8), json_build_object('n', g, 'user', 'u' || (g % 1000), 'ok', true)
+                   FROM generate_series(i, least(i + {per_tx}, {n}) - 1) g;
+                 COMMIT;
+                 i := i + {per_tx};
+               END LOOP;
+             END $$;"
+        ))?;
+        Ok(())
+    }
+
+    /// (PostgreSQL's own decoding rate, the relay's rate into ClickHouse, relay peak RSS MB,
+    /// relay CPU seconds per million events) over the same backlog.
+    fn drain(&self, per_tx: u64) -> Result<(f64, f64, f64, f64)> {
+        let end = self.prepare_backlog(per_tx)?;
+        let end_text = format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff);
+
+        let started = Instant::now();
+        let status = Command::new(self.pg.bin_dir().join("pg_recvlogical"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.pg.port().to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "-d",
+                "bench",
+                "--slot",
+                RECV_SLOT,
+                "--start",
+                "--no-loop",
+                "-f",
+                "/dev/null",
+            ])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=event_outbox_pub",
+            ])
+            .args(["-o", "binary=true", "-E", &end_text])
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("pg_recvlogical failed: {status}");
+        }
+        let wal = self.events as f64 / started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        // Confirmations every 100 ms, so the drain's end is seen within 100 ms.
+        let mut child = self
+            .relay_command(&["run"], &[("RELAY_STATUS_INTERVAL_MS", "100")])
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut usage = (0.0, 0.0);
+        loop {
+            usage = proc_usage(&child).unwrap_or(usage);
+            let confirmed = self.sql(&format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+            ))?;
+            if parse_lsn(confirmed.trim()) >= end {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                let _ = child.kill();
+                bail!("relay did not drain the backlog in 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let relay = self.events as f64 / started.elapsed().as_secs_f64();
+        stop(&mut child);
+        let count: u64 = self
+            .ch
+            .query("SELECT count() FROM bench.event_log")?
+            .trim()
+            .parse()?;
+        if count != self.events {
+            bail!("ClickHouse has {count} rows, expected {}", self.events);
+        }
+        let (rss_mb, cpu_s) = usage;
+        Ok((wal, relay, rss_mb, cpu_s / (self.events as f64 / 1e6)))
+    }
+
+    /// The same kind of rows sent to ClickHouse by the simplest code: batches of 100,000.
+    fn clickhouse_limit(&self) -> Result<f64> {
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        let target = ClickHouseTarget::parse(&self.ch.url("bench"))?;
+        let sink = ClickHouseSink::new(&target, "event_log");
+        let contexts: Vec<String> = (0..self.events)
+            .map(|g| format!(r#"{{"n": {g}, "user": "u{}", "ok": true}}"#, g % 1000))
+            .collect();
+        let runtime = tokio::runtime::Runtime::new()?;
+        let started = Instant::now();
+        runtime.block_on(async {
+            for chunk in contexts.chunks(100_000) {
+                let mut insert = sink.begin();
+                for (i, context) in chunk.iter().enumerate() {
+                    insert.write(&row(i as u64, context)).await?;
+                }
+                insert.commit().await?;
+            }
+            anyhow::Ok(())
+        })?;
+        Ok(self.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// A SKIP LOCKED poller: claim 10,000 rows, insert them into ClickHouse, delete them, commit.
+    fn polling_outbox(&self) -> Result<f64> {
+        self.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots; TRUNCATE event_outbox;")?;
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        self.publish(self.events, 10_000)?;
+        let target = ClickHouseTarget::parse(&self.ch.url("bench"))?;
+        let sink = ClickHouseSink::new(&target, "event_log");
+        let runtime = tokio::runtime::Runtime::new()?;
+        let url = self.pg.url("bench");
+        let started = Instant::now();
+        let shipped = runtime.block_on(async {
+            let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let mut shipped = 0u64;
+            loop {
+                let tx = client.transaction().await?;
+                let rows = tx
+                    .query(
+                        "SELECT event_id::text, event_type, event_context::text FROM event_outbox
+                          ORDER BY event_date_time LIMIT 10000 FOR UPDATE SKIP LOCKED",
+                        &[],
+                    )
+                    .await?;
+                if rows.is_empty() {
+                    break;
+                }
+                let mut insert = sink.begin();
+                let mut ids = Vec::with_capacity(rows.len());
+                for (i, r) in rows.iter().enumerate() {
+                    let context: &str = r.get(2);
+                    insert.write(&row(i as u64, context)).await?;
+                    ids.push(r.get::<_, String>(0));
+                }
+                insert.commit().await?;
+                tx.execute(
+                    "DELETE FROM event_outbox WHERE event_id = ANY($1::text[]::uuid[])",
+                    &[&ids],
+                )
+                .await?;
+                tx.commit().await?;
+                shipped += rows.len() as u64;
+            }
+            anyhow::Ok(shipped)
+        })?;
+        if shipped != self.events {
+            bail!("poller shipped {shipped} of {}", self.events);
+        }
+        Ok(self.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Commit-to-visible latency at a steady 10,000 events/s (100-event transactions every
+    /// 10 ms) for 20 s, and ClickHouse inserts per second, read from ClickHouse itself.
+    ///
+    /// The publisher notes when each transaction committed; a watcher counts the rows in
+    /// ClickHouse every few milliseconds. Transactions arrive in commit order, so transaction k is
+    /// visible once the count reaches 100 (k + 1).
+    fn latency(&self, max_wait_ms: Option<&str>) -> Result<(f64, f64, f64)> {
+        const PER_TX: u64 = 100;
+        const TXS: usize = 2_000;
+        self.sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots; TRUNCATE event_outbox;
+             SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');"
+        ))?;
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        let extra: Vec<(&str, &str)> = max_wait_ms
+            .map(|ms| {
+                vec![
+                    ("RELAY_BATCH_MAX_WAIT_MS", ms),
+                    ("RELAY_STATUS_INTERVAL_MS", ms),
+                ]
+            })
+            .unwrap_or_default();
+        let mut child = self
+            .relay_command(&["run"], &extra)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let blocks_before = self.max_block()?;
+        let url = self.pg.url("bench");
+        let started = Instant::now();
+        let publisher = std::thread::spawn(move || -> Result<Vec<Instant>> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                let sql = format!(
+                    "INSERT INTO event_outbox (event_type, event_context)
+                     SELECT 'latency', json_build_object('n', g) FROM generate_series(1, {PER_TX}) g"
+                );
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut committed = Vec::with_capacity(TXS);
+                for _ in 0..TXS {
+                    tick.tick().await;
+                    client.execute(&sql, &[]).await?;
+                    committed.push(Instant::now());
+                }
+                anyhow::Ok(committed)
+            })
+        });
+        let total = PER_TX * TXS as u64;
+        let mut seen: Vec<(Instant, u64)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let count: u64 = self
+                .ch
+                .query("SELECT count() FROM bench.event_log")?
+                .trim()
+                .parse()?;
+            let now = Instant::now();
+            if seen.last().is_none_or(|(_, c)| *c < count) {
+                seen.push((now, count));
+            }
+            if count >= total {
+                break;
+            }
+            if now > deadline {
+                bail!("latency run: {count} of {total} events arrived");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let committed = publisher.join().expect("publisher thread")?;
+        let inserts = (self.max_block()? - blocks_before) as f64 / elapsed;
+        stop(&mut child);
+        let mut latencies: Vec<f64> = committed
+            .iter()
+            .enumerate()
+            .map(|(k, at)| {
+                let visible = seen
+                    .iter()
+                    .find(|(_, c)| *c >= PER_TX * (k as u64 + 1))
+                    .map(|(t, _)| *t)
+                    .expect("every transaction was seen");
+                visible.saturating_duration_since(*at).as_secs_f64() * 1000.0
+            })
+            .collect();
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        Ok((pick(0.5), pick(0.99), inserts))
+    }
+
+    fn max_block(&self) -> Result<u64> {
+        Ok(self
+            .ch
+            .query("SELECT max(max_block_number) FROM system.parts WHERE database = 'bench' AND table = 'event_log'")?
+            .trim()
+            .parse()
+            .unwrap_or(0))
+    }
+}
+
+fn row(i: u64, context: &str) -> EventRow<'_> {
+    let mut id = [0u8; 16];
+    id[8..].copy_from_slice(&i.to_be_bytes());
+    EventRow {
+        event_id: id,
+        event_type: b"bench.0",
+        event_date_time_us: 1_795_000_000_000_000,
+        environment: b"production",
+        event_context: context.as_bytes(),
+        metadata_version: 1,
+        commit_lsn: 0,
+        tx_seq: i as u32,
+        sentry_trace: None,
+    }
+}
+
+/// (peak RSS in MB, CPU seconds) of a running child, from /proc.
+fn proc_usage(child: &Child) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+    let hwm_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((hwm_kb / 1024.0, ticks / 100.0))
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn parse_lsn(s: &str) -> u64 {
+    s.split_once('/')
+        .and_then(|(h, l)| {
+            Some((u64::from_str_radix(h, 16).ok()? << 32) | u64::from_str_radix(l, 16).ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
+        })
+        .unwrap_or_default();
+    format!(
+        "{} cores, {cpu}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
