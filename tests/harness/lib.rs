@@ -78,6 +78,29 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// Polls `ready` until it holds; fails with the log's tail if the server exits or takes longer
+/// than [`STARTUP`].
+fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().ok().flatten() {
+            bail!("{what} exited during start ({status}):\n{}", tail(log));
+        }
+        if started.elapsed() > STARTUP {
+            bail!("{what} did not become ready in {STARTUP:?}:\n{}", tail(log));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -296,32 +319,13 @@ impl PgServer {
             .arg(&self.data)
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.child = Some(as_user(&mut cmd, self.run_as).spawn()?);
-        let started = Instant::now();
-        loop {
-            if self.psql("postgres", "SELECT 1").is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "PostgreSQL {:?} exited during start ({status}):\n{}",
-                    self.version,
-                    tail(&self.log)
-                );
-            }
-            if started.elapsed() > STARTUP {
-                bail!(
-                    "PostgreSQL {:?} did not accept connections in {STARTUP:?}:\n{}",
-                    self.version,
-                    tail(&self.log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = as_user(&mut cmd, self.run_as).spawn()?;
+        let what = format!("PostgreSQL {:?}", self.version);
+        let ready = wait_ready(&mut child, &what, &self.log, || {
+            self.psql("postgres", "SELECT 1").is_ok()
+        });
+        self.child = Some(child);
+        ready
     }
 
     pub fn version(&self) -> PgVersion {
@@ -508,7 +512,7 @@ impl ClickHouseServer {
 
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.dir.0.join("server.log"))?;
-        let child = Command::new(python()?)
+        let mut child = Command::new(python()?)
             .arg(workspace_root().join("tools/clickhouse_server.py"))
             .args(["--http-port", &self.http_port.to_string()])
             .args(["--tcp-port", &self.tcp_port.to_string()])
@@ -517,33 +521,20 @@ impl ClickHouseServer {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        self.child = Some(child);
-        let started = Instant::now();
         let ping = format!("http://127.0.0.1:{}/ping", self.http_port);
-        loop {
-            if let Ok(resp) = ureq::get(&ping).timeout(Duration::from_secs(2)).call()
-                && resp.into_string().is_ok_and(|b| b.starts_with("Ok"))
-            {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "ClickHouse exited during start ({status}):\n{}",
-                    tail(&self.dir.0.join("server.log"))
-                );
-            }
-            if started.elapsed() > STARTUP {
-                bail!(
-                    "ClickHouse did not answer /ping in {STARTUP:?}:\n{}",
-                    tail(&self.dir.0.join("server.log"))
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let ready = wait_ready(
+            &mut child,
+            "ClickHouse",
+            &self.dir.0.join("server.log"),
+            || {
+                ureq::get(&ping)
+                    .timeout(Duration::from_secs(2))
+                    .call()
+                    .is_ok_and(|r| r.into_string().is_ok_and(|b| b.starts_with("Ok")))
+            },
+        );
+        self.child = Some(child);
+        ready
     }
 
     pub fn http_port(&self) -> u16 {
