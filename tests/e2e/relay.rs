@@ -119,7 +119,14 @@ fn rollbacks_never_arrive(v: PgVersion) {
 /// 25,000 events in one transaction plus 25,000 single-event transactions, at most 10,000 rows
 /// per batch: exactly 50,000 rows, each once, from at most 6 inserts; the slot catches up.
 fn batches_and_inserts(v: PgVersion) {
-    let f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "10000")]);
+    // A generous wait limit, so that the row limit decides the cuts even on a loaded machine.
+    let f = Fixture::start(
+        v,
+        &[
+            ("RELAY_BATCH_MAX_ROWS", "10000"),
+            ("RELAY_BATCH_MAX_WAIT_MS", "2000"),
+        ],
+    );
     // Without merges, every insert stays its own part, with its own block number.
     f.ch("SYSTEM STOP MERGES {db}.event_log");
     // The backlog is written while the relay is stopped, so batching is decided by the sizes.
