@@ -36,3 +36,35 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The relay's checkpoints, one row per batch ClickHouse accepted (docs/operations.md). snapshot
+-- is a PostgreSQL snapshot taken before WAL position snapshot_lsn: a transaction it does not
+-- see committed after snapshot_lsn, which is how `outbox-relay replay` finds what to re-ship.
+-- Kept as long as the outbox rows (`outbox_retention_hours`); the newest row is always kept.
+CREATE TABLE IF NOT EXISTS "public"."event_outbox_checkpoints" (
+    slot          text        NOT NULL,
+    confirmed_lsn pg_lsn      NOT NULL,
+    rows          bigint      NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT now(),
+    snapshot      pg_snapshot NOT NULL,
+    snapshot_lsn  pg_lsn      NOT NULL
+);
+CREATE INDEX IF NOT EXISTS "event_outbox_checkpoints_slot_snapshot_lsn" ON "public"."event_outbox_checkpoints" (slot, snapshot_lsn);
+
+-- Events ClickHouse refused on their own (a value its column cannot hold), with its error; the
+-- rest of their batch shipped. `outbox-relay dead-letters list|retry|purge` manages them; fix a
+-- row with UPDATE before `retry`. event_context is the published text, byte for byte.
+CREATE TABLE IF NOT EXISTS "public"."event_outbox_dead_letters" (
+    event_id         uuid        PRIMARY KEY,
+    commit_lsn       pg_lsn      NOT NULL,
+    tx_seq           integer     NOT NULL,
+    event_type       text        NOT NULL,
+    event_date_time  timestamptz NOT NULL,
+    environment      text        NOT NULL,
+    event_context    text        NOT NULL,
+    metadata_version bigint      NOT NULL,
+    sentry_trace     text,
+    error            text        NOT NULL,
+    failed_at        timestamptz NOT NULL DEFAULT now(),
+    attempts         integer     NOT NULL DEFAULT 1
+);

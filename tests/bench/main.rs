@@ -252,7 +252,7 @@ impl Bench {
     fn clickhouse_limit(&self) -> Result<f64> {
         self.ch.query("TRUNCATE TABLE bench.event_log")?;
         let target = ClickHouseTarget::parse(&self.ch.url("bench"))?;
-        let sink = ClickHouseSink::new(&target, "event_log");
+        let sink = ClickHouseSink::new(&target, "event_log", "bench");
         let contexts: Vec<String> = (0..self.events)
             .map(|g| format!(r#"{{"n": {g}, "user": "u{}", "ok": true}}"#, g % 1000))
             .collect();
@@ -277,7 +277,7 @@ impl Bench {
         self.ch.query("TRUNCATE TABLE bench.event_log")?;
         self.publish(self.events, 10_000)?;
         let target = ClickHouseTarget::parse(&self.ch.url("bench"))?;
-        let sink = ClickHouseSink::new(&target, "event_log");
+        let sink = ClickHouseSink::new(&target, "event_log", "bench");
         let runtime = tokio::runtime::Runtime::new()?;
         let url = self.pg.url("bench");
         let started = Instant::now();

@@ -30,6 +30,11 @@ enum Command {
         /// Print the DDL for both servers instead of applying it.
         #[arg(long)]
         print_sql: bool,
+        /// Create the slot again although the relay shipped from it before (it was dropped or
+        /// lost): events committed in between are then re-shipped with `replay` (setup prints
+        /// the command). See docs/operations.md, "Lost slot".
+        #[arg(long)]
+        recreate_slot: bool,
     },
     /// Stream the outbox into ClickHouse until SIGTERM/SIGINT.
     Run,
@@ -41,6 +46,54 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Re-ship every event committed after a saved LSN that ClickHouse does not hold (after
+    /// ClickHouse lost data). Runs beside the live relay; safe to repeat.
+    Replay {
+        /// The saved position, e.g. a confirmed_flush_lsn or a checkpoint's confirmed_lsn;
+        /// 0/0 re-ships everything the outbox still holds.
+        #[arg(long)]
+        from_lsn: pgoutput::Lsn,
+        /// Count what would be re-shipped; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for the live relay to pass replay's starting point.
+        #[arg(long, default_value_t = 300)]
+        wait_s: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events ClickHouse refused, kept in PostgreSQL with the error.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Show the dead letters with their errors.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters to ClickHouse again (after fixing them with UPDATE); those accepted
+    /// are removed.
+    Retry {
+        /// Only this event.
+        #[arg(long)]
+        event_id: Option<String>,
+    },
+    /// Delete dead letters without shipping them.
+    Purge {
+        /// Only this event.
+        #[arg(long, required_unless_present = "all")]
+        event_id: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -77,13 +130,27 @@ fn main() -> ExitCode {
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Setup { print_sql: true } => {
+        Command::Setup {
+            print_sql: true, ..
+        } => {
             println!("-- PostgreSQL\n{}", relay::schema::postgres_ddl(&config));
             println!("-- ClickHouse\n{}", relay::schema::clickhouse_ddl(&config));
             Ok(())
         }
-        Command::Setup { print_sql: false } => {
-            let report = relay::setup::setup(&config).await.context("setup failed")?;
+        Command::Setup {
+            print_sql: false,
+            recreate_slot,
+        } => {
+            let report = relay::setup::setup(&config, recreate_slot)
+                .await
+                .context("setup failed")?;
+            if let Some(from) = &report.replay_from {
+                println!(
+                    "The slot was created again. Events committed since the last checkpoint are \
+                     not in its stream: once `outbox-relay run` is streaming, re-ship them with\n  \
+                     outbox-relay replay --from-lsn {from}"
+                );
+            }
             tracing::info!(
                 outbox = %format!("{}.{}", config.outbox_schema, config.outbox_table),
                 publication = %config.publication,
@@ -107,7 +174,97 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay {
+            from_lsn,
+            dry_run,
+            wait_s,
+            json,
+        } => {
+            let sink = clickhouse_sink(&config)?;
+            let report = relay::replay::replay(
+                &config,
+                &sink,
+                from_lsn,
+                std::time::Duration::from_secs(wait_s),
+                dry_run,
+            )
+            .await
+            .context("replay failed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "replay from {from_lsn}: {} outbox events committed after the checkpoint at {}, \
+                     {} already in ClickHouse, {} re-shipped{}, {} dead letters",
+                    report.candidates,
+                    report
+                        .checkpoint_snapshot_lsn
+                        .as_deref()
+                        .unwrap_or("(whole outbox)"),
+                    report.already_there,
+                    report.shipped,
+                    if dry_run { " (dry run)" } else { "" },
+                    report.dead_letters
+                );
+            }
+            Ok(())
+        }
+        Command::DeadLetters { action } => dead_letters(&config, action).await,
     }
+}
+
+fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
+    let target = relay::sink::ClickHouseTarget::parse(&config.clickhouse_url)?;
+    Ok(relay::sink::ClickHouseSink::new(
+        &target,
+        &config.clickhouse_table,
+        &format!("{}-tool", config.slot),
+    ))
+}
+
+async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {
+    use relay::deadletter;
+    match action {
+        DeadLetterAction::List { json } => {
+            let letters = deadletter::list(config)
+                .await
+                .context("cannot list dead letters")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+                return Ok(());
+            }
+            println!("{} dead letters", letters.len());
+            for d in &letters {
+                println!(
+                    "{}  lsn {} seq {}  {}  {}  attempts {}\n    {}",
+                    d.event_id,
+                    d.commit_lsn,
+                    d.tx_seq,
+                    d.event_type,
+                    d.event_date_time,
+                    d.attempts,
+                    d.error.lines().next().unwrap_or_default()
+                );
+            }
+        }
+        DeadLetterAction::Retry { event_id } => {
+            let sink = clickhouse_sink(config)?;
+            let report = deadletter::retry(config, &sink, event_id.as_deref())
+                .await
+                .context("dead-letter retry failed")?;
+            println!(
+                "{} shipped, {} were already in ClickHouse, {} refused again (see `dead-letters list`)",
+                report.shipped, report.already_there, report.refused
+            );
+        }
+        DeadLetterAction::Purge { event_id, .. } => {
+            let n = deadletter::purge(config, event_id.as_deref())
+                .await
+                .context("dead-letter purge failed")?;
+            println!("{n} dead letters deleted");
+        }
+    }
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -222,6 +379,17 @@ fn print_status(s: &relay::status::Status) {
         }
     }
     println!("caught_up            {}", s.caught_up);
+    println!(
+        "last_checkpoint      {}",
+        match (&s.last_checkpoint_lsn, &s.last_checkpoint_at) {
+            (Some(lsn), Some(at)) => format!("{lsn} at {at}"),
+            _ => dash(),
+        }
+    );
+    println!(
+        "dead_letters         {}",
+        s.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash)
+    );
     match &s.clickhouse_error {
         None => println!("clickhouse           reachable"),
         Some(e) => println!("clickhouse           UNREACHABLE: {e}"),

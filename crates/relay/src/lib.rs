@@ -9,12 +9,14 @@
 //! - [`config::Config`], [`setup`], [`status`], [`schema`]: around it.
 
 pub mod config;
+pub mod deadletter;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod pg;
 pub mod pipeline;
 pub mod purge;
+pub mod replay;
 pub mod schema;
 pub mod setup;
 pub mod sink;

@@ -8,11 +8,18 @@
 //!
 //! Invariants:
 //! - a batch ends only at a transaction boundary, so a transaction is never split;
+//! - every row carries its commit LSN and position in its transaction; a session starts by asking
+//!   ClickHouse which rows past the slot's confirmed LSN it already holds and skips them, so a
+//!   batch that reached ClickHouse before its confirm did is never doubled (exactly once);
+//! - after an insert fails, the rows up to that batch's last commit go again in small all-or-
+//!   nothing inserts, split in halves on refusal, so one event ClickHouse refuses becomes a dead
+//!   letter and the rest ships;
 //! - the confirmed LSN is the end LSN of a commit whose rows ClickHouse has accepted, or, when
 //!   nothing is pending, the WAL position the server says it has sent everything up to;
 //! - any error drops the open insert (ClickHouse aborts it) and the session; the next session
 //!   restarts from the slot's confirmed position, so nothing is lost.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -26,10 +33,18 @@ use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
+use crate::deadletter;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxLayout, RowError, SchemaError};
 use crate::pg::{self, PgError};
-use crate::sink::{BatchInsert, ClickHouseSink, ClickHouseTarget, SinkError};
+use crate::replay;
+use crate::sink::{
+    BatchInsert, ClickHouseSink, ClickHouseTarget, OwnedEventRow, Present, SinkError,
+};
+
+/// Rows per insert while re-sending the rows of a failed batch (each insert is one block, so
+/// all or nothing).
+const CAREFUL_ROWS: usize = 10_000;
 
 /// Microseconds between 1970-01-01 and 2000-01-01.
 const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
@@ -97,7 +112,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(config: Config) -> Result<Relay, crate::config::ConfigError> {
         let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
-        let sink = ClickHouseSink::new(&target, &config.clickhouse_table);
+        let sink = ClickHouseSink::new(&target, &config.clickhouse_table, &config.slot);
         Ok(Relay {
             config,
             sink,
@@ -118,10 +133,13 @@ impl Relay {
     /// Transient errors (a server down, a connection cut) are retried with exponential backoff.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(&self.config);
+        let mut careful_until = None;
         loop {
             let started = Instant::now();
             let mut session = Session::new(&self.config, &self.sink, &self.metrics);
+            session.careful_until = careful_until;
             let result = session.run(&mut shutdown).await;
+            careful_until = session.careful_until;
             self.metrics.replicating.store(false, Relaxed);
             self.metrics.pending_since_us.store(0, Relaxed);
             match &result {
@@ -191,6 +209,8 @@ struct Tx {
 /// The batch being filled: an open ClickHouse insert plus what it covers.
 struct Batch {
     insert: BatchInsert,
+    /// Commit LSN of the last transaction with rows in the batch.
+    last_commit_lsn: Lsn,
     opened: Instant,
     deadline: tokio::time::Instant,
     first_commit_lsn: Lsn,
@@ -220,6 +240,16 @@ struct Session<'a> {
     /// Highest WAL position the server said it has sent everything up to.
     wal_end: Lsn,
     shipped_batches: u64,
+    /// SQL connection for checkpoints and dead letters.
+    sql: Option<tokio_postgres::Client>,
+    /// Rows ClickHouse already held when the session started: skipped.
+    present: Present,
+    /// Transactions committed up to here go in careful mode (after a failed insert).
+    careful_until: Option<Lsn>,
+    /// Careful mode's rows not yet sent.
+    careful: Vec<OwnedEventRow>,
+    /// End LSN of the last complete transaction among `careful`'s rows.
+    careful_end: Option<Lsn>,
 }
 
 impl<'a> Session<'a> {
@@ -234,14 +264,35 @@ impl<'a> Session<'a> {
             confirmed: Lsn(0),
             wal_end: Lsn(0),
             shipped_batches: 0,
+            sql: None,
+            present: Present::default(),
+            careful_until: None,
+            careful: Vec::new(),
+            careful_end: None,
         }
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
         let start = pg::preflight(&sql, &self.config.slot).await?;
-        drop(sql);
+        self.metrics
+            .dead_letters
+            .store(deadletter::count(&sql, self.config).await?, Relaxed);
+        self.sql = Some(sql);
         self.confirmed = start;
+        // Exactly once: nothing of ours is still writing, then see what already arrived.
+        self.sink.stop_inflight().await?;
+        self.present = self.sink.present(start.0).await?;
+        if !self.present.is_empty() {
+            info!(
+                rows = self.present.rows(),
+                "ClickHouse already holds events past the slot's confirmed position (shipped \
+                 before a confirm reached PostgreSQL); they are skipped, not sent again"
+            );
+        }
+        if let Some(until) = self.careful_until {
+            info!(until_lsn = %until, "re-sending the rows of a failed insert in small inserts");
+        }
         let feedback = Arc::new(Notify::new());
         let mut client = self.connect(start, feedback.clone()).await?;
         info!(slot = %self.config.slot, from_lsn = %start, "streaming");
@@ -250,6 +301,7 @@ impl<'a> Session<'a> {
         let mut stopping = *shutdown.borrow();
         loop {
             if stopping && self.tx.is_none() {
+                self.ship_careful(&client).await?;
                 return self.finish(client, &feedback).await;
             }
             let flush_at = match (&self.batch, &self.tx) {
@@ -304,8 +356,21 @@ impl<'a> Session<'a> {
                 commit_time_micros,
                 ..
             } => {
+                let commit_lsn = Lsn(final_lsn.as_u64());
+                if self.careful_until.is_some_and(|until| commit_lsn > until) {
+                    self.ship_careful(client).await?;
+                    self.careful_until = None;
+                    info!("the rows of the failed insert are all in ClickHouse or dead letters");
+                }
+                if self
+                    .present
+                    .last_commit_lsn()
+                    .is_some_and(|last| commit_lsn.0 > last)
+                {
+                    self.present = Present::default();
+                }
                 self.tx = Some(Tx {
-                    commit_lsn: Lsn(final_lsn.as_u64()),
+                    commit_lsn,
                     commit_time_us: commit_time_micros,
                     seq: 0,
                 });
@@ -322,6 +387,14 @@ impl<'a> Session<'a> {
                 let end = Lsn(end_lsn.as_u64());
                 let tx = self.tx.take();
                 self.saw_wal(end);
+                if self.careful_until.is_some() {
+                    self.careful_end = Some(end);
+                    let last = tx.is_some_and(|tx| Some(tx.commit_lsn) >= self.careful_until);
+                    if last || self.careful.len() >= CAREFUL_ROWS || self.careful.is_empty() {
+                        self.ship_careful(client).await?;
+                    }
+                    return Ok(());
+                }
                 match &mut self.batch {
                     Some(batch) => {
                         batch.last_end_lsn = Some(end);
@@ -339,7 +412,7 @@ impl<'a> Session<'a> {
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 self.saw_wal(Lsn(wal_end.as_u64()));
-                if self.tx.is_none() && self.batch.is_none() {
+                if self.tx.is_none() && self.batch.is_none() && self.careful.is_empty() {
                     // Everything the server sent up to wal_end is in ClickHouse: let the slot
                     // move on even when only other tables write WAL.
                     self.confirm(client, self.wal_end);
@@ -378,6 +451,17 @@ impl<'a> Session<'a> {
                         source,
                     })?;
                 tx.seq += 1;
+                if self.present.contains(row.commit_lsn, row.tx_seq) {
+                    return Ok(());
+                }
+                if self.careful_until.is_some() {
+                    self.careful.push(OwnedEventRow::new(&row));
+                    if self.careful.len() >= CAREFUL_ROWS {
+                        // Mid-transaction: sent, not confirmed (the restart check covers it).
+                        self.ship_careful_rows().await?;
+                    }
+                    return Ok(());
+                }
                 let batch = match &mut self.batch {
                     Some(batch) => batch,
                     None => {
@@ -399,7 +483,10 @@ impl<'a> Session<'a> {
                 {
                     batch.trace_ids.push(id.to_string());
                 }
-                batch.insert.write(&row).await?;
+                batch.last_commit_lsn = tx.commit_lsn;
+                if let Err(e) = batch.insert.write(&row).await {
+                    return Err(self.insert_failed(e));
+                }
             }
             _ => {}
         }
@@ -434,7 +521,11 @@ impl<'a> Session<'a> {
             .map(|t| t.start_child("db.clickhouse.insert", "INSERT ... FORMAT RowBinary"));
         let span = info_span!("batch", first_lsn = %batch.first_commit_lsn, last_lsn = %last_end);
         let started = Instant::now();
-        batch.insert.commit().instrument(span.clone()).await?;
+        let last_commit = batch.last_commit_lsn;
+        if let Err(e) = batch.insert.commit().instrument(span.clone()).await {
+            self.careful_until = self.careful_until.max(Some(last_commit));
+            return Err(self.insert_failed(e));
+        }
         let _in_span = span.enter();
         let insert_time = started.elapsed();
         let insert_ms = insert_time.as_millis() as u64;
@@ -448,6 +539,7 @@ impl<'a> Session<'a> {
             .as_ref()
             .map(|t| t.start_child("relay.confirm", "standby status update"));
         self.confirm(client, last_end);
+        self.checkpoint(last_end, rows).await;
         if let Some(span) = confirm_span {
             span.finish();
         }
@@ -475,6 +567,92 @@ impl<'a> Session<'a> {
             trace.finish();
         }
         Ok(())
+    }
+
+    /// After an insert failed: the rows up to the failed batch's last commit (and the
+    /// transaction in hand) go again in careful mode in the next session.
+    fn insert_failed(&mut self, e: SinkError) -> RelayError {
+        let in_hand = self.tx.as_ref().map(|tx| tx.commit_lsn);
+        let batch = self.batch.as_ref().map(|b| b.last_commit_lsn);
+        self.careful_until = self.careful_until.max(in_hand).max(batch);
+        e.into()
+    }
+
+    /// Careful mode, at a transaction boundary: sends what is held, then confirms the last
+    /// complete transaction.
+    async fn ship_careful(&mut self, client: &ReplicationClient) -> Result<(), RelayError> {
+        let rows = self.ship_careful_rows().await?;
+        if let Some(end) = self.careful_end.take() {
+            self.confirm(client, end);
+            if rows > 0 {
+                self.checkpoint(end, rows).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the careful rows in order, each insert all or nothing; an insert ClickHouse refuses
+    /// is split in halves until the refused row is alone, and that row becomes a dead letter.
+    async fn ship_careful_rows(&mut self) -> Result<u64, RelayError> {
+        let rows = std::mem::take(&mut self.careful);
+        let mut pending = VecDeque::new();
+        pending.push_back(0..rows.len());
+        let started = Instant::now();
+        while let Some(range) = pending.pop_front() {
+            if range.is_empty() {
+                continue;
+            }
+            match self.sink.insert_rows(&rows[range.clone()], None).await {
+                Ok(()) => {}
+                Err(e) if e.is_rejected_data() && range.len() == 1 => {
+                    self.dead_letter(&rows[range.start], &e).await?;
+                }
+                Err(e) if e.is_rejected_data() => {
+                    let mid = range.start + range.len() / 2;
+                    pending.push_front(mid..range.end);
+                    pending.push_front(range.start..mid);
+                }
+                Err(e) => {
+                    self.careful = rows;
+                    return Err(e.into());
+                }
+            }
+        }
+        if !rows.is_empty() {
+            self.metrics
+                .batch_shipped(rows.len() as u64, 0, started.elapsed());
+            info!(rows = rows.len(), "careful batch shipped");
+        }
+        Ok(rows.len() as u64)
+    }
+
+    async fn dead_letter(&mut self, row: &OwnedEventRow, e: &SinkError) -> Result<(), RelayError> {
+        let sql = self
+            .sql
+            .as_ref()
+            .ok_or(RelayError::Protocol(Lsn(row.commit_lsn)))?;
+        let error = e.to_string();
+        if deadletter::record(sql, self.config, row, &error).await? {
+            self.metrics.dead_letters.fetch_add(1, Relaxed);
+        }
+        warn!(
+            event_id = %row.event_id_text(),
+            commit_lsn = %Lsn(row.commit_lsn),
+            tx_seq = row.tx_seq,
+            error = %error,
+            "ClickHouse refused an event: stored as a dead letter, the rest ships \
+             (outbox-relay dead-letters list)"
+        );
+        Ok(())
+    }
+
+    /// Records a checkpoint (for operators and replay); a failure only warns.
+    async fn checkpoint(&self, confirmed: Lsn, rows: u64) {
+        if let Some(sql) = &self.sql
+            && let Err(e) = replay::record_checkpoint(sql, self.config, confirmed, rows).await
+        {
+            warn!(error = %e, "cannot record a checkpoint; shipping goes on");
+        }
     }
 
     fn saw_wal(&mut self, lsn: Lsn) {
@@ -534,6 +712,7 @@ fn open_batch(
         .map(|t| t.start_child("relay.decode", "decode pgoutput, encode RowBinary"));
     Batch {
         insert: sink.begin(),
+        last_commit_lsn: first_commit_lsn,
         opened: Instant::now(),
         deadline: tokio::time::Instant::now() + max_wait,
         first_commit_lsn,

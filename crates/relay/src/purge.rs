@@ -1,4 +1,5 @@
-//! Keeps the outbox table bounded: deletes rows older than `outbox_retention_hours`.
+//! Keeps the outbox table bounded: deletes rows older than `outbox_retention_hours`, and the
+//! checkpoints as old (each slot's newest is kept).
 //!
 //! Deleting a row never loses its event: the relay ships from the WAL, where the insert stays
 //! until the slot has confirmed it. The rows kept are what `replay` re-ships from.
@@ -37,6 +38,8 @@ pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
             .map_err(PgError::query("outbox purge"))?;
         total += deleted;
         if deleted < CHUNK as u64 {
+            // Checkpoints are only useful while the outbox rows they point at are kept.
+            crate::replay::purge_checkpoints(&client, config).await?;
             return Ok(total);
         }
     }

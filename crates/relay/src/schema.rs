@@ -15,13 +15,43 @@ pub fn quote_pg_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The outbox table, its purge index and its publication (PostgreSQL).
-pub fn postgres_ddl(config: &Config) -> String {
-    let table = format!(
+/// `"schema"."table"` of the outbox table.
+pub fn outbox_table(config: &Config) -> String {
+    format!(
         "{}.{}",
         quote_pg_ident(&config.outbox_schema),
         quote_pg_ident(&config.outbox_table)
-    );
+    )
+}
+
+/// `"schema"."<outbox>_checkpoints"`: one row per shipped batch, for operators and replay.
+pub fn checkpoints_table(config: &Config) -> String {
+    format!(
+        "{}.{}",
+        quote_pg_ident(&config.outbox_schema),
+        quote_pg_ident(&format!("{}_checkpoints", config.outbox_table))
+    )
+}
+
+/// `"schema"."<outbox>_dead_letters"`: events ClickHouse refused, with the reason.
+pub fn dead_letters_table(config: &Config) -> String {
+    format!(
+        "{}.{}",
+        quote_pg_ident(&config.outbox_schema),
+        quote_pg_ident(&format!("{}_dead_letters", config.outbox_table))
+    )
+}
+
+/// The outbox table, its purge index, its publication, the checkpoint and dead-letter tables
+/// (PostgreSQL).
+pub fn postgres_ddl(config: &Config) -> String {
+    let table = outbox_table(config);
+    let checkpoints = checkpoints_table(config);
+    let dead_letters = dead_letters_table(config);
+    let checkpoints_index = quote_pg_ident(&format!(
+        "{}_checkpoints_slot_snapshot_lsn",
+        config.outbox_table
+    ));
     let name = &config.outbox_table;
     let index = quote_pg_ident(&format!("{name}_event_date_time_brin"));
     let check = |what: &str| quote_pg_ident(&format!("{name}_{what}_check"));
@@ -73,6 +103,38 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The relay's checkpoints, one row per batch ClickHouse accepted (docs/operations.md). snapshot
+-- is a PostgreSQL snapshot taken before WAL position snapshot_lsn: a transaction it does not
+-- see committed after snapshot_lsn, which is how `outbox-relay replay` finds what to re-ship.
+-- Kept as long as the outbox rows (`outbox_retention_hours`); the newest row is always kept.
+CREATE TABLE IF NOT EXISTS {checkpoints} (
+    slot          text        NOT NULL,
+    confirmed_lsn pg_lsn      NOT NULL,
+    rows          bigint      NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT now(),
+    snapshot      pg_snapshot NOT NULL,
+    snapshot_lsn  pg_lsn      NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {checkpoints_index} ON {checkpoints} (slot, snapshot_lsn);
+
+-- Events ClickHouse refused on their own (a value its column cannot hold), with its error; the
+-- rest of their batch shipped. `outbox-relay dead-letters list|retry|purge` manages them; fix a
+-- row with UPDATE before `retry`. event_context is the published text, byte for byte.
+CREATE TABLE IF NOT EXISTS {dead_letters} (
+    event_id         uuid        PRIMARY KEY,
+    commit_lsn       pg_lsn      NOT NULL,
+    tx_seq           integer     NOT NULL,
+    event_type       text        NOT NULL,
+    event_date_time  timestamptz NOT NULL,
+    environment      text        NOT NULL,
+    event_context    text        NOT NULL,
+    metadata_version bigint      NOT NULL,
+    sentry_trace     text,
+    error            text        NOT NULL,
+    failed_at        timestamptz NOT NULL DEFAULT now(),
+    attempts         integer     NOT NULL DEFAULT 1
+);
 "#
     )
 }
@@ -99,7 +161,11 @@ CREATE TABLE IF NOT EXISTS {table}
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_date_time)
 ORDER BY (event_type, event_date_time, event_id)
-SETTINGS non_replicated_deduplication_window = 1000
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- The relay's restart check reads the rows past the slot's confirmed LSN; parts are written in
+-- commit order, so a minmax index lets it skip all older parts.
+ALTER TABLE {table} ADD INDEX IF NOT EXISTS commit_lsn_minmax commit_lsn TYPE minmax GRANULARITY 1;
 "#
     )
 }

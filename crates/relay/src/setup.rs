@@ -19,16 +19,22 @@ pub enum SetupError {
 #[derive(Debug, Default)]
 pub struct SetupReport {
     pub slot_created: bool,
+    /// When the slot was created again after the relay had shipped from an earlier one: the
+    /// LSN to replay from (the newest checkpoint's).
+    pub replay_from: Option<String>,
 }
 
 /// Applies the PostgreSQL DDL, creates the slot, then the ClickHouse database and table.
-pub async fn setup(config: &Config) -> Result<SetupReport, SetupError> {
-    let report = setup_postgres(config).await?;
+pub async fn setup(config: &Config, recreate_slot: bool) -> Result<SetupReport, SetupError> {
+    let report = setup_postgres(config, recreate_slot).await?;
     setup_clickhouse(config).await?;
     Ok(report)
 }
 
-pub async fn setup_postgres(config: &Config) -> Result<SetupReport, SetupError> {
+pub async fn setup_postgres(
+    config: &Config,
+    recreate_slot: bool,
+) -> Result<SetupReport, SetupError> {
     let client = pg::connect(&config.postgres_url).await?;
     let settings = client
         .query_one(
@@ -56,6 +62,7 @@ pub async fn setup_postgres(config: &Config) -> Result<SetupReport, SetupError> 
             "PostgreSQL {version} is too old: the relay needs PostgreSQL 15 or newer"
         )));
     }
+    let mut report = SetupReport::default();
     client
         .batch_execute(&format!(
             "SET client_min_messages = warning;\n{}",
@@ -63,8 +70,22 @@ pub async fn setup_postgres(config: &Config) -> Result<SetupReport, SetupError> 
         ))
         .await
         .map_err(PgError::query("outbox DDL"))?;
-    let mut report = SetupReport::default();
     if pg::slot_state(&client, &config.slot).await?.is_none() {
+        // A slot the relay shipped from before is gone: a new one starts at the current WAL
+        // position, so what was committed in between would be skipped without a replay.
+        if let Some((lsn, at)) = crate::replay::last_checkpoint(&client, config).await? {
+            if !recreate_slot {
+                return Err(SetupError::Unsupported(format!(
+                    "replication slot {:?} is gone, but the relay shipped from it up to {lsn} \
+                     (checkpoint of {at}): it was dropped or lost (failover, \
+                     max_slot_wal_keep_size). A new slot would skip what was committed since. \
+                     Run `outbox-relay setup --recreate-slot`, then `outbox-relay replay \
+                     --from-lsn {lsn}` (docs/operations.md, \"Lost slot\")",
+                    config.slot
+                )));
+            }
+            report.replay_from = Some(lsn);
+        }
         match client
             .execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -93,6 +114,15 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
         ),
     )
     .await?;
-    sink::execute(&target.client(true), &schema::clickhouse_ddl(config)).await?;
+    let client = target.client(true);
+    // ClickHouse's HTTP interface takes one statement per request.
+    for statement in schema::clickhouse_ddl(config).split(";\n") {
+        if statement
+            .lines()
+            .any(|l| !l.trim().is_empty() && !l.starts_with("--"))
+        {
+            sink::execute(&client, statement).await?;
+        }
+    }
     Ok(())
 }

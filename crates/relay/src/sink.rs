@@ -151,6 +151,112 @@ impl EventRow<'_> {
     }
 }
 
+/// An [`EventRow`] that owns its strings: kept in memory by careful batches, dead letters and
+/// replay, where rows outlive the WAL message they came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedEventRow {
+    pub event_id: [u8; 16],
+    pub event_type: Vec<u8>,
+    pub event_date_time_us: i64,
+    pub environment: Vec<u8>,
+    pub event_context: Vec<u8>,
+    pub metadata_version: u64,
+    pub commit_lsn: u64,
+    pub tx_seq: u32,
+    pub sentry_trace: Option<Vec<u8>>,
+}
+
+impl OwnedEventRow {
+    pub fn new(row: &EventRow<'_>) -> OwnedEventRow {
+        OwnedEventRow {
+            event_id: row.event_id,
+            event_type: row.event_type.to_vec(),
+            event_date_time_us: row.event_date_time_us,
+            environment: row.environment.to_vec(),
+            event_context: row.event_context.to_vec(),
+            metadata_version: row.metadata_version,
+            commit_lsn: row.commit_lsn,
+            tx_seq: row.tx_seq,
+            sentry_trace: row.sentry_trace.map(<[u8]>::to_vec),
+        }
+    }
+
+    pub fn as_row(&self) -> EventRow<'_> {
+        EventRow {
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            event_date_time_us: self.event_date_time_us,
+            environment: &self.environment,
+            event_context: &self.event_context,
+            metadata_version: self.metadata_version,
+            commit_lsn: self.commit_lsn,
+            tx_seq: self.tx_seq,
+            sentry_trace: self.sentry_trace.as_deref(),
+        }
+    }
+
+    /// The event id in its usual text form.
+    pub fn event_id_text(&self) -> String {
+        uuid_text(&self.event_id)
+    }
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` for 16 bytes.
+pub fn uuid_text(id: &[u8; 16]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Which events ClickHouse already holds past a position: for each commit LSN, the ranges of
+/// `tx_seq` present. A session that restarts from the slot's confirmed LSN skips these rows, so
+/// a batch that reached ClickHouse before its confirm did (or partly reached it) is not doubled.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Present {
+    ranges: std::collections::BTreeMap<u64, Vec<(u32, u32)>>,
+}
+
+impl Present {
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u32, u32)>) -> Present {
+        let mut present = Present::default();
+        for (lsn, lo, hi) in ranges {
+            present.ranges.entry(lsn).or_default().push((lo, hi));
+        }
+        present
+    }
+
+    /// Whether the event at `tx_seq` of the transaction committed at `commit_lsn` is there.
+    pub fn contains(&self, commit_lsn: u64, tx_seq: u32) -> bool {
+        self.ranges
+            .get(&commit_lsn)
+            .is_some_and(|r| r.iter().any(|&(lo, hi)| lo <= tx_seq && tx_seq <= hi))
+    }
+
+    /// Rows covered.
+    pub fn rows(&self) -> u64 {
+        self.ranges
+            .values()
+            .flatten()
+            .map(|&(lo, hi)| u64::from(hi - lo) + 1)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The highest commit LSN present: past it the check is over.
+    pub fn last_commit_lsn(&self) -> Option<u64> {
+        self.ranges.keys().next_back().copied()
+    }
+}
+
 fn put_string(out: &mut Vec<u8>, value: &[u8]) {
     let mut len = value.len() as u64;
     loop {
@@ -193,34 +299,73 @@ impl SinkError {
             _ => "other",
         }
     }
+
+    /// ClickHouse's exception code (`Code: 117. DB::Exception: ...`), when it answered with one.
+    pub fn code(&self) -> Option<u32> {
+        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self;
+        let clickhouse::error::Error::BadResponse(text) = source else {
+            return None;
+        };
+        let rest = &text[text.find("Code: ")? + 6..];
+        let end = rest.find(|c: char| !c.is_ascii_digit())?;
+        rest[..end].parse().ok()
+    }
+
+    /// Whether ClickHouse refused the rows themselves (a value its column cannot hold), so that
+    /// sending them again can never succeed. Anything else (network, timeouts, overload, a
+    /// server restarting) is worth retrying.
+    pub fn is_rejected_data(&self) -> bool {
+        self.code()
+            .is_some_and(|code| REJECTED_DATA_CODES.contains(&code))
+    }
 }
+
+/// ClickHouse error codes that mean "this value does not fit": CANNOT_PARSE_TEXT (6),
+/// CANNOT_PARSE_INPUT_ASSERTION_FAILED (27), CANNOT_PARSE_DATE (38), CANNOT_PARSE_DATETIME (41),
+/// TYPE_MISMATCH (53), ARGUMENT_OUT_OF_BOUND (69), CANNOT_CONVERT_TYPE (70),
+/// CANNOT_PARSE_NUMBER (72), INCORRECT_DATA (117), TOO_LARGE_STRING_SIZE (131),
+/// VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321), TOO_DEEP_RECURSION (306), CANNOT_PARSE_UUID (376).
+pub const REJECTED_DATA_CODES: &[u32] = &[6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 306, 321, 376];
 
 /// Writes batches into one ClickHouse table.
 #[derive(Clone)]
 pub struct ClickHouseSink {
     client: Client,
     table: String,
+    /// Every insert's `query_id` starts with this, so a new session can find and stop the
+    /// inserts a previous one left running.
+    query_prefix: String,
 }
 
 impl ClickHouseSink {
-    pub fn new(target: &ClickHouseTarget, table: &str) -> ClickHouseSink {
+    /// A sink writing into `table`; `writer` names who writes (the slot), for query ids.
+    pub fn new(target: &ClickHouseTarget, table: &str, writer: &str) -> ClickHouseSink {
         ClickHouseSink {
             client: target.client(true),
             table: table.to_string(),
+            query_prefix: format!("outbox-relay:{writer}:"),
         }
+    }
+
+    fn insert_sql(&self) -> String {
+        format!(
+            "INSERT INTO {} ({COLUMNS}) FORMAT RowBinary",
+            quote_ch_ident(&self.table)
+        )
+    }
+
+    fn query_id(&self) -> String {
+        format!("{}{:016x}", self.query_prefix, rand::random::<u64>())
     }
 
     /// Opens the insert of a new batch. Nothing is visible in ClickHouse until
     /// [`BatchInsert::commit`]; dropping the batch aborts it.
     pub fn begin(&self) -> BatchInsert {
-        let sql = format!(
-            "INSERT INTO {} ({COLUMNS}) FORMAT RowBinary",
-            quote_ch_ident(&self.table)
-        );
         let insert = self
             .client
-            .insert_formatted_with(sql)
+            .insert_formatted_with(self.insert_sql())
             .with_setting("input_format_binary_read_json_as_string", "1")
+            .with_setting("query_id", self.query_id())
             .with_timeouts(
                 Some(Duration::from_secs(60)),
                 Some(Duration::from_secs(300)),
@@ -233,6 +378,95 @@ impl ClickHouseSink {
             rows: 0,
             bytes: 0,
         }
+    }
+
+    /// Inserts rows held in memory in one insert (one block, so all or nothing). With a `token`
+    /// (derived from the rows' content), ClickHouse drops a repeat of the same insert.
+    pub async fn insert_rows(
+        &self,
+        rows: &[OwnedEventRow],
+        token: Option<&str>,
+    ) -> Result<(), SinkError> {
+        let mut data = Vec::with_capacity(rows.len() * 128);
+        for row in rows {
+            row.as_row().encode(&mut data);
+        }
+        let mut insert = self
+            .client
+            .insert_formatted_with(self.insert_sql())
+            .with_setting("input_format_binary_read_json_as_string", "1")
+            .with_setting("query_id", self.query_id())
+            .with_setting("max_insert_block_size", (rows.len() + 1).to_string())
+            .with_timeouts(
+                Some(Duration::from_secs(60)),
+                Some(Duration::from_secs(300)),
+            );
+        if let Some(token) = token {
+            insert = insert.with_setting("insert_deduplication_token", token);
+        }
+        let error = |source| SinkError::Insert {
+            table: self.table.clone(),
+            source,
+        };
+        insert.send(data.into()).await.map_err(error)?;
+        insert.end().await.map_err(error)
+    }
+
+    /// Stops the inserts an earlier session of this writer may have left running (a relay
+    /// killed mid-insert, a connection cut while ClickHouse still works on it), and waits until
+    /// they are gone: after this, what ClickHouse holds no longer changes behind our back.
+    pub async fn stop_inflight(&self) -> Result<(), SinkError> {
+        let query = format!(
+            "KILL QUERY WHERE startsWith(query_id, '{}') SYNC FORMAT Null",
+            self.query_prefix.replace('\\', "\\\\").replace('\'', "\\'")
+        );
+        execute(&self.client, &query).await
+    }
+
+    /// Which events from commit LSN `from` on ClickHouse already holds (see [`Present`]).
+    pub async fn present(&self, from: u64) -> Result<Present, SinkError> {
+        let query = format!(
+            "SELECT commit_lsn, min(tx_seq), max(tx_seq) FROM (
+                 SELECT commit_lsn, tx_seq,
+                        toInt64(tx_seq) - row_number() OVER (PARTITION BY commit_lsn ORDER BY tx_seq) AS island
+                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {} WHERE commit_lsn >= {from}))
+              GROUP BY commit_lsn, island ORDER BY commit_lsn, 2",
+            quote_ch_ident(&self.table)
+        );
+        let ranges = self
+            .client
+            .query(&query)
+            .fetch_all::<(u64, u32, u32)>()
+            .await
+            .map_err(|source| SinkError::Query {
+                query: query.clone(),
+                source,
+            })?;
+        Ok(Present::from_ranges(ranges))
+    }
+
+    /// Which of `ids` (UUID text) the table holds.
+    pub async fn existing_ids(&self, ids: &[String]) -> Result<Vec<String>, SinkError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = ids
+            .iter()
+            .map(|id| format!("'{}'", id.replace(['\\', '\''], "")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let query = format!(
+            "SELECT DISTINCT toString(event_id) FROM {} WHERE event_id IN ({list})",
+            quote_ch_ident(&self.table)
+        );
+        self.client
+            .query(&query)
+            .fetch_all::<String>()
+            .await
+            .map_err(|source| SinkError::Query {
+                query: format!("SELECT ... WHERE event_id IN ({} ids)", ids.len()),
+                source,
+            })
     }
 
     /// Runs a statement that returns nothing (DDL).

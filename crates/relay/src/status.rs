@@ -17,6 +17,11 @@ pub struct Status {
     pub caught_up: bool,
     pub clickhouse_reachable: bool,
     pub clickhouse_error: Option<String>,
+    /// Events ClickHouse refused, waiting in the dead-letter table (None before `setup`).
+    pub dead_letters: Option<u64>,
+    /// The newest checkpoint's confirmed LSN and time.
+    pub last_checkpoint_lsn: Option<String>,
+    pub last_checkpoint_at: Option<String>,
 }
 
 pub async fn status(config: &Config) -> Result<Status, PgError> {
@@ -26,7 +31,13 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         &ClickHouseTarget::parse(&config.clickhouse_url)
             .map_err(|e| PgError::NotReady(e.to_string()))?,
         &config.clickhouse_table,
+        &config.slot,
     );
+    let dead_letters = crate::deadletter::count(&client, config).await.ok();
+    let checkpoint = crate::replay::last_checkpoint(&client, config)
+        .await
+        .ok()
+        .flatten();
     let clickhouse_error = sink.ping().await.err().map(|e| e.to_string());
     Ok(Status {
         slot: config.slot.clone(),
@@ -38,5 +49,8 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         state,
         clickhouse_reachable: clickhouse_error.is_none(),
         clickhouse_error,
+        dead_letters,
+        last_checkpoint_lsn: checkpoint.as_ref().map(|c| c.0.clone()),
+        last_checkpoint_at: checkpoint.map(|c| c.1),
     })
 }

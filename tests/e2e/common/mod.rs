@@ -114,9 +114,31 @@ impl Fixture {
 
     /// The set of event_ids ClickHouse holds, and how many rows it holds.
     pub fn ch_ids(&self) -> (HashSet<String>, u64) {
-        let body = self.ch("SELECT toString(event_id) FROM {db}.event_log");
-        let rows = body.lines().count() as u64;
-        (body.lines().map(str::to_string).collect(), rows)
+        // In pages: a response is read into memory whole.
+        const PAGE: usize = 200_000;
+        let (mut ids, mut rows) = (HashSet::new(), 0);
+        for page in 0.. {
+            let body = self.ch(&format!(
+                "SELECT toString(event_id) FROM {{db}}.event_log ORDER BY event_id, commit_lsn, tx_seq
+                  LIMIT {PAGE} OFFSET {}",
+                page * PAGE
+            ));
+            let n = body.lines().count();
+            rows += n as u64;
+            ids.extend(body.lines().map(str::to_string));
+            if n < PAGE {
+                break;
+            }
+        }
+        (ids, rows)
+    }
+
+    /// uniqExact(event_id) in ClickHouse.
+    pub fn ch_unique(&self) -> u64 {
+        self.ch("SELECT uniqExact(event_id) FROM {db}.event_log")
+            .trim()
+            .parse()
+            .unwrap()
     }
 
     /// The set of event_ids in the outbox table.
@@ -246,6 +268,12 @@ impl RelayProcess {
 
     /// SIGKILL, then waits for the exit.
     pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL, then waits for the exit, keeping the log for reading.
+    pub fn kill_now(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -1,0 +1,262 @@
+//! Dead letters: events ClickHouse refused on their own (a value its column cannot hold), kept in
+//! PostgreSQL with the error so the rest of their batch ships and nothing is dropped silently.
+//!
+//! `outbox-relay dead-letters list|retry|purge` manages them; an operator fixes a row with
+//! `UPDATE` (psql) before `retry`.
+
+use pgoutput::Lsn;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::pg::{self, PgError};
+use crate::schema::dead_letters_table;
+use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error(transparent)]
+    ClickHouse(#[from] SinkError),
+    #[error("dead letter {0} has an event_id that is not a UUID")]
+    BadId(String),
+}
+
+/// One dead letter as `list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub event_id: String,
+    pub commit_lsn: String,
+    pub tx_seq: i32,
+    pub event_type: String,
+    pub event_date_time: String,
+    pub error: String,
+    pub failed_at: String,
+    pub attempts: i32,
+}
+
+/// Stores a refused event; a repeat of the same event (a replayed stream) changes nothing.
+/// Returns whether it was new.
+pub async fn record(
+    client: &Client,
+    config: &Config,
+    row: &OwnedEventRow,
+    error: &str,
+) -> Result<bool, PgError> {
+    let sql = format!(
+        "INSERT INTO {} (event_id, commit_lsn, tx_seq, event_type, event_date_time, environment,
+                         event_context, metadata_version, sentry_trace, error)
+         VALUES ($1::text::uuid, $2::text::pg_lsn, $3, $4,
+                 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', $6, $7, $8, $9, $10)
+         ON CONFLICT (event_id) DO NOTHING",
+        dead_letters_table(config)
+    );
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let inserted = client
+        .execute(
+            &sql,
+            &[
+                &row.event_id_text(),
+                &Lsn(row.commit_lsn).to_string(),
+                &(row.tx_seq as i32),
+                &text(&row.event_type),
+                &row.event_date_time_us,
+                &text(&row.environment),
+                &text(&row.event_context),
+                &(row.metadata_version as i64),
+                &row.sentry_trace.as_deref().map(text),
+                &error,
+            ],
+        )
+        .await
+        .map_err(PgError::query("dead-letter insert"))?;
+    Ok(inserted == 1)
+}
+
+/// How many dead letters there are.
+pub async fn count(client: &Client, config: &Config) -> Result<u64, PgError> {
+    let row = client
+        .query_one(
+            &format!("SELECT count(*) FROM {}", dead_letters_table(config)),
+            &[],
+        )
+        .await
+        .map_err(PgError::query("dead-letter count"))?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// Every dead letter, oldest first.
+pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT event_id::text, commit_lsn::text, tx_seq, event_type,
+                        to_char(event_date_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                        error, to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        attempts
+                   FROM {} ORDER BY commit_lsn, tx_seq",
+                dead_letters_table(config)
+            ),
+            &[],
+        )
+        .await
+        .map_err(PgError::query("dead-letter list"))?;
+    Ok(rows
+        .iter()
+        .map(|r| DeadLetter {
+            event_id: r.get(0),
+            commit_lsn: r.get(1),
+            tx_seq: r.get(2),
+            event_type: r.get(3),
+            event_date_time: r.get(4),
+            error: r.get(5),
+            failed_at: r.get(6),
+            attempts: r.get(7),
+        })
+        .collect())
+}
+
+/// What `retry` did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RetryReport {
+    /// Sent to ClickHouse and removed from the dead letters.
+    pub shipped: u64,
+    /// Already in ClickHouse (an earlier retry that was cut short): removed.
+    pub already_there: u64,
+    /// Refused again: kept, with the new error.
+    pub refused: u64,
+}
+
+/// Sends dead letters (all, or one `event_id`) to ClickHouse again, one insert each; those
+/// ClickHouse takes are deleted. Safe to repeat: an event ClickHouse holds is never sent twice.
+pub async fn retry(
+    config: &Config,
+    sink: &ClickHouseSink,
+    event_id: Option<&str>,
+) -> Result<RetryReport, DeadLetterError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    let table = dead_letters_table(config);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT event_id::text, commit_lsn::text, tx_seq, event_type,
+                        (extract(epoch FROM event_date_time) * 1000000)::int8, environment,
+                        event_context, metadata_version, sentry_trace
+                   FROM {table} WHERE $1::text IS NULL OR event_id = $1::text::uuid
+                  ORDER BY commit_lsn, tx_seq"
+            ),
+            &[&event_id],
+        )
+        .await
+        .map_err(PgError::query("dead-letter read"))?;
+    let mut report = RetryReport::default();
+    for r in rows {
+        let id: String = r.get(0);
+        let lsn: String = r.get(1);
+        let row = OwnedEventRow {
+            event_id: parse_uuid(&id).ok_or_else(|| DeadLetterError::BadId(id.clone()))?,
+            commit_lsn: lsn.parse::<Lsn>().map(|l| l.0).unwrap_or(0),
+            tx_seq: r.get::<_, i32>(2) as u32,
+            event_type: r.get::<_, String>(3).into_bytes(),
+            event_date_time_us: r.get(4),
+            environment: r.get::<_, String>(5).into_bytes(),
+            event_context: r.get::<_, String>(6).into_bytes(),
+            metadata_version: r.get::<_, i64>(7) as u64,
+            sentry_trace: r.get::<_, Option<String>>(8).map(String::into_bytes),
+        };
+        if !sink
+            .existing_ids(std::slice::from_ref(&id))
+            .await?
+            .is_empty()
+        {
+            report.already_there += 1;
+        } else {
+            let token = format!("dead-letter:{id}:{:016x}", fnv1a(&row.event_context));
+            match sink
+                .insert_rows(std::slice::from_ref(&row), Some(&token))
+                .await
+            {
+                Ok(()) => report.shipped += 1,
+                Err(e) if e.is_rejected_data() => {
+                    report.refused += 1;
+                    client
+                        .execute(
+                            &format!(
+                                "UPDATE {table} SET error = $2, attempts = attempts + 1,
+                                                    failed_at = now()
+                                  WHERE event_id = $1::text::uuid"
+                            ),
+                            &[&id, &e.to_string()],
+                        )
+                        .await
+                        .map_err(PgError::query("dead-letter update"))?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        client
+            .execute(
+                &format!("DELETE FROM {table} WHERE event_id = $1::text::uuid"),
+                &[&id],
+            )
+            .await
+            .map_err(PgError::query("dead-letter delete"))?;
+    }
+    Ok(report)
+}
+
+/// Deletes dead letters (all, or one `event_id`) without shipping them; returns how many.
+pub async fn purge(config: &Config, event_id: Option<&str>) -> Result<u64, PgError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE $1::text IS NULL OR event_id = $1::text::uuid",
+                dead_letters_table(config)
+            ),
+            &[&event_id],
+        )
+        .await
+        .map_err(PgError::query("dead-letter purge"))
+}
+
+/// 16 bytes from `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// FNV-1a, for content-derived deduplication tokens.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_round_trip() {
+        let id = [
+            0x55, 0x0e, 0x84, 0x00, 0xe2, 0x9b, 0x41, 0xd4, 0xa7, 0x16, 0x44, 0x66, 0x55, 0x44,
+            0x00, 0x00,
+        ];
+        let text = crate::sink::uuid_text(&id);
+        assert_eq!(text, "550e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(parse_uuid(&text), Some(id));
+        assert_eq!(parse_uuid("550e8400"), None);
+        assert_eq!(parse_uuid("zz0e8400-e29b-41d4-a716-446655440000"), None);
+    }
+}

@@ -1,0 +1,370 @@
+//! Checkpoints and replay from a saved LSN.
+//!
+//! A slot cannot rewind below its confirmed LSN, so replay re-ships from what PostgreSQL keeps:
+//! the outbox rows (kept `outbox_retention_hours`) and the relay's checkpoints. Each checkpoint
+//! stores a snapshot taken before WAL position `snapshot_lsn`; a row whose transaction that
+//! snapshot does not see committed after `snapshot_lsn`. Replay from LSN X takes the newest
+//! checkpoint with `snapshot_lsn <= X` and re-ships every outbox row that checkpoint's snapshot
+//! does not see (a superset of "committed after X") and ClickHouse does not hold.
+//!
+//! It runs beside the live relay without doubling anything: replay reads the outbox in its own
+//! snapshot S, then waits until the slot's confirmed LSN passes the WAL position read right
+//! after S was taken. From then on the live relay never ships a row S sees, and replay ships only
+//! rows S sees, each after checking ClickHouse does not hold its event_id, with a
+//! content-derived `insert_deduplication_token` so a repeated chunk is dropped by ClickHouse.
+
+use std::time::{Duration, Instant};
+
+use pgoutput::Lsn;
+use serde::Serialize;
+use tokio_postgres::Client;
+use tracing::info;
+
+use crate::config::Config;
+use crate::deadletter::{self, fnv1a, parse_uuid};
+use crate::pg::{self, PgError};
+use crate::schema::{checkpoints_table, dead_letters_table, outbox_table};
+use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
+
+/// Rows checked and sent per ClickHouse round trip.
+const CHUNK: i32 = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error(transparent)]
+    ClickHouse(#[from] SinkError),
+    #[error(
+        "no checkpoint at or before {from} is kept for slot {slot:?} (oldest: {oldest}); the \
+         outbox may no longer hold every event committed after {from}. Re-ship everything the \
+         outbox still holds with `outbox-relay replay --from-lsn 0/0`"
+    )]
+    NoCheckpoint {
+        from: Lsn,
+        slot: String,
+        oldest: String,
+    },
+    #[error("another `outbox-relay replay` for slot {0:?} is running; wait for it to finish")]
+    Busy(String),
+    #[error(
+        "the live relay has not confirmed WAL position {fence} within {waited_s} s (slot {slot:?} \
+         is at {confirmed}): replay waits for it so that no event is shipped twice. Start \
+         `outbox-relay run`, or give it more time with --wait-s"
+    )]
+    FenceTimeout {
+        fence: String,
+        slot: String,
+        confirmed: String,
+        waited_s: u64,
+    },
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReplayReport {
+    /// The checkpoint replay started from (`None` with `--from-lsn 0/0`: the whole outbox).
+    pub checkpoint_snapshot_lsn: Option<String>,
+    /// The WAL position the live relay had to pass before replay wrote anything.
+    pub fence_lsn: String,
+    /// Outbox rows committed after the checkpoint.
+    pub candidates: u64,
+    /// Of those, already in ClickHouse.
+    pub already_there: u64,
+    /// Sent to ClickHouse (0 with --dry-run).
+    pub shipped: u64,
+    /// Refused by ClickHouse and stored as dead letters.
+    pub dead_letters: u64,
+}
+
+/// Records a checkpoint after a batch was confirmed.
+pub async fn record_checkpoint(
+    client: &Client,
+    config: &Config,
+    confirmed: Lsn,
+    rows: u64,
+) -> Result<(), PgError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn)
+                 VALUES ($1, $2::text::pg_lsn, $3, pg_current_snapshot(), pg_current_wal_lsn())",
+                checkpoints_table(config)
+            ),
+            &[&config.slot, &confirmed.to_string(), &(rows as i64)],
+        )
+        .await
+        .map_err(PgError::query("checkpoint insert"))?;
+    Ok(())
+}
+
+/// Deletes checkpoints older than the outbox retention, always keeping each slot's newest.
+pub async fn purge_checkpoints(client: &Client, config: &Config) -> Result<u64, PgError> {
+    let hours = i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX);
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {t} c WHERE recorded_at < now() - make_interval(hours => $1)
+                   AND recorded_at < (SELECT max(recorded_at) FROM {t} n WHERE n.slot = c.slot)",
+                t = checkpoints_table(config)
+            ),
+            &[&hours],
+        )
+        .await
+        .map_err(PgError::query("checkpoint purge"))
+}
+
+/// The newest checkpoint of the slot, as (confirmed_lsn, recorded_at).
+pub async fn last_checkpoint(
+    client: &Client,
+    config: &Config,
+) -> Result<Option<(String, String)>, PgError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT confirmed_lsn::text, recorded_at::text FROM {} WHERE slot = $1
+                  ORDER BY confirmed_lsn DESC LIMIT 1",
+                checkpoints_table(config)
+            ),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Re-ships every outbox row committed after `from` that ClickHouse does not hold.
+pub async fn replay(
+    config: &Config,
+    sink: &ClickHouseSink,
+    from: Lsn,
+    wait: Duration,
+    dry_run: bool,
+) -> Result<ReplayReport, ReplayError> {
+    let control = pg::connect(&config.postgres_url).await?;
+    let locked: bool = control
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("replay lock"))?
+        .get(0);
+    if !locked {
+        return Err(ReplayError::Busy(config.slot.clone()));
+    }
+    let base = base_snapshot(&control, config, from).await?;
+    let mut report = ReplayReport {
+        checkpoint_snapshot_lsn: base.as_ref().map(|(_, lsn)| lsn.clone()),
+        ..ReplayReport::default()
+    };
+
+    let mut reader = pg::connect(&config.postgres_url).await?;
+    let tx = reader
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(PgError::query("replay snapshot"))?;
+    // The first statement takes the snapshot; the WAL position is read after it.
+    report.fence_lsn = tx
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(PgError::query("replay snapshot"))?
+        .get(0);
+    if !dry_run {
+        wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
+    }
+
+    let statement = tx
+        .prepare(&candidates_sql(config))
+        .await
+        .map_err(PgError::query("replay query"))?;
+    let snapshot = base.map(|(snapshot, _)| snapshot);
+    let portal = tx
+        .bind(&statement, &[&snapshot])
+        .await
+        .map_err(PgError::query("replay query"))?;
+    loop {
+        let rows = tx
+            .query_portal(&portal, CHUNK)
+            .await
+            .map_err(PgError::query("replay read"))?;
+        if rows.is_empty() {
+            break;
+        }
+        let events = rows.iter().filter_map(event_from_row).collect::<Vec<_>>();
+        report.candidates += events.len() as u64;
+        ship_chunk(config, sink, &control, events, dry_run, &mut report).await?;
+        info!(
+            candidates = report.candidates,
+            shipped = report.shipped,
+            "replay progress"
+        );
+    }
+    Ok(report)
+}
+
+/// The newest checkpoint whose snapshot predates `from`: (snapshot, snapshot_lsn).
+async fn base_snapshot(
+    client: &Client,
+    config: &Config,
+    from: Lsn,
+) -> Result<Option<(String, String)>, ReplayError> {
+    if from == Lsn(0) {
+        return Ok(None);
+    }
+    let table = checkpoints_table(config);
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT snapshot::text, snapshot_lsn::text FROM {table}
+                  WHERE slot = $1 AND snapshot_lsn <= $2::text::pg_lsn
+                  ORDER BY snapshot_lsn DESC LIMIT 1"
+            ),
+            &[&config.slot, &from.to_string()],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?;
+    if let Some(row) = row {
+        return Ok(Some((row.get(0), row.get(1))));
+    }
+    let oldest: Option<String> = client
+        .query_one(
+            &format!("SELECT min(snapshot_lsn)::text FROM {table} WHERE slot = $1"),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?
+        .get(0);
+    Err(ReplayError::NoCheckpoint {
+        from,
+        slot: config.slot.clone(),
+        oldest: oldest.unwrap_or_else(|| "none recorded".into()),
+    })
+}
+
+async fn wait_for_fence(
+    client: &Client,
+    config: &Config,
+    fence: &str,
+    wait: Duration,
+) -> Result<(), ReplayError> {
+    let started = Instant::now();
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot, &fence],
+            )
+            .await
+            .map_err(PgError::query("slot query"))?;
+        let (confirmed, passed): (Option<String>, Option<bool>) = match &row {
+            Some(r) => (r.get(0), r.get(1)),
+            None => (None, None),
+        };
+        if passed == Some(true) {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(ReplayError::FenceTimeout {
+                fence: fence.into(),
+                slot: config.slot.clone(),
+                confirmed: confirmed.unwrap_or_else(|| "missing".into()),
+                waited_s: wait.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Outbox rows the base snapshot ($1, NULL for all) does not see, minus dead letters.
+fn candidates_sql(config: &Config) -> String {
+    // xmin is a 32-bit xid; pg_visible_in_snapshot takes a 64-bit xid8: add the epoch of the
+    // current snapshot's xmax (the previous one when xmin's low bits are ahead of it).
+    let xid8 = "(((pg_snapshot_xmax(pg_current_snapshot())::text::int8 >> 32) << 32)
+                 + o.xmin::text::int8
+                 - CASE WHEN o.xmin::text::int8
+                             > (pg_snapshot_xmax(pg_current_snapshot())::text::int8 & 4294967295)
+                        THEN 4294967296 ELSE 0 END)::text::xid8";
+    format!(
+        "SELECT o.event_id::text, o.event_type,
+                (extract(epoch FROM o.event_date_time) * 1000000)::int8, o.environment,
+                o.event_context::text, o.metadata_version, to_jsonb(o) ->> 'sentry_trace'
+           FROM {outbox} o
+          WHERE ($1::text IS NULL OR NOT pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot))
+            AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.event_id = o.event_id)
+          ORDER BY o.event_date_time",
+        outbox = outbox_table(config),
+        dead = dead_letters_table(config),
+    )
+}
+
+fn event_from_row(r: &tokio_postgres::Row) -> Option<OwnedEventRow> {
+    Some(OwnedEventRow {
+        event_id: parse_uuid(r.get(0))?,
+        event_type: r.get::<_, String>(1).into_bytes(),
+        event_date_time_us: r.get(2),
+        environment: r.get::<_, String>(3).into_bytes(),
+        event_context: r.get::<_, String>(4).into_bytes(),
+        metadata_version: r.get::<_, i64>(5) as u64,
+        // A replayed row's commit position is not known: 0 marks it (docs/guarantees.md).
+        commit_lsn: 0,
+        tx_seq: 0,
+        sentry_trace: r.get::<_, Option<String>>(6).map(String::into_bytes),
+    })
+}
+
+/// Sends the chunk's rows ClickHouse does not hold; rows it refuses become dead letters.
+async fn ship_chunk(
+    config: &Config,
+    sink: &ClickHouseSink,
+    pg: &Client,
+    events: Vec<OwnedEventRow>,
+    dry_run: bool,
+    report: &mut ReplayReport,
+) -> Result<(), ReplayError> {
+    let ids = events
+        .iter()
+        .map(OwnedEventRow::event_id_text)
+        .collect::<Vec<_>>();
+    let there: std::collections::HashSet<String> =
+        sink.existing_ids(&ids).await?.into_iter().collect();
+    report.already_there += there.len() as u64;
+    let missing = events
+        .into_iter()
+        .filter(|e| !there.contains(&e.event_id_text()))
+        .collect::<Vec<_>>();
+    if missing.is_empty() || dry_run {
+        return Ok(());
+    }
+    let token = |rows: &[OwnedEventRow]| {
+        let ids = rows.iter().flat_map(|r| r.event_id).collect::<Vec<_>>();
+        format!("replay:{:016x}:{}", fnv1a(&ids), rows.len())
+    };
+    match sink.insert_rows(&missing, Some(&token(&missing))).await {
+        Ok(()) => report.shipped += missing.len() as u64,
+        Err(e) if e.is_rejected_data() => {
+            for row in &missing {
+                match sink
+                    .insert_rows(
+                        std::slice::from_ref(row),
+                        Some(&token(std::slice::from_ref(row))),
+                    )
+                    .await
+                {
+                    Ok(()) => report.shipped += 1,
+                    Err(e) if e.is_rejected_data() => {
+                        deadletter::record(pg, config, row, &e.to_string()).await?;
+                        report.dead_letters += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! Guarantees under real faults: a killed relay, a killed ClickHouse, a restarted PostgreSQL, a
+//! terminated walsender, a 2,000,000-row transaction, a poison event, replay after ClickHouse
+//! lost data, a lost slot. Each scenario runs on PostgreSQL 15 and 18 and ends with the same
+//! check: the event_ids in ClickHouse are exactly those committed in PostgreSQL, count() equals
+//! uniqExact(event_id) without FINAL, and the slot catches up.
+//!
+//! Runnable on its own: `make test TEST_FILTER='binary(faults)'`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fixture, RelayProcess, parse_lsn, stderr, wait_until};
+use harness::PgVersion;
+
+const LONG: Duration = Duration::from_secs(180);
+
+macro_rules! on_each_postgres {
+    ($($name:ident),* $(,)?) => {
+        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
+        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
+    };
+}
+
+on_each_postgres!(
+    sigkill_rounds_with_four_publishers,
+    clickhouse_killed_and_restarted,
+    postgres_restarted_and_walsender_terminated,
+    big_transaction_with_relay_killed_midway,
+    poison_event_becomes_a_dead_letter,
+    replay_after_clickhouse_lost_data,
+    lost_slot_is_detected_and_recovered,
+);
+
+/// A small xorshift generator: fault timing varies from run to run, and the seed is printed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        println!("fault timing seed {seed}");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Publishes `n` events in transactions of 1 to `max_tx` events (sizes drawn by PostgreSQL).
+fn publish_random(f: &Fixture, n: u64, max_tx: u64, event_type: &str) {
+    f.sql(&format!(
+        "DO $$
+         DECLARE i bigint := 0; k bigint;
+         BEGIN
+           WHILE i < {n} LOOP
+             k := least(1 + floor(random() * {max_tx})::bigint, {n} - i);
+             INSERT INTO event_outbox (event_type, event_context)
+             SELECT '{event_type}', json_build_object('i', i + g) FROM generate_series(1, k) g;
+             COMMIT;
+             i := i + k;
+           END LOOP;
+         END $$;"
+    ));
+}
+
+/// The common ending: ClickHouse holds exactly the committed events, each once, without FINAL,
+/// and the slot catches up.
+fn assert_exactly_once(f: &Fixture, relay: &RelayProcess) {
+    let expected = f.pg_ids();
+    let arrived = wait_until(LONG, || f.ch_unique() >= expected.len() as u64);
+    assert!(
+        arrived,
+        "{} of {} events arrived\nrelay log:\n{}",
+        f.ch_unique(),
+        expected.len(),
+        relay.log()
+    );
+    let (ids, rows) = f.ch_ids();
+    assert_eq!(ids, expected, "the event_id sets differ");
+    let counts = f.ch("SELECT count(), uniqExact(event_id) FROM {db}.event_log");
+    let (count, unique) = counts.trim().split_once('\t').unwrap();
+    assert_eq!(count, unique, "duplicates in ClickHouse (count, uniqExact)");
+    assert_eq!(rows, expected.len() as u64);
+    let caught_up = wait_until(LONG, || f.confirmed_lsn() >= f.current_lsn());
+    assert!(caught_up, "the slot did not catch up\n{}", relay.log());
+    println!("{} events, each exactly once", expected.len());
+}
+
+/// ClickHouse drops a block identical to a recent one, and a restarted relay often rebuilds the
+/// same block, which would hide doubles: with that off, exactly-once rests on the relay's own
+/// check of what ClickHouse holds.
+fn without_block_dedup(f: &Fixture) {
+    f.ch("ALTER TABLE {db}.event_log MODIFY SETTING non_replicated_deduplication_window = 0");
+}
+
+/// 20 rounds of SIGKILL at random moments over a 200,000-event run published by 4 publishers.
+fn sigkill_rounds_with_four_publishers(v: PgVersion) {
+    // The default status interval: a confirm reaches PostgreSQL up to 1 s after its batch
+    // reached ClickHouse, so many kills land in between, where exactly-once is at stake.
+    let f = Fixture::start(
+        v,
+        &[
+            ("RELAY_BATCH_MAX_ROWS", "5000"),
+            ("RELAY_STATUS_INTERVAL_MS", "1000"),
+        ],
+    );
+    let mut rng = Rng::new();
+    without_block_dedup(&f);
+    let mut relay = f.spawn_relay();
+    std::thread::scope(|s| {
+        let relay = &mut relay;
+        let publishers: Vec<_> = (0..4)
+            .map(|p| {
+                let f = &f;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        publish_random(f, 1_000, 50, &format!("publisher{p}"));
+                    }
+                })
+            })
+            .collect();
+        for round in 0..20 {
+            // Wait for progress, then kill at a random moment within the next second.
+            let before = f.ch_count();
+            let moved = wait_until(LONG, || {
+                f.ch_count() > before || publishers.iter().all(|p| p.is_finished())
+            });
+            assert!(moved, "round {round}: no progress\n{}", relay.log());
+            std::thread::sleep(Duration::from_millis(rng.below(1000)));
+            relay.kill_now();
+            *relay = f.spawn_relay();
+        }
+        for p in publishers {
+            p.join().expect("publisher");
+        }
+    });
+    assert_eq!(f.pg_ids().len(), 200_000);
+    assert_exactly_once(&f, &relay);
+}
+
+/// ClickHouse killed mid-stream (its port closed while the relay keeps trying), then started
+/// again on the same data: a backlog, not an incident.
+fn clickhouse_killed_and_restarted(v: PgVersion) {
+    let mut f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "2000")]);
+    if f.ch.is_external() {
+        return println!("skipped: an external ClickHouse cannot be killed from here");
+    }
+    without_block_dedup(&f);
+    let relay = f.spawn_relay();
+    publish_random(&f, 20_000, 100, "before");
+    f.wait_for_rows(1, LONG, Some(&relay));
+    f.ch.kill().expect("kill ClickHouse");
+    publish_random(&f, 20_000, 100, "while_down");
+    let confirmed = f.confirmed_lsn();
+    // The relay keeps failing, backing off, and never confirms what ClickHouse does not have.
+    let retried = wait_until(LONG, || relay.log().matches("retrying").count() >= 3);
+    assert!(retried, "no retries logged\n{}", relay.log());
+    assert!(f.confirmed_lsn() <= f.current_lsn());
+    f.ch.restart().expect("restart ClickHouse");
+    publish_random(&f, 10_000, 100, "after");
+    assert_exactly_once(&f, &relay);
+    assert!(f.confirmed_lsn() > confirmed);
+}
+
+/// The walsender terminated (pg_terminate_backend), then PostgreSQL restarted, mid-stream.
+fn postgres_restarted_and_walsender_terminated(v: PgVersion) {
+    let mut f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "2000")]);
+    if f.pg.is_external() {
+        return println!("skipped: an external PostgreSQL cannot be restarted from here");
+    }
+    without_block_dedup(&f);
+    let relay = f.spawn_relay();
+    publish_random(&f, 20_000, 100, "first");
+    f.wait_for_rows(1, LONG, Some(&relay));
+    let slot_pid = || {
+        f.sql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{}'",
+            f.slot
+        ))
+        .trim()
+        .to_string()
+    };
+    let pid = slot_pid();
+    assert!(!pid.is_empty(), "slot not active\n{}", relay.log());
+    f.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    publish_random(&f, 20_000, 100, "second");
+    let back = wait_until(LONG, || {
+        let now = slot_pid();
+        !now.is_empty() && now != pid
+    });
+    assert!(back, "the relay did not reconnect\n{}", relay.log());
+    f.pg.restart().expect("restart PostgreSQL");
+    publish_random(&f, 20_000, 100, "third");
+    assert_exactly_once(&f, &relay);
+}
+
+/// One transaction of 2,000,000 events, the relay killed while it streams it to ClickHouse;
+/// after a restart every event is there once, and the relay's memory never grew with it.
+fn big_transaction_with_relay_killed_midway(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    without_block_dedup(&f);
+    let relay = f.spawn_relay();
+    f.sql(
+        "INSERT INTO event_outbox (event_type, event_context)
+         SELECT 'bulk', json_build_object('n', g, 'pad', 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx')
+           FROM generate_series(1, 2000000) g",
+    );
+    // Kill once ClickHouse has received part of the transaction's insert.
+    let insert_rows = || {
+        f.ch("SELECT max(read_rows) FROM system.processes WHERE query LIKE 'INSERT INTO%'")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let midway = wait_until(LONG, || insert_rows() >= 500_000);
+    assert!(midway, "the insert never got going\n{}", relay.log());
+    let peak_first = peak_rss_mb(relay.pid());
+    relay.kill9();
+    let relay = f.spawn_relay();
+    let arrived = wait_until(LONG, || f.ch_count() >= 2_000_000);
+    assert!(arrived, "{} rows\n{}", f.ch_count(), relay.log());
+    let peak = peak_rss_mb(relay.pid()).max(peak_first);
+    println!("relay peak RSS {peak:.1} MB over a 2,000,000-event transaction");
+    assert!(peak < 200.0, "relay peak RSS {peak} MB");
+    assert_exactly_once(&f, &relay);
+}
+
+fn peak_rss_mb(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// One event ClickHouse refuses (a JSON object with a duplicate key, valid in PostgreSQL's
+/// json) among 10,000 in one transaction: 9,999 ship, 1 dead letter with its error; fixed and
+/// retried, it ships too.
+fn poison_event_becomes_a_dead_letter(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    f.sql(
+        r#"BEGIN;
+           INSERT INTO event_outbox (event_type, event_context)
+           SELECT 'batch', json_build_object('n', g) FROM generate_series(1, 5000) g;
+           INSERT INTO event_outbox (event_id, event_type, event_context)
+           VALUES ('00000000-0000-4000-8000-00000000dead', 'poison', '{"k": 1, "k": 2}');
+           INSERT INTO event_outbox (event_type, event_context)
+           SELECT 'batch', json_build_object('n', g) FROM generate_series(5001, 9999) g;
+           COMMIT;"#,
+    );
+    f.wait_for_rows(9_999, LONG, Some(&relay));
+    let letters = f.relay(&["dead-letters", "list", "--json"]);
+    assert!(letters.status.success(), "{}", stderr(&letters));
+    let letters: serde_json::Value = serde_json::from_slice(&letters.stdout).unwrap();
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        letters[0]["event_id"],
+        "00000000-0000-4000-8000-00000000dead"
+    );
+    assert_eq!(letters[0]["tx_seq"], 5000);
+    let error = letters[0]["error"].as_str().unwrap();
+    assert!(error.contains("Duplicate path"), "{error}");
+    // The stream goes on after it.
+    publish_random(&f, 1_000, 10, "after");
+    f.wait_for_rows(10_999, LONG, Some(&relay));
+    assert_eq!(f.ch_count(), 10_999);
+    // Fixed by the operator, retried: shipped and gone from the dead letters.
+    f.sql(r#"UPDATE event_outbox_dead_letters SET event_context = '{"k": 2}'"#);
+    let retry = f.relay(&["dead-letters", "retry"]);
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    assert!(
+        String::from_utf8_lossy(&retry.stdout).starts_with("1 shipped"),
+        "{}",
+        String::from_utf8_lossy(&retry.stdout)
+    );
+    assert_eq!(
+        f.sql("SELECT count(*) FROM event_outbox_dead_letters")
+            .trim(),
+        "0"
+    );
+    assert_exactly_once(&f, &relay);
+    // Purge drops a dead letter without shipping it.
+    f.sql(
+        r#"INSERT INTO event_outbox (event_id, event_type, event_context)
+           VALUES ('00000000-0000-4000-8000-0000000000ff', 'poison', '{"k": 1, "k": 2}')"#,
+    );
+    let stored = wait_until(LONG, || {
+        f.sql("SELECT count(*) FROM event_outbox_dead_letters")
+            .trim()
+            == "1"
+    });
+    assert!(stored, "{}", relay.log());
+    let purge = f.relay(&[
+        "dead-letters",
+        "purge",
+        "--event-id",
+        "00000000-0000-4000-8000-0000000000ff",
+    ]);
+    assert!(purge.status.success(), "{}", stderr(&purge));
+    assert_eq!(
+        f.sql("SELECT count(*) FROM event_outbox_dead_letters")
+            .trim(),
+        "0"
+    );
+}
+
+/// ClickHouse loses data twice: restored from a backup taken at a saved LSN (rows after it
+/// gone), then truncated. `replay` re-ships what is missing while the live relay keeps running
+/// and publishers keep publishing; a second replay ships nothing.
+fn replay_after_clickhouse_lost_data(v: PgVersion) {
+    let f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "1000")]);
+    let relay = f.spawn_relay();
+    publish_random(&f, 5_000, 20, "early");
+    f.wait_for_rows(5_000, LONG, Some(&relay));
+    let saved = f
+        .sql(&format!(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+            f.slot
+        ))
+        .trim()
+        .to_string();
+    publish_random(&f, 5_000, 20, "late");
+    f.wait_for_rows(10_000, LONG, Some(&relay));
+    // "Restored from the backup taken at `saved`": what was committed after it is gone.
+    f.ch(&format!(
+        "ALTER TABLE {{db}}.event_log DELETE WHERE commit_lsn > {} SETTINGS mutations_sync = 2",
+        parse_lsn(&saved)
+    ));
+    let lost = 10_000 - f.ch_count();
+    assert!(lost >= 5_000, "only {lost} rows were removed");
+    let replay = |from: &str| {
+        std::thread::scope(|s| {
+            let publisher = s.spawn(|| publish_random(&f, 3_000, 20, "during"));
+            let out = f.relay(&["replay", "--from-lsn", from, "--json"]);
+            publisher.join().unwrap();
+            assert!(out.status.success(), "replay: {}", stderr(&out));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        })
+    };
+    let report = replay(&saved);
+    assert!(report["shipped"].as_u64().unwrap() >= lost, "{report}");
+    assert_exactly_once(&f, &relay);
+    // Truncated: everything the outbox holds comes back.
+    f.ch("TRUNCATE TABLE {db}.event_log");
+    replay("0/0");
+    assert_exactly_once(&f, &relay);
+    let again = f.relay(&["replay", "--from-lsn", "0/0", "--json"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["shipped"], 0, "{again}");
+    assert_exactly_once(&f, &relay);
+}
+
+/// A slot dropped while the relay was stopped (as after a failover without failover slots):
+/// `run` stops with a clear error, `setup` refuses to paper over it, and the documented
+/// recovery (setup --recreate-slot, then the replay it prints) loses nothing.
+fn lost_slot_is_detected_and_recovered(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    publish_random(&f, 2_000, 20, "before");
+    f.wait_for_rows(2_000, LONG, Some(&relay));
+    assert_eq!(relay.terminate().code(), Some(0));
+    f.sql(&format!("SELECT pg_drop_replication_slot('{}')", f.slot));
+    publish_random(&f, 2_000, 20, "gap");
+
+    let run = f.relay(&["run"]);
+    assert!(!run.status.success());
+    let message = stderr(&run);
+    assert!(message.contains("does not exist"), "{message}");
+    assert!(message.contains("Lost slot"), "{message}");
+
+    let setup = f.relay(&["setup"]);
+    assert!(
+        !setup.status.success(),
+        "setup recreated a lost slot silently"
+    );
+    assert!(
+        stderr(&setup).contains("--recreate-slot"),
+        "{}",
+        stderr(&setup)
+    );
+
+    let setup = f.relay(&["setup", "--recreate-slot"]);
+    assert!(setup.status.success(), "{}", stderr(&setup));
+    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
+    let from = printed
+        .split("--from-lsn ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no replay command in {printed:?}"))
+        .to_string();
+    let relay = f.spawn_relay();
+    publish_random(&f, 2_000, 20, "after");
+    let replay = f.relay(&["replay", "--from-lsn", &from]);
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert_exactly_once(&f, &relay);
+}
