@@ -42,6 +42,11 @@ use crate::sink::{
     BatchInsert, ClickHouseSink, ClickHouseTarget, OwnedEventRow, Present, SinkError,
 };
 
+/// Messages the replication connection reads ahead of the pipeline. The relay's memory is about
+/// this times the largest message: 1,024 keeps a 10 KB-per-event stream at ~10 MB (the
+/// library's default of 8,192 held 80 MB of it) and is deep enough to keep the walsender busy.
+const REPLICATION_BUFFER_EVENTS: usize = 1_024;
+
 /// Rows per insert while re-sending the rows of a failed batch (each insert is one block, so
 /// all or nothing).
 const CAREFUL_ROWS: usize = 10_000;
@@ -772,5 +777,6 @@ fn replication_config(
     .with_options("-c timezone=UTC -c datestyle=ISO")
     .with_application_name("outbox-relay")
     .with_status_interval(config.status_interval())
+    .with_buffer_size(REPLICATION_BUFFER_EVENTS)
     .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one())))
 }
