@@ -38,7 +38,8 @@ fuzz:
 
 # The benchmark (bench/README.md): release builds, local servers, bench/results.json.
 bench: bootstrap
-	$(CARGO) build --release -p outbox-relay -p relay-tests --bin bench
+	$(CARGO) build --release -p outbox-relay
+	$(CARGO) build --release -p relay-tests --bin bench
 	target/release/bench
 
 # Licenses, bans and sources (advisories need the RustSec database from GitHub: CI runs them).
