@@ -108,7 +108,9 @@ fn main() -> ExitCode {
     };
     init_logging(&config);
     let _sentry = init_sentry(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the relay is one pipeline whose steps hand each message to the next; on one
+    // thread that is a queue push, not a cross-thread wake-up (futex) per message.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
