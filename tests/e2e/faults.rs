@@ -1,13 +1,19 @@
-//! Guarantees under real faults: a killed relay, a killed ClickHouse, a restarted PostgreSQL, a
-//! terminated walsender, a 2,000,000-row transaction, a poison event, replay after ClickHouse
-//! lost data, a lost slot. Each scenario runs on PostgreSQL 15 and 18 and ends with the same
-//! check: the event_ids in ClickHouse are exactly those committed in PostgreSQL, count() equals
-//! uniqExact(event_id) without FINAL, and the slot catches up.
+//! Guarantees under real faults: a killed relay, a killed ClickHouse, the network to ClickHouse
+//! cut or silent, a restarted PostgreSQL, a terminated walsender, a 2,000,000-row transaction,
+//! a poison event, replay after ClickHouse lost data, a lost slot. Each scenario runs on
+//! PostgreSQL 15 and 18 and ends with the same check: the event_ids in ClickHouse are exactly
+//! those committed in PostgreSQL, count() equals uniqExact(event_id) without FINAL, and the slot
+//! catches up.
 //!
 //! Runnable on its own: `make test TEST_FILTER='binary(faults)'`.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::{Fixture, RelayProcess, parse_lsn, stderr, wait_until};
@@ -25,6 +31,8 @@ macro_rules! on_each_postgres {
 on_each_postgres!(
     sigkill_rounds_with_four_publishers,
     clickhouse_killed_and_restarted,
+    clickhouse_port_closed_at_random_moments,
+    clickhouse_silent_until_the_timeout,
     postgres_restarted_and_walsender_terminated,
     big_transaction_with_relay_killed_midway,
     transaction_of_500_megabytes,
@@ -170,6 +178,216 @@ fn clickhouse_killed_and_restarted(v: PgVersion) {
     publish_random(&f, 10_000, 100, "after");
     assert_exactly_once(&f, &relay);
     assert!(f.confirmed_lsn() > confirmed);
+}
+
+/// The network between the relay and ClickHouse cut at random moments, ClickHouse itself
+/// untouched: connections reset mid-insert (some after ClickHouse took the whole insert, before
+/// the relay heard back), then the port closed for a while. A backlog, not an incident.
+fn clickhouse_port_closed_at_random_moments(v: PgVersion) {
+    // A confirm reaches PostgreSQL up to 1 s after its batch reached ClickHouse, so many cuts
+    // land in between, where exactly-once is at stake.
+    let mut f = Fixture::start(
+        v,
+        &[
+            ("RELAY_BATCH_MAX_ROWS", "2000"),
+            ("RELAY_STATUS_INTERVAL_MS", "1000"),
+        ],
+    );
+    without_block_dedup(&f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
+    let mut rng = Rng::new();
+    let relay = f.spawn_relay();
+    std::thread::scope(|s| {
+        let f = &f;
+        let publisher = s.spawn(move || {
+            for _ in 0..20 {
+                publish_random(f, 2_000, 100, "cut");
+            }
+        });
+        for round in 0..10 {
+            let before = f.ch_count();
+            let moved = wait_until(LONG, || f.ch_count() > before || publisher.is_finished());
+            assert!(moved, "round {round}: no progress\n{}", relay.log());
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            gate.close();
+            if round == 0 {
+                port_closed_for_a_while(f, &relay);
+            } else {
+                std::thread::sleep(Duration::from_millis(rng.below(1000)));
+            }
+            gate.open();
+        }
+        publisher.join().expect("publisher");
+    });
+    assert_eq!(f.pg_ids().len(), 42_000);
+    assert_exactly_once(&f, &relay);
+    let failures = relay.log().matches("retrying").count();
+    println!("{failures} relay sessions failed on the cut network and recovered");
+}
+
+/// The network to ClickHouse goes silent (connections open, nothing passes): the relay's
+/// ClickHouse timeout fails the session instead of waiting forever, and once the network is back
+/// everything arrives once.
+fn clickhouse_silent_until_the_timeout(v: PgVersion) {
+    let mut f = Fixture::start(v, &[("RELAY_CLICKHOUSE_TIMEOUT_MS", "2000")]);
+    without_block_dedup(&f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
+    let relay = f.spawn_relay();
+    publish_random(&f, 2_000, 100, "before");
+    f.wait_for_rows(2_000, LONG, Some(&relay));
+    gate.stall();
+    let timeouts = || relay.log().matches("timeout expired").count();
+    let before = timeouts();
+    publish_random(&f, 2_000, 100, "while_silent");
+    let timed_out = wait_until(LONG, || timeouts() >= before + 2);
+    assert!(timed_out, "no ClickHouse timeout logged\n{}", relay.log());
+    gate.close();
+    gate.open();
+    publish_random(&f, 2_000, 100, "after");
+    assert_exactly_once(&f, &relay);
+}
+
+/// With the port closed and events waiting, the relay retries with backoff and confirms
+/// nothing ClickHouse does not have.
+fn port_closed_for_a_while(f: &Fixture, relay: &RelayProcess) {
+    publish_random(f, 2_000, 100, "while_closed");
+    let retries = || relay.log().matches("retrying").count();
+    let base = retries();
+    assert!(
+        wait_until(LONG, || retries() >= base + 2),
+        "{}",
+        relay.log()
+    );
+    let confirmed = f.confirmed_lsn();
+    assert!(
+        wait_until(LONG, || retries() >= base + 4),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(
+        f.confirmed_lsn(),
+        confirmed,
+        "confirmed while ClickHouse was cut off"
+    );
+}
+
+/// `host:port` of an `http://user:password@host:port/database` URL.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    rest.split('/').next().unwrap().to_string()
+}
+
+/// A TCP forwarder to ClickHouse on a port of its own, which can be closed (connections reset,
+/// new ones refused) and opened again: a network fault that leaves both servers running.
+struct Gate {
+    addr: String,
+    upstream: String,
+    accepting: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    /// While set, nothing passes in either direction (from each connection's next chunk on).
+    stalled: Arc<AtomicBool>,
+}
+
+impl Gate {
+    /// A gate to the fixture's ClickHouse, for the relays it starts from now on.
+    fn between_relay_and_clickhouse(f: &mut Fixture) -> Gate {
+        let url = f.env_value("RELAY_CLICKHOUSE_URL");
+        let upstream = host_port(&url);
+        let gate = Gate::new(&upstream);
+        f.set_env(
+            "RELAY_CLICKHOUSE_URL",
+            &url.replacen(&upstream, &gate.addr, 1),
+        );
+        gate
+    }
+
+    fn new(upstream: &str) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let gate = Gate {
+            addr: listener.local_addr().unwrap().to_string(),
+            upstream: upstream.to_string(),
+            accepting: Mutex::new(None),
+            connections: Arc::default(),
+            stalled: Arc::default(),
+        };
+        gate.serve(listener);
+        gate
+    }
+
+    fn open(&self) {
+        // std sets SO_REUSEADDR, so the port is free again at once.
+        self.serve(TcpListener::bind(&self.addr).expect("reopen the gate"));
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (upstream, connections, stopped, stalled) = (
+            self.upstream.clone(),
+            self.connections.clone(),
+            stop.clone(),
+            self.stalled.clone(),
+        );
+        let accept = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (Ok(client), Ok(server)) = (client, TcpStream::connect(&upstream)) else {
+                    continue;
+                };
+                let mut held = connections.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(server.try_clone().unwrap());
+                let (to_server, to_client) = (server.try_clone(), client.try_clone());
+                forward(client, to_server.unwrap(), stalled.clone());
+                forward(server, to_client.unwrap(), stalled.clone());
+            }
+        });
+        *self.accepting.lock().unwrap() = Some((stop, accept));
+    }
+
+    /// Keeps every connection open but lets nothing through: a silent network.
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops listening and resets every connection through the gate (and ends a stall).
+    fn close(&self) {
+        if let Some((stop, accept)) = self.accepting.lock().unwrap().take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = TcpStream::connect(&self.addr);
+            accept.join().expect("gate accept loop");
+        }
+        for conn in self.connections.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        self.stalled.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Copies `from` to `to` until either side ends, then ends both; holds the data while
+/// `stalled` is set.
+fn forward(mut from: TcpStream, mut to: TcpStream, stalled: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            while stalled.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    });
 }
 
 /// The walsender terminated (pg_terminate_backend), then PostgreSQL restarted, mid-stream.

@@ -217,11 +217,11 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
 
 fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
     let target = relay::sink::ClickHouseTarget::parse(&config.clickhouse_url)?;
-    Ok(relay::sink::ClickHouseSink::new(
-        &target,
-        &config.clickhouse_table,
-        &format!("{}-tool", config.slot),
-    ))
+    let writer = format!("{}-tool", config.slot);
+    Ok(
+        relay::sink::ClickHouseSink::new(&target, &config.clickhouse_table, &writer)
+            .with_timeout(config.clickhouse_timeout()),
+    )
 }
 
 async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {

@@ -45,6 +45,9 @@ pub struct Config {
     pub retry_initial_ms: u64,
     /// Longest delay between reconnect attempts.
     pub retry_max_ms: u64,
+    /// Longest ClickHouse may take to take a chunk of an insert, to answer an insert, or to answer
+    /// a query; past it the session fails and is retried (a silent network, a stuck server).
+    pub clickhouse_timeout_ms: u64,
     /// Shipped outbox rows older than this are deleted by the relay (0 keeps them forever).
     pub outbox_retention_hours: u64,
     /// How often the relay deletes expired outbox rows.
@@ -86,6 +89,7 @@ impl Default for Config {
             status_interval_ms: 1_000,
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
+            clickhouse_timeout_ms: 300_000,
             outbox_retention_hours: 72,
             purge_interval_s: 60,
             log_format: LogFormat::Pretty,
@@ -114,6 +118,7 @@ pub const SETTINGS: &[&str] = &[
     "status_interval_ms",
     "retry_initial_ms",
     "retry_max_ms",
+    "clickhouse_timeout_ms",
     "outbox_retention_hours",
     "purge_interval_s",
     "log_format",
@@ -229,6 +234,7 @@ impl Config {
             ("batch_max_wait_ms", self.batch_max_wait_ms, 1),
             ("status_interval_ms", self.status_interval_ms, 10),
             ("retry_initial_ms", self.retry_initial_ms, 1),
+            ("clickhouse_timeout_ms", self.clickhouse_timeout_ms, 100),
             ("purge_interval_s", self.purge_interval_s, 1),
         ] {
             if value < min {
@@ -283,6 +289,10 @@ impl Config {
 
     pub fn batch_max_wait(&self) -> Duration {
         Duration::from_millis(self.batch_max_wait_ms)
+    }
+
+    pub fn clickhouse_timeout(&self) -> Duration {
+        Duration::from_millis(self.clickhouse_timeout_ms)
     }
 
     pub fn status_interval(&self) -> Duration {

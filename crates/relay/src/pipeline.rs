@@ -117,7 +117,8 @@ pub struct Relay {
 impl Relay {
     pub fn new(config: Config) -> Result<Relay, crate::config::ConfigError> {
         let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
-        let sink = ClickHouseSink::new(&target, &config.clickhouse_table, &config.slot);
+        let sink = ClickHouseSink::new(&target, &config.clickhouse_table, &config.slot)
+            .with_timeout(config.clickhouse_timeout());
         Ok(Relay {
             config,
             sink,

@@ -335,6 +335,8 @@ pub struct ClickHouseSink {
     /// Every insert's `query_id` starts with this, so a new session can find and stop the
     /// inserts a previous one left running.
     query_prefix: String,
+    /// Bound on each step of an insert and on each query.
+    timeout: Duration,
 }
 
 impl ClickHouseSink {
@@ -344,7 +346,31 @@ impl ClickHouseSink {
             client: target.client(true),
             table: table.to_string(),
             query_prefix: format!("outbox-relay:{writer}:"),
+            timeout: Duration::from_secs(300),
         }
+    }
+
+    /// Bounds each step of an insert (taking a chunk, answering at the end) and each query
+    /// (300 s by default): past it the call fails with a timeout instead of waiting on a silent
+    /// network forever.
+    pub fn with_timeout(mut self, timeout: Duration) -> ClickHouseSink {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs `request` (a query named `query` in errors) within the timeout.
+    async fn bounded<T>(
+        &self,
+        query: &str,
+        request: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+    ) -> Result<T, SinkError> {
+        let result = tokio::time::timeout(self.timeout, request)
+            .await
+            .unwrap_or(Err(clickhouse::error::Error::TimedOut));
+        result.map_err(|source| SinkError::Query {
+            query: query.into(),
+            source,
+        })
     }
 
     fn insert_sql(&self) -> String {
@@ -366,10 +392,7 @@ impl ClickHouseSink {
             .insert_formatted_with(self.insert_sql())
             .with_setting("input_format_binary_read_json_as_string", "1")
             .with_setting("query_id", self.query_id())
-            .with_timeouts(
-                Some(Duration::from_secs(60)),
-                Some(Duration::from_secs(300)),
-            )
+            .with_timeouts(Some(self.timeout), Some(self.timeout))
             .buffered();
         BatchInsert {
             insert,
@@ -397,10 +420,7 @@ impl ClickHouseSink {
             .with_setting("input_format_binary_read_json_as_string", "1")
             .with_setting("query_id", self.query_id())
             .with_setting("max_insert_block_size", (rows.len() + 1).to_string())
-            .with_timeouts(
-                Some(Duration::from_secs(60)),
-                Some(Duration::from_secs(300)),
-            );
+            .with_timeouts(Some(self.timeout), Some(self.timeout));
         if let Some(token) = token {
             insert = insert.with_setting("insert_deduplication_token", token);
         }
@@ -420,7 +440,7 @@ impl ClickHouseSink {
             "KILL QUERY WHERE startsWith(query_id, '{}') SYNC FORMAT Null",
             self.query_prefix.replace('\\', "\\\\").replace('\'', "\\'")
         );
-        execute(&self.client, &query).await
+        self.execute(&query).await
     }
 
     /// Which events from commit LSN `from` on ClickHouse already holds (see [`Present`]).
@@ -433,15 +453,8 @@ impl ClickHouseSink {
               GROUP BY commit_lsn, island ORDER BY commit_lsn, 2",
             quote_ch_ident(&self.table)
         );
-        let ranges = self
-            .client
-            .query(&query)
-            .fetch_all::<(u64, u32, u32)>()
-            .await
-            .map_err(|source| SinkError::Query {
-                query: query.clone(),
-                source,
-            })?;
+        let request = self.client.query(&query).fetch_all::<(u64, u32, u32)>();
+        let ranges = self.bounded(&query, request).await?;
         Ok(Present::from_ranges(ranges))
     }
 
@@ -459,33 +472,22 @@ impl ClickHouseSink {
             "SELECT DISTINCT toString(event_id) FROM {} WHERE event_id IN ({list})",
             quote_ch_ident(&self.table)
         );
-        self.client
-            .query(&query)
-            .fetch_all::<String>()
-            .await
-            .map_err(|source| SinkError::Query {
-                query: format!("SELECT ... WHERE event_id IN ({} ids)", ids.len()),
-                source,
-            })
+        let request = self.client.query(&query).fetch_all::<String>();
+        let named = format!("SELECT ... WHERE event_id IN ({} ids)", ids.len());
+        self.bounded(&named, request).await
     }
 
     /// Runs a statement that returns nothing (DDL).
     pub async fn execute(&self, query: &str) -> Result<(), SinkError> {
-        execute(&self.client, query).await
+        self.bounded(query, self.client.query(query).execute())
+            .await
     }
 
     /// `SELECT 1`: is the server there and does it accept our credentials?
     pub async fn ping(&self) -> Result<(), SinkError> {
         let query = "SELECT 1";
-        self.client
-            .query(query)
-            .fetch_one::<u8>()
-            .await
-            .map(|_| ())
-            .map_err(|source| SinkError::Query {
-                query: query.into(),
-                source,
-            })
+        let request = self.client.query(query).fetch_one::<u8>();
+        self.bounded(query, request).await.map(|_| ())
     }
 
     pub fn client(&self) -> &Client {

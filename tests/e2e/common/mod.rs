@@ -61,6 +61,18 @@ impl Fixture {
         fixture
     }
 
+    /// The value of a setting in the relay's environment.
+    pub fn env_value(&self, key: &str) -> String {
+        let found = self.env.iter().find(|(k, _)| k == key);
+        found.map(|(_, v)| v.clone()).unwrap_or_default()
+    }
+
+    /// Sets a setting for the relays started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Runs `outbox-relay ARGS` to completion.
     pub fn relay(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("run outbox-relay")
