@@ -45,7 +45,22 @@ fn main() -> Result<()> {
     for run in 0..runs {
         eprintln!("bench: run {}/{runs}", run + 1);
         for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
-            let (wal, relay, rss, cpu) = bench.drain(per_tx)?;
+            let Drain {
+                wal,
+                relay,
+                rss,
+                cpu,
+                walsender_wal,
+                walsender_relay,
+            } = bench.drain(per_tx)?;
+            samples
+                .entry(leak(format!("walsender_busy_during_wal_limit{shape}")))
+                .or_default()
+                .push(walsender_wal);
+            samples
+                .entry(leak(format!("walsender_busy_during_relay{shape}")))
+                .or_default()
+                .push(walsender_relay);
             samples
                 .entry(leak(format!("wal_limit_events_per_s{shape}")))
                 .or_default()
@@ -173,14 +188,13 @@ impl Bench {
         Ok(())
     }
 
-    /// (PostgreSQL's own decoding rate, the relay's rate into ClickHouse, relay peak RSS MB,
-    /// relay CPU seconds per million events) over the same backlog.
-    fn drain(&self, per_tx: u64) -> Result<(f64, f64, f64, f64)> {
+    /// PostgreSQL's own decoding rate and the relay's rate into ClickHouse over the same backlog.
+    fn drain(&self, per_tx: u64) -> Result<Drain> {
         let end = self.prepare_backlog(per_tx)?;
         let end_text = format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff);
 
         let started = Instant::now();
-        let status = Command::new(self.pg.bin_dir().join("pg_recvlogical"))
+        let mut recv = Command::new(self.pg.bin_dir().join("pg_recvlogical"))
             .args([
                 "-h",
                 "127.0.0.1",
@@ -207,7 +221,15 @@ impl Bench {
             ])
             .args(["-o", "binary=true", "-E", &end_text])
             .stderr(Stdio::null())
-            .status()?;
+            .spawn()?;
+        let mut walsender_wal = WalsenderCpu::default();
+        let status = loop {
+            if let Some(status) = recv.try_wait()? {
+                break status;
+            }
+            walsender_wal.sample(self, RECV_SLOT);
+            std::thread::sleep(Duration::from_millis(10));
+        };
         if !status.success() {
             bail!("pg_recvlogical failed: {status}");
         }
@@ -220,8 +242,10 @@ impl Bench {
             .stderr(Stdio::null())
             .spawn()?;
         let mut usage = (0.0, 0.0);
+        let mut walsender_relay = WalsenderCpu::default();
         loop {
             usage = proc_usage(&child).unwrap_or(usage);
+            walsender_relay.sample(self, SLOT);
             let confirmed = self.sql(&format!(
                 "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
             ))?;
@@ -244,8 +268,15 @@ impl Bench {
         if count != self.events {
             bail!("ClickHouse has {count} rows, expected {}", self.events);
         }
-        let (rss_mb, cpu_s) = usage;
-        Ok((wal, relay, rss_mb, cpu_s / (self.events as f64 / 1e6)))
+        let (rss, cpu_s) = usage;
+        Ok(Drain {
+            wal,
+            relay,
+            rss,
+            cpu: cpu_s / (self.events as f64 / 1e6),
+            walsender_wal: walsender_wal.busy(),
+            walsender_relay: walsender_relay.busy(),
+        })
     }
 
     /// The same kind of rows sent to ClickHouse by the simplest code: batches of 100,000.
@@ -444,6 +475,58 @@ fn row(i: u64, context: &str) -> EventRow<'_> {
 }
 
 /// (peak RSS in MB, CPU seconds) of a running child, from /proc.
+/// One drain of the backlog: events per second of `pg_recvlogical` (the WAL limit) and of the
+/// relay, the relay's peak RSS (MB) and CPU seconds per million events, and how busy the
+/// walsender was (share of one core) serving each.
+struct Drain {
+    wal: f64,
+    relay: f64,
+    rss: f64,
+    cpu: f64,
+    walsender_wal: f64,
+    walsender_relay: f64,
+}
+
+/// The CPU time of the walsender serving a slot, sampled while a consumer drains it.
+#[derive(Default)]
+struct WalsenderCpu {
+    pid: Option<u32>,
+    first: Option<(Instant, f64)>,
+    last: Option<(Instant, f64)>,
+}
+
+impl WalsenderCpu {
+    fn sample(&mut self, bench: &Bench, slot: &str) {
+        if self.pid.is_none() {
+            let pid = bench.sql(&format!(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ));
+            self.pid = pid.ok().and_then(|p| p.trim().parse().ok());
+        }
+        if let Some(cpu) = self.pid.and_then(cpu_seconds) {
+            let now = (Instant::now(), cpu);
+            self.first.get_or_insert(now);
+            self.last = Some(now);
+        }
+    }
+
+    /// Share of one core the walsender used between the first and the last sample.
+    fn busy(&self) -> f64 {
+        match (self.first, self.last) {
+            (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => (c1 - c0) / (t1 - t0).as_secs_f64(),
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// User plus system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn proc_usage(child: &Child) -> Option<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
     let hwm_kb: f64 = status
@@ -453,10 +536,7 @@ fn proc_usage(child: &Child) -> Option<(f64, f64)> {
         .trim_end_matches(" kB")
         .parse()
         .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some((hwm_kb / 1024.0, ticks / 100.0))
+    Some((hwm_kb / 1024.0, cpu_seconds(child.id())?))
 }
 
 fn stop(child: &mut Child) {
