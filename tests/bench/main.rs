@@ -53,14 +53,18 @@ fn main() -> Result<()> {
                 walsender_wal,
                 walsender_relay,
             } = bench.drain(per_tx)?;
-            samples
-                .entry(leak(format!("walsender_busy_during_wal_limit{shape}")))
-                .or_default()
-                .push(walsender_wal);
-            samples
-                .entry(leak(format!("walsender_busy_during_relay{shape}")))
-                .or_default()
-                .push(walsender_relay);
+            for (during, (busy, waiting)) in
+                [("wal_limit", walsender_wal), ("relay", walsender_relay)]
+            {
+                samples
+                    .entry(leak(format!("walsender_busy_during_{during}{shape}")))
+                    .or_default()
+                    .push(busy);
+                samples
+                    .entry(leak(format!("walsender_cpu_wait_during_{during}{shape}")))
+                    .or_default()
+                    .push(waiting);
+            }
             samples
                 .entry(leak(format!("wal_limit_events_per_s{shape}")))
                 .or_default()
@@ -274,8 +278,8 @@ impl Bench {
             relay,
             rss,
             cpu: cpu_s / (self.events as f64 / 1e6),
-            walsender_wal: walsender_wal.busy(),
-            walsender_relay: walsender_relay.busy(),
+            walsender_wal: walsender_wal.shares(),
+            walsender_relay: walsender_relay.shares(),
         })
     }
 
@@ -476,23 +480,25 @@ fn row(i: u64, context: &str) -> EventRow<'_> {
 
 /// (peak RSS in MB, CPU seconds) of a running child, from /proc.
 /// One drain of the backlog: events per second of `pg_recvlogical` (the WAL limit) and of the
-/// relay, the relay's peak RSS (MB) and CPU seconds per million events, and how busy the
-/// walsender was (share of one core) serving each.
+/// relay, the relay's peak RSS (MB) and CPU seconds per million events, and how the walsender
+/// spent its time serving each.
 struct Drain {
     wal: f64,
     relay: f64,
     rss: f64,
     cpu: f64,
-    walsender_wal: f64,
-    walsender_relay: f64,
+    /// (running, waiting for a CPU) shares, see [`WalsenderCpu::shares`].
+    walsender_wal: (f64, f64),
+    walsender_relay: (f64, f64),
 }
 
-/// The CPU time of the walsender serving a slot, sampled while a consumer drains it.
+/// The CPU time of the walsender serving a slot, and its time waiting for a CPU, sampled while
+/// a consumer drains it.
 #[derive(Default)]
 struct WalsenderCpu {
     pid: Option<u32>,
-    first: Option<(Instant, f64)>,
-    last: Option<(Instant, f64)>,
+    first: Option<(Instant, (f64, f64))>,
+    last: Option<(Instant, (f64, f64))>,
 }
 
 impl WalsenderCpu {
@@ -503,20 +509,31 @@ impl WalsenderCpu {
             ));
             self.pid = pid.ok().and_then(|p| p.trim().parse().ok());
         }
-        if let Some(cpu) = self.pid.and_then(cpu_seconds) {
-            let now = (Instant::now(), cpu);
+        if let Some(times) = self.pid.and_then(sched_seconds) {
+            let now = (Instant::now(), times);
             self.first.get_or_insert(now);
             self.last = Some(now);
         }
     }
 
-    /// Share of one core the walsender used between the first and the last sample.
-    fn busy(&self) -> f64 {
+    /// Shares of the time between the first and the last sample the walsender spent running
+    /// and runnable but waiting for a CPU; the rest it waited for its consumer or the WAL.
+    fn shares(&self) -> (f64, f64) {
         match (self.first, self.last) {
-            (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => (c1 - c0) / (t1 - t0).as_secs_f64(),
-            _ => f64::NAN,
+            (Some((t0, (c0, w0))), Some((t1, (c1, w1)))) if t1 > t0 => {
+                let wall = (t1 - t0).as_secs_f64();
+                ((c1 - c0) / wall, (w1 - w0) / wall)
+            }
+            _ => (f64::NAN, f64::NAN),
         }
     }
+}
+
+/// (seconds on a CPU, seconds runnable but waiting for one) of a process, from the scheduler.
+fn sched_seconds(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let mut fields = stat.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some((fields.next()?? / 1e9, fields.next()?? / 1e9))
 }
 
 /// User plus system CPU seconds of a process.
