@@ -41,63 +41,39 @@ fn main() -> Result<()> {
     bench.pg.create_database("bench")?;
     bench.relay(&["setup"], &[])?;
 
-    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut push = |key: String, value: f64| samples.entry(key).or_default().push(value);
     for run in 0..runs {
         eprintln!("bench: run {}/{runs}", run + 1);
         for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
-            let Drain {
-                wal,
-                relay,
-                rss,
-                cpu,
-                walsender_wal,
-                walsender_relay,
-            } = bench.drain(per_tx)?;
+            let d = bench.drain(per_tx)?;
+            push(format!("wal_limit_events_per_s{shape}"), d.wal);
+            push(format!("relay_events_per_s{shape}"), d.relay);
+            push(format!("relay_to_wal_ratio{shape}"), d.relay / d.wal);
+            push(format!("relay_peak_rss_mb{shape}"), d.rss);
+            push(format!("relay_cpu_s_per_million_events{shape}"), d.cpu);
             for (during, (busy, waiting)) in
-                [("wal_limit", walsender_wal), ("relay", walsender_relay)]
+                [("wal_limit", d.walsender_wal), ("relay", d.walsender_relay)]
             {
-                samples
-                    .entry(leak(format!("walsender_busy_during_{during}{shape}")))
-                    .or_default()
-                    .push(busy);
-                samples
-                    .entry(leak(format!("walsender_cpu_wait_during_{during}{shape}")))
-                    .or_default()
-                    .push(waiting);
+                push(format!("walsender_busy_during_{during}{shape}"), busy);
+                push(
+                    format!("walsender_cpu_wait_during_{during}{shape}"),
+                    waiting,
+                );
             }
-            samples
-                .entry(leak(format!("wal_limit_events_per_s{shape}")))
-                .or_default()
-                .push(wal);
-            samples
-                .entry(leak(format!("relay_events_per_s{shape}")))
-                .or_default()
-                .push(relay);
-            samples
-                .entry(leak(format!("relay_to_wal_ratio{shape}")))
-                .or_default()
-                .push(relay / wal);
-            samples
-                .entry(leak(format!("relay_peak_rss_mb{shape}")))
-                .or_default()
-                .push(rss);
-            samples
-                .entry(leak(format!("relay_cpu_s_per_million_events{shape}")))
-                .or_default()
-                .push(cpu);
         }
-        samples
-            .entry("clickhouse_insert_limit_events_per_s")
-            .or_default()
-            .push(bench.clickhouse_limit()?);
-        samples
-            .entry("polling_outbox_events_per_s")
-            .or_default()
-            .push(bench.polling_outbox()?);
+        push(
+            "clickhouse_insert_limit_events_per_s".into(),
+            bench.clickhouse_limit()?,
+        );
+        push(
+            "polling_outbox_events_per_s".into(),
+            bench.polling_outbox()?,
+        );
     }
     let mut results: BTreeMap<String, f64> = samples
         .iter()
-        .map(|(k, v)| (k.to_string(), median(v)))
+        .map(|(k, v)| (k.clone(), median(v)))
         .collect();
     // Peak memory: the worst run, not the median.
     for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"] {
@@ -582,10 +558,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
 }
 
 fn machine() -> String {
