@@ -216,12 +216,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
-    let target = relay::sink::ClickHouseTarget::parse(&config.clickhouse_url)?;
     let writer = format!("{}-tool", config.slot);
-    Ok(
-        relay::sink::ClickHouseSink::new(&target, &config.clickhouse_table, &writer)
-            .with_timeout(config.clickhouse_timeout()),
-    )
+    Ok(relay::sink::ClickHouseSink::from_config(config, &writer)?)
 }
 
 async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {

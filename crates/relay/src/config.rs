@@ -89,7 +89,7 @@ impl Default for Config {
             status_interval_ms: 1_000,
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
-            clickhouse_timeout_ms: 300_000,
+            clickhouse_timeout_ms: crate::sink::DEFAULT_TIMEOUT.as_millis() as u64,
             outbox_retention_hours: 72,
             purge_interval_s: 60,
             log_format: LogFormat::Pretty,

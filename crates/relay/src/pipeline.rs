@@ -38,9 +38,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{OutboxLayout, RowError, SchemaError};
 use crate::pg::{self, PgError};
 use crate::replay;
-use crate::sink::{
-    BatchInsert, ClickHouseSink, ClickHouseTarget, OwnedEventRow, Present, SinkError,
-};
+use crate::sink::{BatchInsert, ClickHouseSink, OwnedEventRow, Present, SinkError};
 
 /// Messages the replication connection reads ahead of the pipeline. The relay's memory is about
 /// this times the largest message: 1,024 keeps a 10 KB-per-event stream at ~10 MB (the
@@ -116,9 +114,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: Config) -> Result<Relay, crate::config::ConfigError> {
-        let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
-        let sink = ClickHouseSink::new(&target, &config.clickhouse_table, &config.slot)
-            .with_timeout(config.clickhouse_timeout());
+        let sink = ClickHouseSink::from_config(&config, &config.slot)?;
         Ok(Relay {
             config,
             sink,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clickhouse::Client;
 use clickhouse::insert_formatted::BufInsertFormatted;
 
-use crate::config::ConfigError;
+use crate::config::{Config, ConfigError};
 
 /// The ClickHouse columns the relay writes, in RowBinary order.
 pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
@@ -327,6 +327,9 @@ impl SinkError {
 /// VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321), TOO_DEEP_RECURSION (306), CANNOT_PARSE_UUID (376).
 pub const REJECTED_DATA_CODES: &[u32] = &[6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 306, 321, 376];
 
+/// How long a step of an insert or a query may take unless configured otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Writes batches into one ClickHouse table.
 #[derive(Clone)]
 pub struct ClickHouseSink {
@@ -346,8 +349,18 @@ impl ClickHouseSink {
             client: target.client(true),
             table: table.to_string(),
             query_prefix: format!("outbox-relay:{writer}:"),
-            timeout: Duration::from_secs(300),
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The sink the configuration describes (URL, table, `clickhouse_timeout_ms`); `writer`
+    /// names who writes, for query ids.
+    pub fn from_config(config: &Config, writer: &str) -> Result<ClickHouseSink, ConfigError> {
+        let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
+        Ok(
+            ClickHouseSink::new(&target, &config.clickhouse_table, writer)
+                .with_timeout(config.clickhouse_timeout()),
+        )
     }
 
     /// Bounds each step of an insert (taking a chunk, answering at the end) and each query

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::pg::{self, PgError, SlotState};
-use crate::sink::{ClickHouseSink, ClickHouseTarget};
+use crate::sink::ClickHouseSink;
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -27,12 +27,8 @@ pub struct Status {
 pub async fn status(config: &Config) -> Result<Status, PgError> {
     let client = pg::connect(&config.postgres_url).await?;
     let state = pg::slot_state(&client, &config.slot).await?;
-    let sink = ClickHouseSink::new(
-        &ClickHouseTarget::parse(&config.clickhouse_url)
-            .map_err(|e| PgError::NotReady(e.to_string()))?,
-        &config.clickhouse_table,
-        &config.slot,
-    );
+    let sink = ClickHouseSink::from_config(config, &config.slot)
+        .map_err(|e| PgError::NotReady(e.to_string()))?;
     let dead_letters = crate::deadletter::count(&client, config).await.ok();
     let checkpoint = crate::replay::last_checkpoint(&client, config)
         .await
