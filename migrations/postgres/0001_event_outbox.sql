@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS "public"."event_outbox_checkpoints" (
     snapshot_lsn  pg_lsn      NOT NULL
 );
 CREATE INDEX IF NOT EXISTS "event_outbox_checkpoints_slot_snapshot_lsn" ON "public"."event_outbox_checkpoints" (slot, snapshot_lsn);
+-- Which publication and table the batch was streamed under (their oids): a later session that
+-- finds another (the publication dropped and created again, the table swapped) knows the WAL in
+-- between may have been skipped by PostgreSQL and re-ships that window from the outbox.
+ALTER TABLE "public"."event_outbox_checkpoints" ADD COLUMN IF NOT EXISTS coverage text;
 
 -- Events ClickHouse refused on their own (a value its column cannot hold), with its error; the
 -- rest of their batch shipped. `outbox-relay dead-letters list|retry|purge` manages them; fix a

@@ -182,7 +182,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             wait_s,
             json,
         } => {
-            let sink = clickhouse_sink(&config)?;
+            let sink = clickhouse_sink(&config).await?;
             let report = relay::replay::replay(
                 &config,
                 &sink,
@@ -215,9 +215,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
+/// The sink of `replay` and `dead-letters retry`: rows marked with (and checks limited to) this
+/// outbox's source, as the live relay writes them.
+async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
     let writer = format!("{}-tool", config.slot);
-    Ok(relay::sink::ClickHouseSink::from_config(config, &writer)?)
+    let sink = relay::sink::ClickHouseSink::from_config(config, &writer)?;
+    let pg = relay::pg::connect(&config.postgres_url).await?;
+    let source = relay::pg::source_identity(&pg, config).await?;
+    Ok(sink.with_source(source))
 }
 
 async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {
@@ -246,7 +251,7 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
             }
         }
         DeadLetterAction::Retry { event_id } => {
-            let sink = clickhouse_sink(config)?;
+            let sink = clickhouse_sink(config).await?;
             let report = deadletter::retry(config, &sink, event_id.as_deref())
                 .await
                 .context("dead-letter retry failed")?;

@@ -31,6 +31,9 @@ pub struct Config {
     pub outbox_table: String,
     /// ClickHouse table the events land in.
     pub clickhouse_table: String,
+    /// The identity written into ClickHouse's `source` column; empty derives it from PostgreSQL
+    /// (`pg:<system identifier>/<database>/<schema>.<table>`).
+    pub source_id: String,
     /// Default of the outbox's `environment` column, applied by `outbox-relay setup`.
     pub environment: String,
     /// A batch is flushed once it holds at least this many rows (at a transaction boundary).
@@ -82,6 +85,7 @@ impl Default for Config {
             outbox_schema: "public".into(),
             outbox_table: "event_outbox".into(),
             clickhouse_table: "event_log".into(),
+            source_id: String::new(),
             environment: "production".into(),
             batch_max_rows: 100_000,
             batch_max_bytes: 64 * 1024 * 1024,
@@ -111,6 +115,7 @@ pub const SETTINGS: &[&str] = &[
     "outbox_schema",
     "outbox_table",
     "clickhouse_table",
+    "source_id",
     "environment",
     "batch_max_rows",
     "batch_max_bytes",

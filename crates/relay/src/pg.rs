@@ -158,3 +158,110 @@ pub async fn preflight(client: &Client, slot: &str) -> Result<Lsn, PgError> {
         ))
     })
 }
+
+/// The identity of the outbox the relay streams, stored in ClickHouse's `source` column:
+/// `pg:<system identifier>/<database>/<schema>.<table>`. It survives a failover to a physical
+/// standby (same system identifier) and tells apart two outboxes of one database and two
+/// servers; `source_id` overrides it (servers cloned from one base backup share an identifier).
+pub async fn source_identity(
+    client: &Client,
+    config: &crate::config::Config,
+) -> Result<String, PgError> {
+    if !config.source_id.is_empty() {
+        return Ok(config.source_id.clone());
+    }
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("system identifier query"))?;
+    let (system, database): (String, String) = (row.get(0), row.get(1));
+    Ok(format!(
+        "pg:{system}/{database}/{}.{}",
+        config.outbox_schema, config.outbox_table
+    ))
+}
+
+/// Whether the publication streams the outbox table's inserts, and under which identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coverage {
+    /// Streamed. The fingerprint (`publication oid/table oid/membership oid`) changes when the
+    /// publication is created again, the table is swapped or taken out and put back.
+    Covered { fingerprint: String },
+    /// Not streamed: PostgreSQL skips the outbox's inserts; the text says why and what to do.
+    Uncovered(String),
+}
+
+/// Checks that the publication exists, publishes inserts and contains the outbox table (the one
+/// that has the name now, by oid).
+pub async fn coverage(
+    client: &Client,
+    config: &crate::config::Config,
+) -> Result<Coverage, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT p.oid::text, p.pubinsert, p.puballtables,
+                    t.oid::text,
+                    (SELECT r.oid::text FROM pg_publication_rel r
+                      WHERE r.prpubid = p.oid AND r.prrelid = t.oid),
+                    (SELECT pn.oid::text FROM pg_publication_namespace pn
+                      WHERE pn.pnpubid = p.oid AND pn.pnnspid = t.relnamespace)
+               FROM pg_publication p
+               LEFT JOIN (SELECT c.oid, c.relnamespace FROM pg_class c
+                            JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = $2 AND c.relname = $3) t ON true
+              WHERE p.pubname = $1",
+            &[
+                &config.publication,
+                &config.outbox_schema,
+                &config.outbox_table,
+            ],
+        )
+        .await
+        .map_err(PgError::query("publication check"))?;
+    let names = format!(
+        "publication {:?}, outbox table {:?}.{:?}",
+        config.publication, config.outbox_schema, config.outbox_table
+    );
+    let Some(row) = row else {
+        return Ok(Coverage::Uncovered(format!(
+            "publication {:?} does not exist, so PostgreSQL skips every outbox insert: create it \
+             with `outbox-relay setup`; the relay then re-ships what was committed meanwhile \
+             from the outbox table",
+            config.publication
+        )));
+    };
+    let (publication, inserts, all_tables): (String, bool, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    let table: Option<String> = row.get(3);
+    let member: Option<String> = row.get::<_, Option<String>>(4).or(row.get(5));
+    let Some(table) = table else {
+        return Ok(Coverage::Uncovered(format!(
+            "{names}: the outbox table does not exist: run `outbox-relay setup`"
+        )));
+    };
+    if !inserts {
+        return Ok(Coverage::Uncovered(format!(
+            "{names}: the publication does not publish inserts, so PostgreSQL skips the outbox's \
+             events: ALTER PUBLICATION ... SET (publish = 'insert'); the relay then re-ships \
+             what was committed meanwhile"
+        )));
+    }
+    let member = match (member, all_tables) {
+        (Some(member), _) => member,
+        (None, true) => "all".to_string(),
+        (None, false) => {
+            return Ok(Coverage::Uncovered(format!(
+                "{names}: the outbox table (oid {table}) is not in the publication (was it \
+                 replaced by another table of that name?), so PostgreSQL skips its inserts: \
+                 ALTER PUBLICATION ... ADD TABLE ..., or run `outbox-relay setup` on a new \
+                 publication; the relay then re-ships what was committed meanwhile"
+            )));
+        }
+    };
+    Ok(Coverage::Covered {
+        fingerprint: format!("{publication}/{table}/{member}"),
+    })
+}

@@ -87,6 +87,14 @@ pub enum RelayError {
     },
     #[error("an insert into the outbox table arrived outside a transaction (WAL {0})")]
     Protocol(Lsn),
+    /// The outbox's inserts are not (or no longer) streamed; waiting for an operator's fix.
+    #[error("{0}")]
+    Uncovered(String),
+    #[error(
+        "re-shipping the events committed while the publication did not cover the outbox \
+         failed: {0}; the next session tries again"
+    )]
+    CoverageReplay(String),
 }
 
 impl RelayError {
@@ -96,7 +104,11 @@ impl RelayError {
             RelayError::Postgres(PgError::NotReady(_)) => false,
             RelayError::Postgres(_) => true,
             RelayError::Replication { source, .. } => !matches!(source, PgWireError::Auth(_)),
-            RelayError::StreamEnded | RelayError::ClickHouse(_) => true,
+            RelayError::ClickHouse(SinkError::Table { .. }) => false,
+            RelayError::StreamEnded
+            | RelayError::ClickHouse(_)
+            | RelayError::Uncovered(_)
+            | RelayError::CoverageReplay(_) => true,
             RelayError::Decode { .. }
             | RelayError::Schema(_)
             | RelayError::Row { .. }
@@ -138,7 +150,7 @@ impl Relay {
         let mut careful_until = None;
         loop {
             let started = Instant::now();
-            let mut session = Session::new(&self.config, &self.sink, &self.metrics);
+            let mut session = Session::new(&self.config, self.sink.clone(), &self.metrics);
             session.careful_until = careful_until;
             let result = session.run(&mut shutdown).await;
             careful_until = session.careful_until;
@@ -151,6 +163,15 @@ impl Relay {
                 }
                 Ok(()) => {}
             }
+            let result = match result {
+                Err(RelayError::Replication {
+                    source: PgWireError::Server(message),
+                    ..
+                }) if replay::is_unpublished_window(&message) => {
+                    self.skip_unpublished_window(&message).await
+                }
+                other => other,
+            };
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
@@ -168,6 +189,26 @@ impl Relay {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Relay {
+    /// PostgreSQL before 18 cannot decode the WAL written while the publication was missing.
+    /// When the publication exists again, the slot is moved past that WAL and the next session
+    /// re-ships the window from the outbox ([`replay::skip_unpublished_window`]); while it is
+    /// missing, the relay waits.
+    async fn skip_unpublished_window(&self, message: &str) -> Result<(), RelayError> {
+        let sql = pg::connect(&self.config.postgres_url).await?;
+        if let pg::Coverage::Uncovered(why) = pg::coverage(&sql, &self.config).await? {
+            return Err(RelayError::Uncovered(why));
+        }
+        let to = replay::skip_unpublished_window(&self.config).await?;
+        Err(RelayError::Uncovered(format!(
+            "PostgreSQL cannot decode WAL written while publication {:?} was missing ({message}): \
+             the slot was moved past it to {to}, and the next session re-ships the outbox's \
+             events committed since the last checkpoint before it",
+            self.config.publication
+        )))
     }
 }
 
@@ -233,7 +274,14 @@ const MAX_LINKED_TRACES: usize = 32;
 /// One replication connection's worth of streaming.
 struct Session<'a> {
     config: &'a Config,
-    sink: &'a ClickHouseSink,
+    /// The relay's sink, marked with this outbox's source identity.
+    sink: ClickHouseSink,
+    /// The publication's coverage of the outbox table when the session started
+    /// ([`pg::coverage`]); checked again periodically and with every checkpoint.
+    coverage: String,
+    /// Re-shipping a window the publication did not cover, beside the stream; no checkpoint is
+    /// recorded until it is done, so that a crash meanwhile makes the next session do it again.
+    coverage_replay: Option<AbortOnDrop<Result<replay::ReplayReport, replay::ReplayError>>>,
     metrics: &'a Metrics,
     outbox_relation: Option<(u32, OutboxLayout)>,
     tx: Option<Tx>,
@@ -255,10 +303,12 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(config: &'a Config, sink: &'a ClickHouseSink, metrics: &'a Metrics) -> Session<'a> {
+    fn new(config: &'a Config, sink: ClickHouseSink, metrics: &'a Metrics) -> Session<'a> {
         Session {
             config,
             sink,
+            coverage: String::new(),
+            coverage_replay: None,
             metrics,
             outbox_relation: None,
             tx: None,
@@ -277,6 +327,28 @@ impl<'a> Session<'a> {
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
         let start = pg::preflight(&sql, &self.config.slot).await?;
+        self.sink = self
+            .sink
+            .clone()
+            .with_source(pg::source_identity(&sql, self.config).await?);
+        self.sink.check_table().await?;
+        self.coverage = match pg::coverage(&sql, self.config).await? {
+            pg::Coverage::Covered { fingerprint } => fingerprint,
+            pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
+        };
+        if let Some(from) = replay::coverage_gap(&sql, self.config, &self.coverage, start).await? {
+            warn!(
+                from_lsn = %from,
+                "the publication or the outbox table changed since the last checkpoint (dropped \
+                 and created again, swapped, taken out of the publication): PostgreSQL may have \
+                 skipped events meanwhile; re-shipping them from the outbox table beside the \
+                 stream (exactly once: ClickHouse's rows are checked first)"
+            );
+            let (config, sink) = (self.config.clone(), self.sink.clone());
+            self.coverage_replay = Some(AbortOnDrop(tokio::spawn(async move {
+                replay::replay(&config, &sink, from, COVERAGE_REPLAY_WAIT, false).await
+            })));
+        }
         self.metrics
             .dead_letters
             .store(deadletter::count(&sql, self.config).await?, Relaxed);
@@ -301,6 +373,10 @@ impl<'a> Session<'a> {
         self.metrics.replicating.store(true, Relaxed);
         self.metrics.confirmed_lsn.store(start.0, Relaxed);
         let mut stopping = *shutdown.borrow();
+        let mut coverage_check = tokio::time::interval_at(
+            tokio::time::Instant::now() + COVERAGE_CHECK_INTERVAL,
+            COVERAGE_CHECK_INTERVAL,
+        );
         loop {
             if stopping && self.tx.is_none() {
                 self.ship_careful(&client).await?;
@@ -320,6 +396,21 @@ impl<'a> Session<'a> {
                 }
                 _ = sleep_until(flush_at), if flush_at.is_some() => {
                     self.flush(&client).await?;
+                }
+                _ = coverage_check.tick() => self.check_coverage().await?,
+                done = replay_done(&mut self.coverage_replay) => {
+                    self.coverage_replay = None;
+                    let report = done
+                        .map_err(|e| RelayError::CoverageReplay(e.to_string()))?
+                        .map_err(|e| RelayError::CoverageReplay(e.to_string()))?;
+                    warn!(
+                        candidates = report.candidates,
+                        already_there = report.already_there,
+                        shipped = report.shipped,
+                        dead_letters = report.dead_letters,
+                        "the window the publication did not cover is re-shipped; checkpoints \
+                         go on"
+                    );
                 }
                 event = client.recv() => {
                     let event = event.map_err(|source| self.replication_error(source))?;
@@ -481,7 +572,7 @@ impl<'a> Session<'a> {
                             .pending_since_us
                             .store(tx.commit_time_us + PG_EPOCH_UNIX_US, Relaxed);
                         self.batch.insert(open_batch(
-                            self.sink,
+                            &self.sink,
                             self.config.batch_max_wait(),
                             tx.commit_lsn,
                             row.sentry_trace_header().as_deref(),
@@ -551,7 +642,7 @@ impl<'a> Session<'a> {
             .as_ref()
             .map(|t| t.start_child("relay.confirm", "standby status update"));
         self.confirm(client, last_end);
-        self.checkpoint(last_end, rows).await;
+        self.checkpoint(last_end, rows).await?;
         if let Some(span) = confirm_span {
             span.finish();
         }
@@ -597,7 +688,7 @@ impl<'a> Session<'a> {
         if let Some(end) = self.careful_end.take() {
             self.confirm(client, end);
             if rows > 0 {
-                self.checkpoint(end, rows).await;
+                self.checkpoint(end, rows).await?;
             }
         }
         Ok(())
@@ -658,13 +749,45 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Records a checkpoint (for operators and replay); a failure only warns.
-    async fn checkpoint(&self, confirmed: Lsn, rows: u64) {
-        if let Some(sql) = &self.sql
-            && let Err(e) = replay::record_checkpoint(sql, self.config, confirmed, rows).await
-        {
-            warn!(error = %e, "cannot record a checkpoint; shipping goes on");
+    /// Records a checkpoint (for operators and replay); a failure only warns. Fails the
+    /// session when the publication's coverage changed (see [`replay::record_checkpoint`]).
+    async fn checkpoint(&self, confirmed: Lsn, rows: u64) -> Result<(), RelayError> {
+        let Some(sql) = &self.sql else {
+            return Ok(());
+        };
+        if self.coverage_replay.is_some() {
+            return Ok(());
         }
+        match replay::record_checkpoint(sql, self.config, confirmed, rows, &self.coverage).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.coverage_changed()),
+            Err(e) => {
+                warn!(error = %e, "cannot record a checkpoint; shipping goes on");
+                Ok(())
+            }
+        }
+    }
+
+    /// The periodic check that the outbox's inserts are still published, under the coverage
+    /// the session started with.
+    async fn check_coverage(&self) -> Result<(), RelayError> {
+        let Some(sql) = &self.sql else {
+            return Ok(());
+        };
+        match pg::coverage(sql, self.config).await? {
+            pg::Coverage::Covered { fingerprint } if fingerprint == self.coverage => Ok(()),
+            pg::Coverage::Covered { .. } => Err(self.coverage_changed()),
+            pg::Coverage::Uncovered(why) => Err(RelayError::Uncovered(why)),
+        }
+    }
+
+    fn coverage_changed(&self) -> RelayError {
+        RelayError::Uncovered(format!(
+            "publication {:?} or outbox table {:?}.{:?} changed while streaming (dropped and \
+             created again, swapped, taken out of the publication): PostgreSQL may have skipped \
+             outbox inserts; the next session re-ships them from the outbox table",
+            self.config.publication, self.config.outbox_schema, self.config.outbox_table
+        ))
     }
 
     fn saw_wal(&mut self, lsn: Lsn) {
@@ -734,6 +857,30 @@ fn open_batch(
         trace,
         decode_span,
         trace_ids: Vec::new(),
+    }
+}
+
+/// How often a session checks that the publication still covers the outbox table.
+const COVERAGE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a coverage replay waits for the stream to pass its snapshot's WAL position.
+const COVERAGE_REPLAY_WAIT: Duration = Duration::from_secs(3600);
+
+/// A spawned task aborted when its owner is dropped (a session that ends takes its replay
+/// with it; the next session starts it again).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The coverage replay's result once it is done; never, when there is none.
+async fn replay_done<T>(task: &mut Option<AbortOnDrop<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => (&mut task.0).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -77,25 +77,143 @@ pub struct ReplayReport {
     pub dead_letters: u64,
 }
 
-/// Records a checkpoint after a batch was confirmed.
+/// The publication's coverage of the outbox table as SQL (`$1` publication, `$2` schema, `$3`
+/// table, shifted by `first`): the same fingerprint as [`crate::pg::coverage`], `'none'` when the
+/// outbox's inserts are not published.
+fn fingerprint_sql(first: usize) -> String {
+    let (p, s, t) = (first, first + 1, first + 2);
+    format!(
+        "coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
+                     (SELECT r.oid::text FROM pg_publication_rel r
+                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
+                     (SELECT pn.oid::text FROM pg_publication_namespace pn
+                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
+                     CASE WHEN p.puballtables THEN 'all' END)
+                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE p.pubname = ${p} AND n.nspname = ${s} AND c.relname = ${t}
+                      AND p.pubinsert), 'none')"
+    )
+}
+
+/// Records a checkpoint after a batch was confirmed, with the coverage the session streamed
+/// under. Nothing is recorded, and `false` returned, when the publication's coverage in the
+/// checkpoint's own snapshot is not `coverage` any more: the newest checkpoint then still
+/// predates the change, which is where the next session re-ships from.
 pub async fn record_checkpoint(
     client: &Client,
     config: &Config,
     confirmed: Lsn,
     rows: u64,
-) -> Result<(), PgError> {
-    client
+    coverage: &str,
+) -> Result<bool, PgError> {
+    let recorded = client
         .execute(
             &format!(
-                "INSERT INTO {} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn)
-                 VALUES ($1, $2::text::pg_lsn, $3, pg_current_snapshot(), pg_current_wal_lsn())",
-                checkpoints_table(config)
+                "INSERT INTO {} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
+                 SELECT $1, $2::text::pg_lsn, $3, pg_current_snapshot(), pg_current_wal_lsn(), $4
+                  WHERE {} = $4",
+                checkpoints_table(config),
+                fingerprint_sql(5)
             ),
-            &[&config.slot, &confirmed.to_string(), &(rows as i64)],
+            &[
+                &config.slot,
+                &confirmed.to_string(),
+                &(rows as i64),
+                &coverage,
+                &config.publication,
+                &config.outbox_schema,
+                &config.outbox_table,
+            ],
         )
         .await
         .map_err(PgError::query("checkpoint insert"))?;
-    Ok(())
+    Ok(recorded == 1)
+}
+
+/// When the newest checkpoint was recorded under another coverage than `coverage` (the
+/// publication dropped and created again, the table swapped or taken out and back in, or a
+/// [`skip_unpublished_window`] marker), the outbox's inserts may have been skipped since:
+/// returns the position to replay from, that checkpoint's `snapshot_lsn` or the slot's
+/// confirmed position `confirmed`, whichever is older. `None` when nothing changed, or nothing
+/// was recorded yet.
+pub async fn coverage_gap(
+    client: &Client,
+    config: &Config,
+    coverage: &str,
+    confirmed: Lsn,
+) -> Result<Option<Lsn>, PgError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT snapshot_lsn::text, coverage FROM {} WHERE slot = $1
+                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1",
+                checkpoints_table(config)
+            ),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let (lsn, recorded): (String, Option<String>) = (row.get(0), row.get(1));
+    match recorded {
+        // Recorded before coverage was (an upgraded relay), or the same coverage.
+        None => Ok(None),
+        Some(recorded) if recorded == coverage => Ok(None),
+        Some(_) => lsn
+            .parse::<Lsn>()
+            .map(|lsn| Some(lsn.min(confirmed)))
+            .map_err(|_| {
+                PgError::NotReady(format!(
+                    "checkpoint snapshot_lsn {lsn:?} is not a WAL position"
+                ))
+            }),
+    }
+}
+
+/// Whether a replication error is PostgreSQL (before 18) refusing to decode WAL written while
+/// the publication did not exist: it does so at every start from a position before that window.
+pub fn is_unpublished_window(server_error: &str) -> bool {
+    server_error.contains("SQLSTATE 42704") && server_error.contains("publication")
+}
+
+/// Gets the slot past WAL PostgreSQL cannot decode because the publication was missing when it
+/// was written (PostgreSQL 15 to 17 fail on it forever; 18 skips it): first records a marker
+/// checkpoint holding the snapshot of the newest checkpoint taken before the slot's confirmed
+/// position, then advances the slot to the current WAL position. The next session sees the
+/// marker and re-ships, from the outbox, everything that snapshot does not see, which covers
+/// what the advance skipped; a crash in between repeats both steps. Call with the slot free.
+pub async fn skip_unpublished_window(config: &Config) -> Result<Lsn, PgError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    let confirmed = pg::preflight(&client, &config.slot).await?;
+    let table = checkpoints_table(config);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
+                 SELECT $1, $2::text::pg_lsn, 0,
+                        coalesce(b.snapshot, '1:1:'::pg_snapshot), coalesce(b.snapshot_lsn, '0/0'),
+                        'skipped-unpublished-window'
+                   FROM (SELECT 1) one
+                   LEFT JOIN LATERAL (SELECT snapshot, snapshot_lsn FROM {table}
+                                       WHERE slot = $1 AND snapshot_lsn <= $2::text::pg_lsn
+                                       ORDER BY snapshot_lsn DESC LIMIT 1) b ON true"
+            ),
+            &[&config.slot, &confirmed.to_string()],
+        )
+        .await
+        .map_err(PgError::query("checkpoint insert"))?;
+    let row = client
+        .query_one(
+            "SELECT end_lsn::text FROM pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("slot advance"))?;
+    let to: String = row.get(0);
+    to.parse()
+        .map_err(|_| PgError::NotReady(format!("slot advanced to {to:?}, not a WAL position")))
 }
 
 /// Deletes checkpoints older than the outbox retention, always keeping each slot's newest.

@@ -117,6 +117,10 @@ CREATE TABLE IF NOT EXISTS {checkpoints} (
     snapshot_lsn  pg_lsn      NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {checkpoints_index} ON {checkpoints} (slot, snapshot_lsn);
+-- Which publication and table the batch was streamed under (their oids): a later session that
+-- finds another (the publication dropped and created again, the table swapped) knows the WAL in
+-- between may have been skipped by PostgreSQL and re-ships that window from the outbox.
+ALTER TABLE {checkpoints} ADD COLUMN IF NOT EXISTS coverage text;
 
 -- Events ClickHouse refused on their own (a value its column cannot hold), with its error; the
 -- rest of their batch shipped. `outbox-relay dead-letters list|retry|purge` manages them; fix a
@@ -145,7 +149,8 @@ pub fn clickhouse_ddl(config: &Config) -> String {
     format!(
         r#"-- The "one big table" of events. One row per outbox row, exactly as published.
 -- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL; trace_id is the
--- publisher's trace (empty when none was recorded).
+-- publisher's trace (empty when none was recorded); source names the outbox (PostgreSQL system
+-- identifier, database, schema.table), so several relays can write into one table.
 CREATE TABLE IF NOT EXISTS {table}
 (
     event_id         UUID,
@@ -156,7 +161,8 @@ CREATE TABLE IF NOT EXISTS {table}
     metadata_version UInt64,
     commit_lsn       UInt64,
     tx_seq           UInt32,
-    trace_id         String
+    trace_id         String,
+    source           LowCardinality(String)
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(event_date_time)
@@ -166,6 +172,9 @@ SETTINGS non_replicated_deduplication_window = 1000;
 -- The relay's restart check reads the rows past the slot's confirmed LSN; parts are written in
 -- commit order, so a minmax index lets it skip all older parts.
 ALTER TABLE {table} ADD INDEX IF NOT EXISTS commit_lsn_minmax commit_lsn TYPE minmax GRANULARITY 1;
+
+-- Tables made before 0.2 lack the source column; their rows keep '' (one relay wrote them).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT '';
 "#
     )
 }

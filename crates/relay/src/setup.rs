@@ -124,5 +124,11 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
             sink::execute(&client, statement).await?;
         }
     }
+    // An existing table is kept as it is: say now, not at the first insert, if it cannot take
+    // the relay's rows.
+    sink::ClickHouseSink::from_config(config, "setup")
+        .map_err(|e| SetupError::Unsupported(e.to_string()))?
+        .check_table()
+        .await?;
     Ok(())
 }

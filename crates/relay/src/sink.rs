@@ -10,7 +10,59 @@ use crate::config::{Config, ConfigError};
 
 /// The ClickHouse columns the relay writes, in RowBinary order.
 pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
-                           metadata_version, commit_lsn, tx_seq, trace_id";
+                           metadata_version, commit_lsn, tx_seq, trace_id, source";
+
+/// What each written column may be in an existing table: the types whose RowBinary encoding is
+/// the one [`EventRow::encode`] writes (a `String` can be `LowCardinality`, the time zone of a
+/// `DateTime64(6)` only changes how it is shown). Anything else would be misread, so
+/// [`ClickHouseSink::check_table`] refuses it.
+pub const COLUMN_TYPES: &[(&str, &[&str])] = &[
+    ("event_id", &["UUID"]),
+    ("event_type", &["LowCardinality(String)", "String"]),
+    (
+        "event_date_time",
+        &["DateTime64(6, 'UTC')", "DateTime64(6)", "DateTime64(6, *)"],
+    ),
+    ("environment", &["LowCardinality(String)", "String"]),
+    ("event_context", &["JSON", "JSON(*)", "String"]),
+    ("metadata_version", &["UInt64"]),
+    ("commit_lsn", &["UInt64"]),
+    ("tx_seq", &["UInt32"]),
+    ("trace_id", &["String", "LowCardinality(String)"]),
+    ("source", &["LowCardinality(String)", "String"]),
+];
+
+/// Whether a ClickHouse type name matches a pattern of [`COLUMN_TYPES`] (`*` at the end of a
+/// pattern matches any rest, e.g. a time zone).
+fn type_matches(found: &str, pattern: &str) -> bool {
+    match pattern.strip_suffix("*)") {
+        Some(prefix) => found.starts_with(prefix) && found.ends_with(')'),
+        None => found == pattern,
+    }
+}
+
+/// The differences between an existing table's columns and what the relay writes, one line per
+/// column: empty when the relay can write into it. Extra columns are fine (ClickHouse fills them
+/// with their defaults).
+pub fn table_mismatches(columns: &[(String, String)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, allowed) in COLUMN_TYPES {
+        match columns.iter().find(|(n, _)| n == name) {
+            None => problems.push(format!(
+                "column {name}: expected {}, found none",
+                allowed[0]
+            )),
+            Some((_, found)) if !allowed.iter().any(|p| type_matches(found, p)) => {
+                problems.push(format!(
+                    "column {name}: expected {}, found {found}",
+                    allowed.join(" or ")
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    problems
+}
 
 /// A ClickHouse HTTP endpoint parsed from `http://user:password@host:8123/database`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,12 +338,25 @@ pub enum SinkError {
         #[source]
         source: clickhouse::error::Error,
     },
+    /// The table cannot take the relay's rows as they are written; retrying does not help.
+    #[error(
+        "ClickHouse table {table} does not match what the relay writes:\n  {}\nRun `outbox-relay \
+         setup` for a missing `source` column (it adds it); otherwise point clickhouse_table at \
+         a table with these types (schema: `outbox-relay setup --print-sql`) or ALTER the columns",
+        problems.join("\n  ")
+    )]
+    Table {
+        table: String,
+        problems: Vec<String>,
+    },
 }
 
 impl SinkError {
     /// The kind counted in `outbox_relay_clickhouse_errors_total`.
     pub fn kind(&self) -> &'static str {
-        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self;
+        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self else {
+            return "table";
+        };
         match source {
             clickhouse::error::Error::Network(_) => "network",
             clickhouse::error::Error::TimedOut => "timeout",
@@ -302,7 +367,9 @@ impl SinkError {
 
     /// ClickHouse's exception code (`Code: 117. DB::Exception: ...`), when it answered with one.
     pub fn code(&self) -> Option<u32> {
-        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self;
+        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self else {
+            return None;
+        };
         let clickhouse::error::Error::BadResponse(text) = source else {
             return None;
         };
@@ -340,6 +407,9 @@ pub struct ClickHouseSink {
     query_prefix: String,
     /// Bound on each step of an insert and on each query.
     timeout: Duration,
+    /// Which PostgreSQL outbox this sink's rows come from (`source` column): the restart check
+    /// and replay look only at rows of this source, so several relays can share a table.
+    source: String,
 }
 
 impl ClickHouseSink {
@@ -350,6 +420,49 @@ impl ClickHouseSink {
             table: table.to_string(),
             query_prefix: format!("outbox-relay:{writer}:"),
             timeout: DEFAULT_TIMEOUT,
+            source: String::new(),
+        }
+    }
+
+    /// Marks every row written with `source` and limits every check to that source's rows.
+    pub fn with_source(mut self, source: String) -> ClickHouseSink {
+        self.source = source;
+        self
+    }
+
+    /// The source identity rows are written with.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// `source IN ('<ours>', '')`: rows of this source, and rows written before sources existed
+    /// (an upgraded table, where one relay wrote everything).
+    fn source_filter(&self) -> String {
+        format!("source IN ({}, '')", quote_ch_literal(&self.source))
+    }
+
+    /// Compares the table's columns with what the relay writes (see [`table_mismatches`]).
+    pub async fn check_table(&self) -> Result<(), SinkError> {
+        let query = format!(
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = {}",
+            quote_ch_literal(&self.table)
+        );
+        let request = self.client.query(&query).fetch_all::<(String, String)>();
+        let columns = self.bounded(&query, request).await?;
+        if columns.is_empty() {
+            return Err(SinkError::Table {
+                table: self.table.clone(),
+                problems: vec!["the table does not exist: run `outbox-relay setup`".into()],
+            });
+        }
+        let problems = table_mismatches(&columns);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Table {
+                table: self.table.clone(),
+                problems,
+            })
         }
     }
 
@@ -407,8 +520,11 @@ impl ClickHouseSink {
             .with_setting("query_id", self.query_id())
             .with_timeouts(Some(self.timeout), Some(self.timeout))
             .buffered();
+        let mut source = Vec::with_capacity(self.source.len() + 2);
+        put_string(&mut source, self.source.as_bytes());
         BatchInsert {
             insert,
+            source,
             table: self.table.clone(),
             scratch: Vec::with_capacity(1024),
             rows: 0,
@@ -426,6 +542,7 @@ impl ClickHouseSink {
         let mut data = Vec::with_capacity(rows.len() * 128);
         for row in rows {
             row.as_row().encode(&mut data);
+            put_string(&mut data, self.source.as_bytes());
         }
         let mut insert = self
             .client
@@ -462,9 +579,10 @@ impl ClickHouseSink {
             "SELECT commit_lsn, min(tx_seq), max(tx_seq) FROM (
                  SELECT commit_lsn, tx_seq,
                         toInt64(tx_seq) - row_number() OVER (PARTITION BY commit_lsn ORDER BY tx_seq) AS island
-                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {} WHERE commit_lsn >= {from}))
+                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {} WHERE commit_lsn >= {from} AND {}))
               GROUP BY commit_lsn, island ORDER BY commit_lsn, 2",
-            quote_ch_ident(&self.table)
+            quote_ch_ident(&self.table),
+            self.source_filter()
         );
         let request = self.client.query(&query).fetch_all::<(u64, u32, u32)>();
         let ranges = self.bounded(&query, request).await?;
@@ -482,8 +600,9 @@ impl ClickHouseSink {
             .collect::<Vec<_>>()
             .join(",");
         let query = format!(
-            "SELECT DISTINCT toString(event_id) FROM {} WHERE event_id IN ({list})",
-            quote_ch_ident(&self.table)
+            "SELECT DISTINCT toString(event_id) FROM {} WHERE event_id IN ({list}) AND {}",
+            quote_ch_ident(&self.table),
+            self.source_filter()
         );
         let request = self.client.query(&query).fetch_all::<String>();
         let named = format!("SELECT ... WHERE event_id IN ({} ids)", ids.len());
@@ -519,6 +638,11 @@ pub(crate) async fn execute(client: &Client, query: &str) -> Result<(), SinkErro
         })
 }
 
+/// `'text'` with backslashes and quotes escaped, for ClickHouse string literals.
+pub fn quote_ch_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 /// `` `name` `` with backquotes escaped, for ClickHouse identifiers.
 pub fn quote_ch_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
@@ -527,6 +651,8 @@ pub fn quote_ch_ident(name: &str) -> String {
 /// One batch's insert, open while the batch fills.
 pub struct BatchInsert {
     insert: BufInsertFormatted,
+    /// The `source` column's value, encoded once.
+    source: Vec<u8>,
     table: String,
     scratch: Vec<u8>,
     rows: u64,
@@ -538,6 +664,7 @@ impl BatchInsert {
     pub async fn write(&mut self, row: &EventRow<'_>) -> Result<(), SinkError> {
         self.scratch.clear();
         row.encode(&mut self.scratch);
+        self.scratch.extend_from_slice(&self.source);
         self.insert.write_buffered(&self.scratch);
         self.rows += 1;
         self.bytes += self.scratch.len() as u64;

@@ -92,10 +92,23 @@ impl Fixture {
 
     /// Starts `outbox-relay run` in the background; its log goes to a file in the test's dir.
     pub fn spawn_relay(&self) -> RelayProcess {
+        self.spawn_relay_with(&[])
+    }
+
+    /// Runs `outbox-relay ARGS` to completion with some settings changed.
+    pub fn relay_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied());
+        cmd.output().expect("run outbox-relay")
+    }
+
+    /// [`Fixture::spawn_relay`] with some settings changed (another outbox, slot, server).
+    pub fn spawn_relay_with(&self, env: &[(&str, &str)]) -> RelayProcess {
         let log = tempfile_path("relay-log");
         let file = std::fs::File::create(&log).expect("relay log file");
         let child = self
             .command(&["run"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
