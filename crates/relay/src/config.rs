@@ -381,6 +381,17 @@ mod tests {
         });
     }
 
+    /// The PostgreSQL URL's user and password are percent-decoded as RFC 3986 says (tokio-postgres
+    /// parses them; the replication connection takes them from there): `+` stays `+`.
+    #[test]
+    fn postgres_url_plus_stays_plus() {
+        let pg: tokio_postgres::Config = "postgres://re+lay:p+w%2Bx%20y@127.0.0.1:5432/app"
+            .parse()
+            .unwrap();
+        assert_eq!(pg.get_user(), Some("re+lay"));
+        assert_eq!(pg.get_password(), Some(&b"p+w+x y"[..]));
+    }
+
     #[test]
     fn missing_required_urls() {
         figment::Jail::expect_with(|jail| {

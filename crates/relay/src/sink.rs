@@ -53,20 +53,25 @@ impl ClickHouseTarget {
                 url.path()
             )));
         }
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+        // RFC 3986 percent-decoding: `%2B` is `+` and `+` stays `+` (a URL's userinfo is not a
+        // form, where `+` would mean a space).
+        let decode = |what: &str, s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|v| v.into_owned())
+                .map_err(|_| bad(format!("the {what} is not UTF-8 once percent-decoded")))
         };
         Ok(ClickHouseTarget {
             url: format!("{}://{}:{}", url.scheme(), host, port),
             user: if url.username().is_empty() {
                 "default".into()
             } else {
-                decode(url.username())
+                decode("user name", url.username())?
             },
-            password: url.password().map(decode).unwrap_or_default(),
+            password: match url.password() {
+                Some(p) => decode("password", p)?,
+                None => String::new(),
+            },
             database: if database.is_empty() {
                 "default".into()
             } else {
@@ -580,6 +585,9 @@ mod tests {
         assert_eq!(t.user, "relay");
         assert_eq!(t.password, "s@cret");
         assert_eq!(t.database, "analytics");
+        // RFC 3986: `+` is a plain character in userinfo, `%2B` its encoding, `%20` a space.
+        let t = ClickHouseTarget::parse("http://a+b%20c:p+w%2Bx%20y@ch.local/db").unwrap();
+        assert_eq!((t.user.as_str(), t.password.as_str()), ("a+b c", "p+w+x y"));
         let t = ClickHouseTarget::parse("https://ch.local").unwrap();
         assert_eq!(
             (t.url.as_str(), t.user.as_str(), t.database.as_str()),
