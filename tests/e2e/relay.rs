@@ -257,6 +257,13 @@ fn metrics_match_clickhouse_and_the_slot(v: PgVersion) {
     assert!(health.status.success(), "{}", stderr(&health));
 
     f.ch.kill().unwrap();
+    // /readyz answers from memory: it turns 503 once the relay's next check of ClickHouse
+    // (every few seconds) fails.
+    assert!(
+        wait_until(LONG, || http_get(&addr, "/readyz").0 == 503),
+        "{:?}",
+        http_get(&addr, "/readyz")
+    );
     let (code, body) = http_get(&addr, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("ClickHouse"), "{body}");

@@ -272,25 +272,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     let relay = relay::Relay::new(config.clone())?;
-    let http = match config.metrics_addr() {
-        Some(addr) => {
-            let listener = relay::http::bind(addr).await.with_context(|| {
-                format!("cannot listen on metrics_addr {addr} (RELAY_METRICS_ADDR); set another address, or empty to turn the endpoint off")
-            })?;
-            Some(tokio::spawn(relay::http::serve(
-                listener,
-                relay.metrics(),
-                relay.sink().clone(),
-            )))
-        }
-        None => None,
-    };
+    if let Some(addr) = config.metrics_addr() {
+        relay::http::start(addr, relay.metrics()).with_context(|| {
+            format!("cannot listen on metrics_addr {addr} (RELAY_METRICS_ADDR); set another address, or empty to turn the endpoint off")
+        })?;
+    }
+    let check = tokio::spawn(relay::http::check_clickhouse(
+        relay.metrics(),
+        relay.sink().clone(),
+    ));
     let purge = tokio::spawn(relay::purge::purge_forever(config));
     let result = relay.run(stop_rx).await;
     purge.abort();
-    if let Some(http) = http {
-        http.abort();
-    }
+    check.abort();
     result.context("the relay stopped")
 }
 
