@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod tls;
+
 const STARTUP: Duration = Duration::from_secs(60);
 
 /// The repository root.

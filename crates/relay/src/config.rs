@@ -48,6 +48,13 @@ pub struct Config {
     /// Longest ClickHouse may take to take a chunk of an insert, to answer an insert, or to answer
     /// a query; past it the session fails and is retried (a silent network, a stuck server).
     pub clickhouse_timeout_ms: u64,
+    /// PEM bundle of CA certificates trusted for an `https://` ClickHouse, beside the system's
+    /// trust store and the built-in (webpki) roots; empty: none.
+    pub clickhouse_ca_file: String,
+    /// PEM client certificate (chain) presented to an `https://` ClickHouse; empty: none.
+    pub clickhouse_client_cert: String,
+    /// PEM private key of `clickhouse_client_cert`.
+    pub clickhouse_client_key: String,
     /// Shipped outbox rows older than this are deleted by the relay (0 keeps them forever).
     pub outbox_retention_hours: u64,
     /// How often the relay deletes expired outbox rows.
@@ -90,6 +97,9 @@ impl Default for Config {
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
             clickhouse_timeout_ms: crate::sink::DEFAULT_TIMEOUT.as_millis() as u64,
+            clickhouse_ca_file: String::new(),
+            clickhouse_client_cert: String::new(),
+            clickhouse_client_key: String::new(),
             outbox_retention_hours: 72,
             purge_interval_s: 60,
             log_format: LogFormat::Pretty,
@@ -119,6 +129,9 @@ pub const SETTINGS: &[&str] = &[
     "retry_initial_ms",
     "retry_max_ms",
     "clickhouse_timeout_ms",
+    "clickhouse_ca_file",
+    "clickhouse_client_cert",
+    "clickhouse_client_key",
     "outbox_retention_hours",
     "purge_interval_s",
     "log_format",
@@ -143,7 +156,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(setting: &str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(setting: &str, problem: impl Into<String>) -> ConfigError {
     let setting = setting.to_ascii_lowercase();
     let env = if setting == "sentry_dsn" {
         "SENTRY_DSN".to_string()
@@ -205,7 +218,9 @@ impl Config {
         self.postgres_url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| invalid("postgres_url", format!("is not a PostgreSQL URL: {e}")))?;
-        crate::sink::ClickHouseTarget::parse(&self.clickhouse_url)?;
+        // Parses the URL and reads the CA bundle and client certificate, if any: a file that is
+        // missing or not PEM stops the relay here, naming the setting.
+        crate::sink::ClickHouseTarget::from_config(self)?;
         for (setting, value) in [
             ("slot", &self.slot),
             ("publication", &self.publication),
