@@ -91,6 +91,20 @@ fn unknown_ca_is_named() {
         relay.log()
     );
     assert_eq!(f.ch_count(), 0);
+    drop(relay);
+
+    // https:// to the plain HTTP port.
+    let plain = format!(
+        "https://default:@127.0.0.1:{}/{}",
+        f.ch.http_port(),
+        f.ch_db
+    );
+    f.set_env("RELAY_CLICKHOUSE_URL", &plain);
+    let out = f.relay(&["setup"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    println!("{err}");
+    assert!(err.contains("did not answer in TLS"), "{err}");
 }
 
 #[test]

@@ -123,11 +123,28 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "outbox-relay failed");
-            eprintln!("outbox-relay: {e:#}");
+            let message = error_chain(&e);
+            tracing::error!(error = message, "outbox-relay failed");
+            eprintln!("outbox-relay: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `a: b: c`, leaving out a cause whose text is already there (the
+/// relay's errors name their causes themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+    }
+    text
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {

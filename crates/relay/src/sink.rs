@@ -129,21 +129,25 @@ impl ClickHouseTarget {
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .clone();
-        let client = if self.url.starts_with("https://") {
-            http.enforce_http(false);
-            let tls = match &self.tls {
-                Some(tls) => tls.as_ref().clone(),
-                // From `parse` alone: the system's and the built-in roots, no files.
-                None => tls_config("", "", "").unwrap_or_else(|_| webpki_only()),
-            };
-            let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_only()
-                .enable_http1()
-                .wrap_connector(http);
-            Client::with_http_client(builder.build(https))
-        } else {
-            Client::with_http_client(builder.build(http))
+        // `tls` is None from `parse` alone: the system's and the built-in roots, no files.
+        let tls = match &self.tls {
+            Some(tls) => Some(tls.as_ref().clone()),
+            None if self.url.starts_with("https://") => tls_config("", "", "").ok(),
+            None => None,
+        };
+        let client = match tls {
+            Some(tls) => {
+                http.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(http);
+                Client::with_http_client(builder.build(https))
+            }
+            // http://, or (never with ring) no TLS available: requests to https:// then fail
+            // saying the scheme is not http.
+            None => Client::with_http_client(builder.build(http)),
         };
         let client = client
             .with_url(&self.url)
@@ -160,19 +164,6 @@ impl ClickHouseTarget {
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn webpki_only() -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
 }
 
 /// The TLS client configuration: trusted roots are the built-in (webpki) ones, the system's
