@@ -23,7 +23,20 @@ def main() -> None:
         f.write(
             "<clickhouse><listen_host>127.0.0.1</listen_host>"
             f"<http_port>{args.http_port}</http_port><tcp_port>{args.tcp_port}</tcp_port>"
-            "</clickhouse>"
+            "<users_config>users.xml</users_config></clickhouse>"
+        )
+    # The usual `default` user (no password), and `relay_plus`, whose password has a `+` in it
+    # (tests of URL percent-decoding: a `+` in a URL's password must stay a `+`).
+    user = (
+        "<password>{}</password><networks><ip>::/0</ip></networks>"
+        "<profile>default</profile><quota>default</quota>"
+    )
+    with open(os.path.join(args.dir, "users.xml"), "w") as f:
+        f.write(
+            "<clickhouse><users>"
+            f"<default>{user.format('')}</default>"
+            f"<relay_plus>{user.format('p+w+x')}</relay_plus>"
+            "</users><profiles><default/></profiles><quotas><default/></quotas></clickhouse>"
         )
     os.chdir(args.dir)
 

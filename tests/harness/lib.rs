@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub mod pginstall;
+pub mod tls;
 
 const STARTUP: Duration = Duration::from_secs(60);
 

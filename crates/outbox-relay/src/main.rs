@@ -123,11 +123,28 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "outbox-relay failed");
-            eprintln!("outbox-relay: {e:#}");
+            let message = error_chain(&e);
+            tracing::error!(error = message, "outbox-relay failed");
+            eprintln!("outbox-relay: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `a: b: c`, leaving out a cause whose text is already there (the
+/// relay's errors name their causes themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+    }
+    text
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
@@ -277,25 +294,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     let relay = relay::Relay::new(config.clone())?;
-    let http = match config.metrics_addr() {
-        Some(addr) => {
-            let listener = relay::http::bind(addr).await.with_context(|| {
-                format!("cannot listen on metrics_addr {addr} (RELAY_METRICS_ADDR); set another address, or empty to turn the endpoint off")
-            })?;
-            Some(tokio::spawn(relay::http::serve(
-                listener,
-                relay.metrics(),
-                relay.sink().clone(),
-            )))
-        }
-        None => None,
-    };
+    if let Some(addr) = config.metrics_addr() {
+        relay::http::start(addr, relay.metrics()).with_context(|| {
+            format!("cannot listen on metrics_addr {addr} (RELAY_METRICS_ADDR); set another address, or empty to turn the endpoint off")
+        })?;
+    }
+    let check = tokio::spawn(relay::http::check_clickhouse(
+        relay.metrics(),
+        relay.sink().clone(),
+    ));
     let purge = tokio::spawn(relay::purge::purge_forever(config));
     let result = relay.run(stop_rx).await;
     purge.abort();
-    if let Some(http) = http {
-        http.abort();
-    }
+    check.abort();
     result.context("the relay stopped")
 }
 

@@ -51,6 +51,13 @@ pub struct Config {
     /// Longest ClickHouse may take to take a chunk of an insert, to answer an insert, or to answer
     /// a query; past it the session fails and is retried (a silent network, a stuck server).
     pub clickhouse_timeout_ms: u64,
+    /// PEM bundle of CA certificates trusted for an `https://` ClickHouse, beside the system's
+    /// trust store and the built-in (webpki) roots; empty: none.
+    pub clickhouse_ca_file: String,
+    /// PEM client certificate (chain) presented to an `https://` ClickHouse; empty: none.
+    pub clickhouse_client_cert: String,
+    /// PEM private key of `clickhouse_client_cert`.
+    pub clickhouse_client_key: String,
     /// Shipped outbox rows older than this are deleted by the relay (0 keeps them forever).
     pub outbox_retention_hours: u64,
     /// How often the relay deletes expired outbox rows.
@@ -94,6 +101,9 @@ impl Default for Config {
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
             clickhouse_timeout_ms: crate::sink::DEFAULT_TIMEOUT.as_millis() as u64,
+            clickhouse_ca_file: String::new(),
+            clickhouse_client_cert: String::new(),
+            clickhouse_client_key: String::new(),
             outbox_retention_hours: 72,
             purge_interval_s: 60,
             log_format: LogFormat::Pretty,
@@ -124,6 +134,9 @@ pub const SETTINGS: &[&str] = &[
     "retry_initial_ms",
     "retry_max_ms",
     "clickhouse_timeout_ms",
+    "clickhouse_ca_file",
+    "clickhouse_client_cert",
+    "clickhouse_client_key",
     "outbox_retention_hours",
     "purge_interval_s",
     "log_format",
@@ -148,7 +161,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(setting: &str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(setting: &str, problem: impl Into<String>) -> ConfigError {
     let setting = setting.to_ascii_lowercase();
     let env = if setting == "sentry_dsn" {
         "SENTRY_DSN".to_string()
@@ -210,7 +223,9 @@ impl Config {
         self.postgres_url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| invalid("postgres_url", format!("is not a PostgreSQL URL: {e}")))?;
-        crate::sink::ClickHouseTarget::parse(&self.clickhouse_url)?;
+        // Parses the URL and reads the CA bundle and client certificate, if any: a file that is
+        // missing or not PEM stops the relay here, naming the setting.
+        crate::sink::ClickHouseTarget::from_config(self)?;
         for (setting, value) in [
             ("slot", &self.slot),
             ("publication", &self.publication),
@@ -384,6 +399,17 @@ mod tests {
             assert!(message.contains("batch_max_row"), "{message}");
             Ok(())
         });
+    }
+
+    /// The PostgreSQL URL's user and password are percent-decoded as RFC 3986 says (tokio-postgres
+    /// parses them; the replication connection takes them from there): `+` stays `+`.
+    #[test]
+    fn postgres_url_plus_stays_plus() {
+        let pg: tokio_postgres::Config = "postgres://re+lay:p+w%2Bx%20y@127.0.0.1:5432/app"
+            .parse()
+            .unwrap();
+        assert_eq!(pg.get_user(), Some("re+lay"));
+        assert_eq!(pg.get_password(), Some(&b"p+w+x y"[..]));
     }
 
     #[test]

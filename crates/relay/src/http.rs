@@ -1,111 +1,169 @@
-//! A small HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is alive) and
-//! `/readyz` (a replication session is streaming and ClickHouse answers).
+//! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is alive) and `/readyz`
+//! (a replication session is streaming and ClickHouse answered recently).
+//!
+//! Served by hyper on a thread and runtime of its own, so that no request (or flood of them)
+//! takes time from the replication loop, and bounded: at most [`MAX_CONNECTIONS`] connections at
+//! once (more are answered 503 and closed at once), each must send its request head within
+//! [`HEADER_READ_TIMEOUT`] and is closed after one request or [`CONNECTION_TIMEOUT`]. Every answer
+//! comes from [`Metrics`] in memory: `/readyz` sends no query to ClickHouse; [`check_clickhouse`]
+//! keeps the answer fresh with one `SELECT 1` every [`CLICKHOUSE_CHECK_INTERVAL`] while no insert
+//! succeeded meanwhile.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::sink::ClickHouseSink;
 
-/// Binds `addr`; fails at start (not later) when the address is taken.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// Connections served at once; more are answered 503 and closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection must send its whole request head within this time.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this long, whatever it is doing (one request per connection).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`check_clickhouse`] asks ClickHouse `SELECT 1` when no insert succeeded meanwhile.
+pub const CLICKHOUSE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// `/readyz` fails when ClickHouse has not answered (an insert or a check) for this long.
+pub const CLICKHOUSE_READY_WINDOW: Duration = Duration::from_secs(30);
+
+/// The answer to a refused connection, written without waiting.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 38\r\nConnection: close\r\n\r\ntoo many connections to the endpoint\r\n";
+
+/// Binds `addr` (fails at start, not later, when the address is taken) and serves the endpoint
+/// on a thread of its own until the process exits.
+pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("http-endpoint".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, metrics).await,
+                    Err(e) => warn!(error = %e, "the HTTP endpoint cannot start"),
+                }
+            })
+        })?;
+    Ok(())
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, sink: ClickHouseSink) {
+/// Serves on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving /metrics, /healthz, /readyz");
+        info!(%addr, max_connections = MAX_CONNECTIONS, "serving /metrics, /healthz, /readyz");
     }
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .max_buf_size(16 * 1024);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors (EMFILE) and the like: the pending connection stays
+                // in the backlog, so accepting again at once would spin. Wait a little.
+                metrics.http_accept_errors.fetch_add(1, Relaxed);
+                debug!(error = %e, "HTTP endpoint: accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.http_refused.fetch_add(1, Relaxed);
+            let _ = stream.try_write(BUSY);
             continue;
         };
-        let (metrics, sink) = (metrics.clone(), sink.clone());
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn({
+                let metrics = metrics.clone();
+                move |request| {
+                    let response = answer(&request, &metrics);
+                    async move { Ok::<_, Infallible>(response) }
+                }
+            }),
+        );
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &metrics, &sink).await {
-                debug!(error = %e, "metrics connection failed");
+            let _permit = permit;
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "HTTP endpoint: connection failed"),
+                Err(_) => debug!("HTTP endpoint: connection closed after {CONNECTION_TIMEOUT:?}"),
             }
         });
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    sink: &ClickHouseSink,
-) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::other("request timed out"))??;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&buf[..n]);
-    }
-    let line = request.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => (
-            "200 OK",
+fn answer(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
             "text/plain; version=0.0.4",
             metrics.render(unix_now_us()),
         ),
-        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (b"GET", b"/readyz") => ready(metrics, sink).await,
-        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/readyz") => {
+            match metrics.readiness(unix_now_us(), CLICKHOUSE_READY_WINDOW) {
+                Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+                Err(why) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{why}\n"),
+                ),
+            }
+        }
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         _ => (
-            "405 Method Not Allowed",
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "GET only\n".to_string(),
+            "GET only\n".into(),
         ),
     };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
 
-async fn ready(metrics: &Metrics, sink: &ClickHouseSink) -> (&'static str, &'static str, String) {
-    let replicating = metrics.replicating.load(Relaxed);
-    let clickhouse = match tokio::time::timeout(Duration::from_secs(2), sink.ping()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 2 s".to_string()),
-    };
-    match (replicating, clickhouse) {
-        (true, Ok(())) => ("200 OK", "text/plain", "ready\n".into()),
-        (false, ch) => (
-            "503 Service Unavailable",
-            "text/plain",
-            format!(
-                "not replicating (see the relay's log){}\n",
-                ch.err()
-                    .map(|e| format!("; ClickHouse: {e}"))
-                    .unwrap_or_default()
-            ),
-        ),
-        (true, Err(e)) => (
-            "503 Service Unavailable",
-            "text/plain",
-            format!("ClickHouse unreachable: {e}\n"),
-        ),
+/// Keeps `/readyz`'s view of ClickHouse fresh: every [`CLICKHOUSE_CHECK_INTERVAL`] in which no
+/// insert succeeded, one `SELECT 1` (bounded by the interval). Runs until dropped.
+pub async fn check_clickhouse(metrics: Arc<Metrics>, sink: ClickHouseSink) {
+    let interval_us = CLICKHOUSE_CHECK_INTERVAL.as_micros() as i64;
+    loop {
+        if unix_now_us() - metrics.clickhouse_ok_at_us.load(Relaxed) >= interval_us {
+            match tokio::time::timeout(CLICKHOUSE_CHECK_INTERVAL, sink.ping()).await {
+                Ok(Ok(())) => metrics.clickhouse_answered(unix_now_us()),
+                Ok(Err(e)) => metrics.clickhouse_failed(e.to_string()),
+                Err(_) => metrics.clickhouse_failed(format!(
+                    "no answer to SELECT 1 within {} s",
+                    CLICKHOUSE_CHECK_INTERVAL.as_secs()
+                )),
+            }
+        }
+        tokio::time::sleep(CLICKHOUSE_CHECK_INTERVAL).await;
     }
 }
 

@@ -3,6 +3,7 @@
 //! Plain atomics updated by the pipeline; rendering reads them without locks.
 
 use std::fmt::Write;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -71,6 +72,14 @@ pub struct Metrics {
     pub replicating: AtomicBool,
     /// Rows in the dead-letter table (always 0 until dead letters exist).
     pub dead_letters: AtomicU64,
+    /// When ClickHouse last answered (an insert accepted, a check answered), Unix µs; 0: never.
+    pub clickhouse_ok_at_us: AtomicI64,
+    /// Why ClickHouse failed, when it failed after it last answered.
+    clickhouse_failure: Mutex<Option<String>>,
+    /// Connections to the HTTP endpoint refused because it served its maximum already.
+    pub http_refused: AtomicU64,
+    /// Failed accepts on the HTTP endpoint (e.g. out of file descriptors).
+    pub http_accept_errors: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -93,6 +102,10 @@ impl Default for Metrics {
             pending_since_us: AtomicI64::new(0),
             replicating: AtomicBool::new(false),
             dead_letters: AtomicU64::new(0),
+            clickhouse_ok_at_us: AtomicI64::new(0),
+            clickhouse_failure: Mutex::new(None),
+            http_refused: AtomicU64::new(0),
+            http_accept_errors: AtomicU64::new(0),
         }
     }
 }
@@ -105,6 +118,53 @@ impl Metrics {
         self.batch_rows.observe(rows as f64);
         self.batch_bytes.observe(bytes as f64);
         self.batch_seconds.observe(flush.as_secs_f64());
+        self.clickhouse_answered(crate::http::unix_now_us());
+    }
+
+    /// Records that ClickHouse answered (at Unix µs `now`).
+    pub fn clickhouse_answered(&self, now_unix_us: i64) {
+        self.clickhouse_ok_at_us.store(now_unix_us, Relaxed);
+        if let Ok(mut failure) = self.clickhouse_failure.lock() {
+            *failure = None;
+        }
+    }
+
+    /// Records that ClickHouse failed, and why.
+    pub fn clickhouse_failed(&self, error: String) {
+        if let Ok(mut failure) = self.clickhouse_failure.lock() {
+            *failure = Some(error);
+        }
+    }
+
+    /// `/readyz`: Ok when a replication session is streaming and ClickHouse answered within
+    /// `window` without failing since; otherwise what is wrong. Reads memory only.
+    pub fn readiness(&self, now_unix_us: i64, window: Duration) -> Result<(), String> {
+        let failure = self
+            .clickhouse_failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .map(|e| format!("ClickHouse unreachable: {e}"));
+        let ok_at = self.clickhouse_ok_at_us.load(Relaxed);
+        let stale = (ok_at == 0 || now_unix_us - ok_at > window.as_micros() as i64).then(|| {
+            format!(
+                "ClickHouse has not answered for {} s (it is checked every few seconds; see the relay's log)",
+                if ok_at == 0 {
+                    "more than ".to_string() + &window.as_secs().to_string()
+                } else {
+                    ((now_unix_us - ok_at) / 1_000_000).to_string()
+                }
+            )
+        });
+        let clickhouse = failure.or(stale);
+        match (self.replicating.load(Relaxed), clickhouse) {
+            (true, None) => Ok(()),
+            (true, Some(ch)) => Err(ch),
+            (false, ch) => Err(format!(
+                "not replicating (see the relay's log){}",
+                ch.map(|e| format!("; {e}")).unwrap_or_default()
+            )),
+        }
     }
 
     /// Counts a ClickHouse failure under one of [`CLICKHOUSE_ERROR_KINDS`].
@@ -180,6 +240,18 @@ impl Metrics {
             "Replication sessions ended by a PostgreSQL error.",
             self.postgres_errors.load(Relaxed).to_string(),
         );
+        gauge(
+            "outbox_relay_http_connections_refused_total",
+            "counter",
+            "Connections to this endpoint closed at once because it served its maximum already.",
+            self.http_refused.load(Relaxed).to_string(),
+        );
+        gauge(
+            "outbox_relay_http_accept_errors_total",
+            "counter",
+            "Connections this endpoint failed to accept (e.g. out of file descriptors).",
+            self.http_accept_errors.load(Relaxed).to_string(),
+        );
         let _ = writeln!(
             out,
             "# HELP outbox_relay_clickhouse_errors_total ClickHouse failures by kind.\n\
@@ -237,5 +309,25 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn readiness_from_memory() {
+        let m = Metrics::default();
+        let window = Duration::from_secs(30);
+        let err = m.readiness(100_000_000, window).unwrap_err();
+        assert!(err.starts_with("not replicating"), "{err}");
+        m.replicating.store(true, Relaxed);
+        let err = m.readiness(100_000_000, window).unwrap_err();
+        assert!(err.contains("ClickHouse has not answered"), "{err}");
+        m.clickhouse_answered(100_000_000);
+        assert_eq!(m.readiness(129_000_000, window), Ok(()));
+        let err = m.readiness(131_000_000, window).unwrap_err();
+        assert!(err.contains("not answered for 31 s"), "{err}");
+        m.clickhouse_failed("connection refused".into());
+        let err = m.readiness(101_000_000, window).unwrap_err();
+        assert_eq!(err, "ClickHouse unreachable: connection refused");
+        m.clickhouse_answered(102_000_000);
+        assert_eq!(m.readiness(103_000_000, window), Ok(()));
     }
 }

@@ -157,7 +157,10 @@ impl Relay {
             self.metrics.replicating.store(false, Relaxed);
             self.metrics.pending_since_us.store(0, Relaxed);
             match &result {
-                Err(RelayError::ClickHouse(e)) => self.metrics.clickhouse_error(e.kind()),
+                Err(RelayError::ClickHouse(e)) => {
+                    self.metrics.clickhouse_error(e.kind());
+                    self.metrics.clickhouse_failed(e.to_string());
+                }
                 Err(_) => {
                     self.metrics.postgres_errors.fetch_add(1, Relaxed);
                 }

@@ -103,7 +103,7 @@ pub async fn setup_postgres(
 }
 
 pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
-    let target = ClickHouseTarget::parse(&config.clickhouse_url)
+    let target = ClickHouseTarget::from_config(config)
         .map_err(|e| SetupError::Unsupported(e.to_string()))?;
     let server = target.client(false);
     sink::execute(

@@ -1,6 +1,7 @@
 //! The ClickHouse side: one `INSERT ... FORMAT RowBinary` per batch, rows encoded straight from
 //! the decoded WAL bytes into the insert's buffer and streamed (lz4) while the batch fills.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::Client;
@@ -64,17 +65,56 @@ pub fn table_mismatches(columns: &[(String, String)]) -> Vec<String> {
     problems
 }
 
-/// A ClickHouse HTTP endpoint parsed from `http://user:password@host:8123/database`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A ClickHouse HTTP endpoint parsed from `http://user:password@host:8123/database`, with the
+/// TLS settings for `https://`.
+#[derive(Debug, Clone)]
 pub struct ClickHouseTarget {
     /// `scheme://host:port`, without credentials or path.
     pub url: String,
     pub user: String,
     pub password: String,
     pub database: String,
+    /// For `https://`: the roots (and client certificate) to use; None: the system trust store
+    /// and the built-in roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// TCP keepalive on ClickHouse connections (as the clickhouse crate's own client sets).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Idle pooled connections are closed after this; ClickHouse closes them after 3 s (10 s in
+/// newer versions).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl ClickHouseTarget {
+    /// The endpoint `clickhouse_url` names, with the TLS settings (`clickhouse_ca_file`,
+    /// `clickhouse_client_cert`, `clickhouse_client_key`) read from their files.
+    pub fn from_config(config: &Config) -> Result<ClickHouseTarget, ConfigError> {
+        let mut target = ClickHouseTarget::parse(&config.clickhouse_url)?;
+        let files = [
+            ("clickhouse_ca_file", &config.clickhouse_ca_file),
+            ("clickhouse_client_cert", &config.clickhouse_client_cert),
+            ("clickhouse_client_key", &config.clickhouse_client_key),
+        ];
+        let https = target.url.starts_with("https://");
+        if let Some((setting, _)) = files.iter().find(|(_, v)| !v.is_empty())
+            && !https
+        {
+            return Err(crate::config::invalid(
+                setting,
+                "is set but clickhouse_url is http://: use https:// (the ClickHouse HTTPS port, \
+                 8443 by default), or leave the setting empty",
+            ));
+        }
+        if https {
+            target.tls = Some(Arc::new(tls_config(
+                &config.clickhouse_ca_file,
+                &config.clickhouse_client_cert,
+                &config.clickhouse_client_key,
+            )?));
+        }
+        Ok(target)
+    }
+
     pub fn parse(raw: &str) -> Result<ClickHouseTarget, ConfigError> {
         let bad = |problem: String| ConfigError::Invalid {
             setting: "clickhouse_url".into(),
@@ -105,31 +145,63 @@ impl ClickHouseTarget {
                 url.path()
             )));
         }
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+        // RFC 3986 percent-decoding: `%2B` is `+` and `+` stays `+` (a URL's userinfo is not a
+        // form, where `+` would mean a space).
+        let decode = |what: &str, s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|v| v.into_owned())
+                .map_err(|_| bad(format!("the {what} is not UTF-8 once percent-decoded")))
         };
         Ok(ClickHouseTarget {
             url: format!("{}://{}:{}", url.scheme(), host, port),
             user: if url.username().is_empty() {
                 "default".into()
             } else {
-                decode(url.username())
+                decode("user name", url.username())?
             },
-            password: url.password().map(decode).unwrap_or_default(),
+            password: match url.password() {
+                Some(p) => decode("password", p)?,
+                None => String::new(),
+            },
             database: if database.is_empty() {
                 "default".into()
             } else {
                 database.to_string()
             },
+            tls: None,
         })
     }
 
     /// A client for this endpoint; `with_database` false gives one for `CREATE DATABASE`.
     pub fn client(&self, with_database: bool) -> Client {
-        let client = Client::default()
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        let builder =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .clone();
+        // `tls` is None from `parse` alone: the system's and the built-in roots, no files.
+        let tls = match &self.tls {
+            Some(tls) => Some(tls.as_ref().clone()),
+            None if self.url.starts_with("https://") => tls_config("", "", "").ok(),
+            None => None,
+        };
+        let client = match tls {
+            Some(tls) => {
+                http.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(http);
+                Client::with_http_client(builder.build(https))
+            }
+            // http://, or (never with ring) no TLS available: requests to https:// then fail
+            // saying the scheme is not http.
+            None => Client::with_http_client(builder.build(http)),
+        };
+        let client = client
             .with_url(&self.url)
             .with_user(&self.user)
             .with_password(&self.password)
@@ -140,6 +212,196 @@ impl ClickHouseTarget {
             client
         }
     }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS client configuration: trusted roots are the built-in (webpki) ones, the system's
+/// (honouring `SSL_CERT_FILE` and `SSL_CERT_DIR`) and the PEM bundle `ca_file`; with
+/// `client_cert` and `client_key`, the certificate the relay presents. Empty paths are unset.
+pub fn tls_config(
+    ca_file: &str,
+    client_cert: &str,
+    client_key: &str,
+) -> Result<rustls::ClientConfig, ConfigError> {
+    use crate::config::invalid;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "skipping part of the system trust store");
+    }
+    roots.add_parsable_certificates(native.certs);
+    let read_certs =
+        |setting: &str, path: &str| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+            std::fs::metadata(path)
+                .map_err(|e| invalid(setting, format!("cannot read {path:?}: {e}")))?;
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    invalid(
+                        setting,
+                        format!("{path:?} is not a PEM certificate file: {e}"),
+                    )
+                })?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    setting,
+                    format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+                ));
+            }
+            Ok(certs)
+        };
+    if !ca_file.is_empty() {
+        for cert in read_certs("clickhouse_ca_file", ca_file)? {
+            roots.add(cert).map_err(|e| {
+                invalid(
+                    "clickhouse_ca_file",
+                    format!("{ca_file:?} holds a certificate that cannot be a CA: {e}"),
+                )
+            })?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("clickhouse_url", format!("TLS is not available: {e}")))?
+        .with_root_certificates(roots);
+    match (client_cert.is_empty(), client_key.is_empty()) {
+        (true, true) => Ok(builder.with_no_client_auth()),
+        (false, true) => Err(invalid(
+            "clickhouse_client_key",
+            "is required with clickhouse_client_cert: the PEM private key of that certificate",
+        )),
+        (true, false) => Err(invalid(
+            "clickhouse_client_cert",
+            "is required with clickhouse_client_key: the PEM certificate of that key",
+        )),
+        (false, false) => {
+            let certs = read_certs("clickhouse_client_cert", client_cert)?;
+            let key = PrivateKeyDer::from_pem_file(client_key).map_err(|e| {
+                invalid(
+                    "clickhouse_client_key",
+                    format!("cannot read a PEM private key from {client_key:?}: {e}"),
+                )
+            })?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                invalid(
+                    "clickhouse_client_key",
+                    format!("does not fit clickhouse_client_cert: {e}"),
+                )
+            })
+        }
+    }
+}
+
+/// A ClickHouse error with its causes (`network error: client error (Connect): ...`) and, for a
+/// TLS failure, what it means and what to do.
+pub fn describe(error: &clickhouse::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut hint = None;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    // The top error's text already includes its direct source's.
+    let mut skip = true;
+    while let Some(mut e) = next {
+        let line = e.to_string();
+        if !skip && !text.contains(&line) {
+            text = format!("{text}: {line}");
+        }
+        skip = false;
+        // An io::Error's source() skips the error it wraps (and hyper-rustls wraps tokio-rustls'
+        // io::Error in another): look inside.
+        while let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            e = inner;
+        }
+        if hint.is_none() {
+            hint = e.downcast_ref::<rustls::Error>().map(tls_hint);
+        }
+        next = e.source();
+    }
+    match hint {
+        Some(hint) => format!("{text} ({hint})"),
+        None => text,
+    }
+}
+
+/// What a TLS failure means for an operator, and what to do.
+fn tls_hint(error: &rustls::Error) -> String {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
+    match error {
+        Error::InvalidCertificate(Cert::UnknownIssuer) => {
+            "ClickHouse's certificate is signed by an unknown CA: set clickhouse_ca_file \
+             (RELAY_CLICKHOUSE_CA_FILE) to your CA bundle (PEM), or add the CA to the system \
+             trust store"
+                .into()
+        }
+        Error::InvalidCertificate(Cert::NotValidForNameContext {
+            expected,
+            presented,
+        }) => {
+            format!(
+                "ClickHouse's certificate is not valid for host {}: it names {}; use a host \
+                 name the certificate names in clickhouse_url, or have it reissued",
+                expected.to_str(),
+                if presented.is_empty() {
+                    "no host".to_string()
+                } else {
+                    presented
+                        .iter()
+                        .map(|p| bare_name(p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )
+        }
+        Error::InvalidCertificate(Cert::NotValidForName) => {
+            "ClickHouse's certificate is not valid for the host in clickhouse_url: use a host \
+             name the certificate names, or have it reissued"
+                .into()
+        }
+        Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
+            "ClickHouse's certificate has expired: renew it (or check this machine's clock)".into()
+        }
+        Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
+            "ClickHouse's certificate is not valid yet: check this machine's clock".into()
+        }
+        Error::InvalidCertificate(other) => {
+            format!(
+                "ClickHouse's certificate was refused ({other:?}): check it, and clickhouse_ca_file"
+            )
+        }
+        Error::AlertReceived(
+            alert @ (Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::HandshakeFailure
+            | Alert::AccessDenied),
+        ) => format!(
+            "ClickHouse refused the TLS handshake ({alert:?}): if it requires a client \
+             certificate, set clickhouse_client_cert and clickhouse_client_key to one its CA signed"
+        ),
+        Error::InvalidMessage(_) => {
+            "the server did not answer in TLS: is this ClickHouse's HTTPS port (8443 by default)? \
+             For the plain HTTP port use http://"
+                .into()
+        }
+        other => format!("TLS handshake with ClickHouse failed: {other}"),
+    }
+}
+
+/// `clickhouse.example` for rustls's `DnsName("clickhouse.example")`.
+fn bare_name(presented: &str) -> &str {
+    presented
+        .split_once("(\"")
+        .and_then(|(_, rest)| rest.strip_suffix("\")"))
+        .unwrap_or(presented)
 }
 
 /// One event as it goes to ClickHouse, borrowing its strings from the decoded WAL message.
@@ -326,13 +588,13 @@ fn put_string(out: &mut Vec<u8>, value: &[u8]) {
 /// Errors from ClickHouse; every one of them leaves the slot where it was.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("ClickHouse insert into {table} failed: {source}")]
+    #[error("ClickHouse insert into {table} failed: {}", describe(.source))]
     Insert {
         table: String,
         #[source]
         source: clickhouse::error::Error,
     },
-    #[error("ClickHouse query failed: {source} (query: {query})")]
+    #[error("ClickHouse query failed: {} (query: {query})", describe(.source))]
     Query {
         query: String,
         #[source]
@@ -469,7 +731,7 @@ impl ClickHouseSink {
     /// The sink the configuration describes (URL, table, `clickhouse_timeout_ms`); `writer`
     /// names who writes, for query ids.
     pub fn from_config(config: &Config, writer: &str) -> Result<ClickHouseSink, ConfigError> {
-        let target = ClickHouseTarget::parse(&config.clickhouse_url)?;
+        let target = ClickHouseTarget::from_config(config)?;
         Ok(
             ClickHouseSink::new(&target, &config.clickhouse_table, writer)
                 .with_timeout(config.clickhouse_timeout()),
@@ -707,6 +969,9 @@ mod tests {
         assert_eq!(t.user, "relay");
         assert_eq!(t.password, "s@cret");
         assert_eq!(t.database, "analytics");
+        // RFC 3986: `+` is a plain character in userinfo, `%2B` its encoding, `%20` a space.
+        let t = ClickHouseTarget::parse("http://a+b%20c:p+w%2Bx%20y@ch.local/db").unwrap();
+        assert_eq!((t.user.as_str(), t.password.as_str()), ("a+b c", "p+w+x y"));
         let t = ClickHouseTarget::parse("https://ch.local").unwrap();
         assert_eq!(
             (t.url.as_str(), t.user.as_str(), t.database.as_str()),
@@ -716,6 +981,34 @@ mod tests {
             let err = ClickHouseTarget::parse(bad).unwrap_err().to_string();
             assert!(err.contains("RELAY_CLICKHOUSE_URL"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_settings_are_checked_at_start() {
+        let config = |url: &str, ca: &str, cert: &str, key: &str| Config {
+            clickhouse_url: url.into(),
+            clickhouse_ca_file: ca.into(),
+            clickhouse_client_cert: cert.into(),
+            clickhouse_client_key: key.into(),
+            ..Config::default()
+        };
+        let err = |c: Config| ClickHouseTarget::from_config(&c).unwrap_err().to_string();
+        let e = err(config("http://ch:8123", "/etc/ca.pem", "", ""));
+        assert!(
+            e.contains("clickhouse_ca_file") && e.contains("https://"),
+            "{e}"
+        );
+        let e = err(config("https://ch:8443", "/nonexistent.pem", "", ""));
+        assert!(
+            e.contains("RELAY_CLICKHOUSE_CA_FILE") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = err(config("https://ch:8443", "", "/x.pem", ""));
+        assert!(e.contains("clickhouse_client_key"), "{e}");
+        let e = err(config("https://ch:8443", "", "", "/x.key"));
+        assert!(e.contains("clickhouse_client_cert"), "{e}");
+        let t = ClickHouseTarget::from_config(&config("https://ch:8443", "", "", "")).unwrap();
+        assert!(t.tls.is_some());
     }
 
     #[test]
