@@ -202,9 +202,12 @@ impl Config {
                 "is required, e.g. postgres://relay:secret@db:5432/app",
             ));
         }
-        self.postgres_url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| invalid("postgres_url", format!("is not a PostgreSQL URL: {e}")))?;
+        crate::pgtls::Target::parse(&self.postgres_url).map_err(|e| match e {
+            crate::pgtls::TlsParamError::Invalid(e) => {
+                invalid("postgres_url", format!("is not a PostgreSQL URL: {e}"))
+            }
+            e => invalid("postgres_url", e.to_string()),
+        })?;
         crate::sink::ClickHouseTarget::parse(&self.clickhouse_url)?;
         for (setting, value) in [
             ("slot", &self.slot),
