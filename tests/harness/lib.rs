@@ -212,12 +212,117 @@ pub struct PgServer {
     _dir: TempDir,
 }
 
+/// What [`PgServer::start_with`] adds to a cluster of the test's own.
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// Lines appended to postgresql.conf.
+    pub conf: String,
+    /// pg_hba.conf to use instead of initdb's (which trusts every local and 127.0.0.1
+    /// connection, with or without TLS).
+    pub hba: Option<String>,
+    /// Files written into the data directory (name, contents), owned by the server's user with
+    /// mode 0600 (as PostgreSQL wants its `ssl_key_file`).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl PgOptions {
+    /// `ssl = on` with this certificate and key, and pg_hba.conf `hba` (`None`: initdb's, which
+    /// allows TLS and plaintext).
+    pub fn tls(certs: &TestCerts, hba: Option<&str>) -> Result<PgOptions> {
+        Ok(PgOptions {
+            conf: "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n".into(),
+            hba: hba.map(str::to_string),
+            files: vec![
+                ("server.crt".into(), std::fs::read(&certs.server_cert)?),
+                ("server.key".into(), std::fs::read(&certs.server_key)?),
+            ],
+        })
+    }
+}
+
+/// pg_hba.conf of a server that accepts only TLS connections on TCP (as "force SSL" managed
+/// servers do); the Unix socket stays open for nothing but is harmless.
+pub const HBA_TLS_ONLY: &str = "local all all trust\n\
+    hostssl all all 127.0.0.1/32 trust\n\
+    hostssl replication all 127.0.0.1/32 trust\n\
+    host all all 127.0.0.1/32 reject\n\
+    host replication all 127.0.0.1/32 reject\n";
+
+/// A test CA and a server certificate it signed, made with the `openssl` CLI: the server
+/// certificate names only `localhost` (DNS), so connecting to 127.0.0.1 is a hostname mismatch;
+/// `other_ca` is a second CA that signed nothing of the server's.
+pub struct TestCerts {
+    pub ca_cert: PathBuf,
+    pub other_ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestCerts {
+    /// `None` when the `openssl` CLI is absent.
+    pub fn generate() -> Result<Option<TestCerts>> {
+        if Command::new("openssl")
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let dir = TempDir::new("relay_tls")?;
+        // Arguments split at spaces (none of them holds one).
+        let run = |args: &str| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args.split_whitespace())
+                .current_dir(&dir.0)
+                .output()?;
+            if !out.status.success() {
+                bail!("openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        for ca in ["ca", "other_ca"] {
+            run(&format!(
+                "req -x509 {key} -days 2 -subj /CN=outbox-relay-test-{ca} -keyout {ca}.key \
+                 -out {ca}.crt"
+            ))?;
+        }
+        run(&format!(
+            "req {key} -subj /CN=localhost -keyout server.key -out server.csr"
+        ))?;
+        std::fs::write(
+            dir.0.join("server.ext"),
+            "subjectAltName = DNS:localhost\nbasicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n",
+        )?;
+        run(
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile server.ext -out server.crt",
+        )?;
+        Ok(Some(TestCerts {
+            ca_cert: dir.0.join("ca.crt"),
+            other_ca_cert: dir.0.join("other_ca.crt"),
+            server_cert: dir.0.join("server.crt"),
+            server_key: dir.0.join("server.key"),
+            _dir: dir,
+        }))
+    }
+}
+
 impl PgServer {
     /// initdb (trust auth, UTF8), `wal_level = logical`, start, wait until it accepts queries.
     pub fn start(version: PgVersion) -> Result<PgServer> {
         if let Ok(url) = std::env::var("RELAY_TEST_POSTGRES_URL") {
             return Self::external(version, &url);
         }
+        Self::start_with(version, PgOptions::default())
+    }
+
+    /// Like [`start`](Self::start), always a cluster of the test's own, with `options` (TLS,
+    /// pg_hba.conf) applied before the first start.
+    pub fn start_with(version: PgVersion, options: PgOptions) -> Result<PgServer> {
         let bin = version.bin_dir()?;
         let dir = TempDir::new("relay_pg")?;
         let run_as = if is_root() {
@@ -251,7 +356,19 @@ impl PgServer {
         std::fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.conf"))?
-            .write_all_str(&conf)?;
+            .write_all_str(&format!("{conf}{}", options.conf))?;
+        if let Some(hba) = &options.hba {
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
+        }
+        for (name, contents) in &options.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
         let mut server = PgServer {
             external: None,
             version,
