@@ -132,13 +132,29 @@ async fn attempt(target: &Target, mode: PqSslMode) -> Result<(Client, Seen), Fai
     Ok((client, seen))
 }
 
-/// The server refuses connections without TLS (pg_hba.conf has only `hostssl` entries for us).
-pub(crate) fn requires_tls_message(server_message: &str, tls: &PgTls) -> String {
-    format!(
-        "the server requires TLS but sslmode={} connects without it (server: {server_message}): \
-         set sslmode=require or sslmode=verify-full in postgres_url",
-        tls.requested.as_str()
-    )
+/// A server's refusal (SQLSTATE 28000) that TLS settings cure, explained: pg_hba.conf has only
+/// `hostssl` lines for us, or its `cert` method wants a client certificate.
+pub(crate) fn server_tls_refusal(server_message: &str, tls: &PgTls) -> Option<String> {
+    // PostgreSQL's wording: "..., no encryption" (14+), "..., SSL off" (before).
+    if server_message.contains("no encryption") || server_message.contains("SSL off") {
+        return Some(format!(
+            "the server requires TLS but sslmode={} connects without it (server: \
+             {server_message}): set sslmode=require or sslmode=verify-full in postgres_url",
+            tls.requested.as_str()
+        ));
+    }
+    if server_message.contains("certificate") {
+        let now = match &tls.client_cert {
+            Some((cert, _)) => format!("sslcert={} is not accepted", cert.display()),
+            None => "none is set".into(),
+        };
+        return Some(format!(
+            "the server requires a client certificate and {now} (server: {server_message}): set \
+             sslcert and sslkey in postgres_url to a certificate for this user signed by a CA in \
+             the server's ssl_ca_file"
+        ));
+    }
+    None
 }
 
 /// The server does not offer TLS (its `ssl` setting is off) and the mode needs it.
@@ -148,11 +164,6 @@ pub(crate) fn no_tls_message(tls: &PgTls) -> String {
          enable ssl on the server, or use sslmode=prefer to connect without TLS",
         tls.requested.as_str()
     )
-}
-
-/// A server error that refuses an unencrypted connection (libpq's and PostgreSQL's wording).
-pub(crate) fn refuses_plaintext(message: &str) -> bool {
-    message.contains("no encryption") || message.contains("SSL off")
 }
 
 fn connect_error(target: &Target, failure: Failure) -> PgError {
@@ -167,9 +178,9 @@ fn connect_error(target: &Target, failure: Failure) -> PgError {
     };
     if let Some(db) = e.as_db_error()
         && *db.code() == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-        && refuses_plaintext(db.message())
+        && let Some(problem) = server_tls_refusal(db.message(), &target.tls)
     {
-        return tls(requires_tls_message(db.message(), &target.tls));
+        return tls(problem);
     }
     if let Some(r) = pgtls::rustls_error(&e) {
         return tls(match CertProblem::of(r) {

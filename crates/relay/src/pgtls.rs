@@ -950,6 +950,36 @@ mod tests {
     }
 
     #[test]
+    fn require_with_a_root_certificate_is_verify_ca() {
+        let home = std::env::temp_dir().join(format!("pgtls-root-{}", std::process::id()));
+        let dir = home.join(".postgresql");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/ca.pem");
+        let resolve = |mode: &str, root: Option<&str>| {
+            let params = TlsParams {
+                sslmode: Some(mode.into()),
+                sslrootcert: root.map(Into::into),
+                ..TlsParams::default()
+            };
+            PgTls::resolve(&params, Some(&home)).unwrap()
+        };
+        let explicit = resolve("require", Some(ca));
+        assert_eq!(
+            (explicit.requested, explicit.mode),
+            (SslMode::Require, SslMode::VerifyCa)
+        );
+        assert_eq!(resolve("require", None).mode, SslMode::Require);
+        // ~/.postgresql/root.crt, once it exists, is the default root certificate.
+        std::fs::copy(ca, dir.join("root.crt")).unwrap();
+        let default = resolve("require", None);
+        assert_eq!(default.mode, SslMode::VerifyCa);
+        assert_eq!(default.root_cert, Some(dir.join("root.crt")));
+        assert_eq!(resolve("verify-full", None).mode, SslMode::VerifyFull);
+        assert_eq!(resolve("prefer", None).mode, SslMode::Prefer);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
     fn unsupported_libpq_parameters_are_named() {
         let err = split("postgres://db/app?sslcrl=/x.crl").unwrap_err();
         assert_eq!(
@@ -958,6 +988,50 @@ mod tests {
         );
         let err = Target::parse("postgres://db/app?sslmode=bogus").unwrap_err();
         assert!(err.to_string().starts_with("sslmode=\"bogus\""), "{err}");
+    }
+
+    #[test]
+    fn replication_tls_follows_the_mode_and_the_sql_connection() {
+        use pgwire_replication::SslMode as Wire;
+        let tls = |mode| PgTls {
+            requested: mode,
+            mode,
+            root_cert: Some("/ca.pem".into()),
+            system_roots: false,
+            client_cert: Some(("/c.pem".into(), "/k.pem".into())),
+        };
+        let plain = Seen::default();
+        let encrypted = Seen {
+            encrypted: true,
+            cert_names: vec![],
+        };
+        let wire = |mode, host: &str, seen: &Seen| tls(mode).replication(host, seen);
+        assert_eq!(wire(SslMode::Disable, "db", &plain).mode, Wire::Disable);
+        assert_eq!(wire(SslMode::Allow, "db", &plain).mode, Wire::Disable);
+        assert_eq!(wire(SslMode::Allow, "db", &encrypted).mode, Wire::Require);
+        assert_eq!(wire(SslMode::Prefer, "db", &plain).mode, Wire::Prefer);
+        assert_eq!(wire(SslMode::Require, "db", &plain).mode, Wire::Require);
+        let full = wire(SslMode::VerifyFull, "db", &plain);
+        assert_eq!(
+            (full.mode, full.sni_hostname, full.ca_pem_path),
+            (Wire::VerifyFull, None, Some("/ca.pem".into()))
+        );
+        assert!(full.client_cert_pem_path.is_some() && full.client_key_pem_path.is_some());
+        let full_ip = wire(SslMode::VerifyFull, "10.0.0.5", &plain);
+        assert_eq!(full_ip.sni_hostname.as_deref(), Some("10.0.0.5"));
+        let named = Seen {
+            encrypted: true,
+            cert_names: vec!["db.internal".into()],
+        };
+        let ca = wire(SslMode::VerifyCa, "10.0.0.5", &named);
+        assert_eq!(
+            (ca.mode, ca.sni_hostname.as_deref()),
+            (Wire::VerifyCa, Some("db.internal"))
+        );
+        assert_eq!(
+            wire(SslMode::VerifyFull, "/run/postgresql", &plain).mode,
+            Wire::Disable
+        );
     }
 
     #[test]

@@ -764,8 +764,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 fn replication_tls_problem(url: &str, source: &PgWireError) -> Option<String> {
     let target = pgtls::Target::parse(url).ok()?;
     match source {
-        PgWireError::Server(message) if pg::refuses_plaintext(message) => {
-            Some(pg::requires_tls_message(message, &target.tls))
+        PgWireError::Server(message) if message.contains("28000") => {
+            pg::server_tls_refusal(message, &target.tls)
         }
         PgWireError::Tls(text) if text.contains("SSLRequest rejected") => {
             Some(pg::no_tls_message(&target.tls))
