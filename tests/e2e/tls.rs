@@ -36,11 +36,13 @@ fn prerequisites(test: &str) -> Option<TestCerts> {
 fn fixture(certs: &TestCerts, hba: Option<&str>) -> Fixture {
     let options = PgOptions::tls(certs, hba).expect("TLS options");
     let pg = PgServer::start_with(PgVersion::V15, options).expect("start PostgreSQL 15 with TLS");
-    let url = url(
-        &pg,
-        "localhost",
-        &format!("sslmode=verify-full&sslrootcert={}", ca(certs)),
-    );
+    let params = format!("sslmode=verify-full&sslrootcert={}", ca(certs));
+    fixture_on(pg, &params)
+}
+
+/// ClickHouse and setup through `params` (to localhost) on a PG15 server the test started.
+fn fixture_on(pg: PgServer, params: &str) -> Fixture {
+    let url = url(&pg, "localhost", params);
     Fixture::start_on(
         pg,
         &[
@@ -208,6 +210,80 @@ fn certificate_problems_are_refused_by_name() {
         &format!("sslmode=verify-ca&sslrootcert={ca}"),
     );
     assert_eq!(encryption_of_run(&f), (true, true));
+}
+
+#[test]
+fn expired_certificate_is_refused() {
+    let Some(certs) = prerequisites("expired_certificate_is_refused") else {
+        return;
+    };
+    let options = PgOptions::tls(&certs, Some(HBA_TLS_ONLY))
+        .and_then(|o| o.server_cert(&certs.expired_server_cert))
+        .expect("TLS options");
+    let pg = PgServer::start_with(PgVersion::V15, options).expect("start PostgreSQL 15 with TLS");
+    // require without a root certificate does not look at the certificate.
+    let mut f = fixture_on(pg, "sslmode=require");
+    let ca = ca(&certs);
+    for mode in ["verify-ca", "verify-full"] {
+        set_url(
+            &mut f,
+            "localhost",
+            &format!("sslmode={mode}&sslrootcert={ca}"),
+        );
+        let error = refused(&f);
+        assert!(
+            error.contains("certificate has expired") && error.contains("renew"),
+            "{mode}: {error}"
+        );
+    }
+}
+
+#[test]
+fn client_certificate() {
+    let Some(certs) = prerequisites("client_certificate") else {
+        return;
+    };
+    // relay_cert must show a certificate; everyone else (the harness' psql) needs only TLS.
+    let hba = format!("hostssl all relay_cert 127.0.0.1/32 cert\n{HBA_TLS_ONLY}");
+    let options = PgOptions::tls(&certs, Some(&hba))
+        .and_then(|o| o.client_ca(&certs))
+        .expect("TLS options");
+    let pg = PgServer::start_with(PgVersion::V15, options).expect("start PostgreSQL 15 with TLS");
+    pg.psql(
+        "postgres",
+        "CREATE ROLE relay_cert LOGIN SUPERUSER REPLICATION",
+    )
+    .expect("create role");
+    let with_cert = format!(
+        "sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+        ca(&certs),
+        certs.client_cert.display(),
+        certs.client_key.display()
+    );
+    let mut f = fixture_on(pg, &with_cert);
+    let user = |f: &mut Fixture, params: &str| {
+        let url = f.env_value("RELAY_POSTGRES_URL");
+        let url = url.replacen("postgres://postgres@", "postgres://relay_cert@", 1);
+        let url = match url.split_once("&ssl") {
+            Some((base, _)) => format!("{base}&{params}"),
+            None => url,
+        };
+        f.set_env("RELAY_POSTGRES_URL", &url);
+    };
+    user(&mut f, &with_cert);
+    assert_eq!(encryption_of_run(&f), (true, true));
+
+    user(
+        &mut f,
+        &format!("sslmode=verify-full&sslrootcert={}", ca(&certs)),
+    );
+    let out = f.relay(&["status"]);
+    let error = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        error.contains("requires a client certificate") && error.contains("set sslcert and sslkey"),
+        "{error}"
+    );
 }
 
 #[test]

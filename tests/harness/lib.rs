@@ -238,6 +238,26 @@ impl PgOptions {
             ],
         })
     }
+
+    /// Serves `cert` (signed for the same key) instead of the certificate [`tls`](Self::tls) set.
+    pub fn server_cert(mut self, cert: &Path) -> Result<PgOptions> {
+        let contents = std::fs::read(cert)?;
+        for (name, file) in &mut self.files {
+            if name == "server.crt" {
+                *file = contents.clone();
+            }
+        }
+        Ok(self)
+    }
+
+    /// Trusts client certificates signed by `certs`' CA (`ssl_ca_file`), for pg_hba.conf's `cert`
+    /// method.
+    pub fn client_ca(mut self, certs: &TestCerts) -> Result<PgOptions> {
+        self.conf.push_str("ssl_ca_file = 'client_ca.crt'\n");
+        self.files
+            .push(("client_ca.crt".into(), std::fs::read(&certs.ca_cert)?));
+        Ok(self)
+    }
 }
 
 /// pg_hba.conf of a server that accepts only TLS connections on TCP (as "force SSL" managed
@@ -250,12 +270,17 @@ pub const HBA_TLS_ONLY: &str = "local all all trust\n\
 
 /// A test CA and a server certificate it signed, made with the `openssl` CLI: the server
 /// certificate names only `localhost` (DNS), so connecting to 127.0.0.1 is a hostname mismatch;
-/// `other_ca` is a second CA that signed nothing of the server's.
+/// `other_ca` is a second CA that signed nothing of the server's. `expired_server_cert` is the
+/// server's key certified until yesterday; `client_cert`/`client_key` certify the user
+/// `relay_cert` (pg_hba.conf's `cert` method maps the CN to the user).
 pub struct TestCerts {
     pub ca_cert: PathBuf,
     pub other_ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub expired_server_cert: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     _dir: TempDir,
 }
 
@@ -297,15 +322,32 @@ impl TestCerts {
             "subjectAltName = DNS:localhost\nbasicConstraints = CA:FALSE\n\
              keyUsage = digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n",
         )?;
-        run(
-            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-             -extfile server.ext -out server.crt",
+        let sign = |csr: &str, days: i32, ext: &str, out: &str| {
+            run(&format!(
+                "x509 -req -in {csr} -CA ca.crt -CAkey ca.key -CAcreateserial -days {days} \
+                 -extfile {ext} -out {out}"
+            ))
+        };
+        sign("server.csr", 2, "server.ext", "server.crt")?;
+        // Valid from now until a day ago: expired.
+        sign("server.csr", -1, "server.ext", "server_expired.crt")?;
+        run(&format!(
+            "req {key} -subj /CN=relay_cert -keyout client.key -out client.csr"
+        ))?;
+        std::fs::write(
+            dir.0.join("client.ext"),
+            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\n\
+             extendedKeyUsage = clientAuth\n",
         )?;
+        sign("client.csr", 2, "client.ext", "client.crt")?;
         Ok(Some(TestCerts {
             ca_cert: dir.0.join("ca.crt"),
             other_ca_cert: dir.0.join("other_ca.crt"),
             server_cert: dir.0.join("server.crt"),
             server_key: dir.0.join("server.key"),
+            expired_server_cert: dir.0.join("server_expired.crt"),
+            client_cert: dir.0.join("client.crt"),
+            client_key: dir.0.join("client.key"),
             _dir: dir,
         }))
     }
