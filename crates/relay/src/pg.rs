@@ -45,18 +45,18 @@ impl PgError {
 
 /// Host, port and database of a connection string, for messages (never the password).
 pub fn describe(url: &str) -> String {
-    match Target::parse(url) {
-        Ok(t) => describe_target(&t),
-        Err(_) => "<unparsable postgres_url>".into(),
+    match pgtls::split(url).map(|(rest, _)| rest.parse::<tokio_postgres::Config>()) {
+        Ok(Ok(config)) => describe_config(&config),
+        _ => "<unparsable postgres_url>".into(),
     }
 }
 
-fn describe_target(t: &Target) -> String {
-    let port = t.config.get_ports().first().copied().unwrap_or(5432);
+fn describe_config(config: &tokio_postgres::Config) -> String {
+    let port = config.get_ports().first().copied().unwrap_or(5432);
     format!(
         "{}:{port}/{}",
-        t.host(),
-        t.config.get_dbname().unwrap_or("?")
+        pgtls::host_of(config),
+        config.get_dbname().unwrap_or("?")
     )
 }
 
@@ -167,7 +167,7 @@ pub(crate) fn no_tls_message(tls: &PgTls) -> String {
 }
 
 fn connect_error(target: &Target, failure: Failure) -> PgError {
-    let where_ = describe_target(target);
+    let where_ = describe_config(&target.config);
     let tls = |problem| PgError::Tls {
         target: where_.clone(),
         problem,

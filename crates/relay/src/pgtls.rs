@@ -182,11 +182,16 @@ impl Target {
 
     /// The first host, for messages and for the replication connection.
     pub fn host(&self) -> String {
-        match self.config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
-        }
+        host_of(&self.config)
+    }
+}
+
+/// The first host of `config` (`localhost` when none is given).
+pub fn host_of(config: &tokio_postgres::Config) -> String {
+    match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
     }
 }
 
@@ -206,6 +211,13 @@ pub fn split(url: &str) -> Result<(String, TlsParams), TlsParamError> {
             "sslrootcert" => &mut params.sslrootcert,
             "sslcert" => &mut params.sslcert,
             "sslkey" => &mut params.sslkey,
+            // The default, SSLRequest first: the only negotiation both connections know.
+            "sslnegotiation" if value == "postgres" => return Ok(true),
+            "sslnegotiation" => {
+                return Err(TlsParamError::Unsupported(format!(
+                    "sslnegotiation={value}"
+                )));
+            }
             k if UNSUPPORTED_KEYS.contains(&k) => {
                 return Err(TlsParamError::Unsupported(k.to_string()));
             }
@@ -981,6 +993,14 @@ mod tests {
 
     #[test]
     fn unsupported_libpq_parameters_are_named() {
+        let err = split("host=db sslnegotiation=direct").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("sslnegotiation=direct is not supported"),
+            "{err}"
+        );
+        let (rest, _) = split("host=db sslnegotiation=postgres").unwrap();
+        assert_eq!(rest, "host=db");
         let err = split("postgres://db/app?sslcrl=/x.crl").unwrap_err();
         assert_eq!(
             err.to_string(),

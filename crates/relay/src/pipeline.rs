@@ -770,13 +770,21 @@ fn replication_tls_problem(url: &str, source: &PgWireError) -> Option<String> {
         PgWireError::Tls(text) if text.contains("SSLRequest rejected") => {
             Some(pg::no_tls_message(&target.tls))
         }
-        PgWireError::Tls(text) => Some(match pgtls::CertProblem::of_text(text) {
-            Some(p) => p.explain(&target.tls, &target.host(), text),
-            None => format!(
-                "{text}: check sslmode, sslrootcert, sslcert and sslkey in postgres_url and the \
-                 server's ssl settings"
-            ),
-        }),
+        PgWireError::Tls(text) => match pgtls::CertProblem::of_text(text) {
+            Some(p) => Some(p.explain(&target.tls, &target.host(), text)),
+            // Settings, or the server's refusal of the handshake; a network error in the middle
+            // of a handshake stays a (retried) replication error.
+            None if ["TLS config error", "received fatal alert", "invalid SNI"]
+                .iter()
+                .any(|s| text.contains(s)) =>
+            {
+                Some(format!(
+                    "{text}: check sslmode, sslrootcert, sslcert and sslkey in postgres_url and \
+                     the server's ssl settings"
+                ))
+            }
+            None => None,
+        },
         _ => None,
     }
 }
