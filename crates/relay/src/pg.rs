@@ -83,8 +83,12 @@ pub async fn connect_seen(url: &str) -> Result<(Client, Seen), PgError> {
             other => other,
         },
         // libpq: TLS if the server offers it, plaintext if it does not or the handshake fails.
+        // (When plaintext is refused too, the handshake's failure is the one to fix.)
         SslMode::Prefer => match attempt(PqSslMode::Prefer).await {
-            Err(f) if f.is_tls_failure() => attempt(PqSslMode::Disable).await,
+            Err(tls) if tls.is_tls_failure() => match attempt(PqSslMode::Disable).await {
+                Err(plain) if plain.is_server_refusal() => Err(tls),
+                other => other,
+            },
             other => other,
         },
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
