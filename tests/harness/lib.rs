@@ -225,17 +225,164 @@ pub struct PgServer {
     _dir: TempDir,
 }
 
+/// What [`PgServer::start_with`] adds to a cluster of the test's own.
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// Lines appended to postgresql.conf.
+    pub conf: String,
+    /// pg_hba.conf to use instead of initdb's (which trusts every local and 127.0.0.1
+    /// connection, with or without TLS).
+    pub hba: Option<String>,
+    /// Files written into the data directory (name, contents), owned by the server's user with
+    /// mode 0600 (as PostgreSQL wants its `ssl_key_file`).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl PgOptions {
+    /// `ssl = on` with this certificate and key, and pg_hba.conf `hba` (`None`: initdb's, which
+    /// allows TLS and plaintext).
+    pub fn tls(certs: &TestCerts, hba: Option<&str>) -> Result<PgOptions> {
+        Ok(PgOptions {
+            conf: "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n".into(),
+            hba: hba.map(str::to_string),
+            files: vec![
+                ("server.crt".into(), std::fs::read(&certs.server_cert)?),
+                ("server.key".into(), std::fs::read(&certs.server_key)?),
+            ],
+        })
+    }
+
+    /// Serves `cert` (signed for the same key) instead of the certificate [`tls`](Self::tls) set.
+    pub fn server_cert(mut self, cert: &Path) -> Result<PgOptions> {
+        let contents = std::fs::read(cert)?;
+        for (name, file) in &mut self.files {
+            if name == "server.crt" {
+                *file = contents.clone();
+            }
+        }
+        Ok(self)
+    }
+
+    /// Trusts client certificates signed by `certs`' CA (`ssl_ca_file`), for pg_hba.conf's `cert`
+    /// method.
+    pub fn client_ca(mut self, certs: &TestCerts) -> Result<PgOptions> {
+        self.conf.push_str("ssl_ca_file = 'client_ca.crt'\n");
+        self.files
+            .push(("client_ca.crt".into(), std::fs::read(&certs.ca_cert)?));
+        Ok(self)
+    }
+}
+
+/// pg_hba.conf of a server that accepts only TLS connections on TCP (as "force SSL" managed
+/// servers do); the Unix socket stays open for nothing but is harmless.
+pub const HBA_TLS_ONLY: &str = "local all all trust\n\
+    hostssl all all 127.0.0.1/32 trust\n\
+    hostssl replication all 127.0.0.1/32 trust\n\
+    host all all 127.0.0.1/32 reject\n\
+    host replication all 127.0.0.1/32 reject\n";
+
+/// A test CA and a server certificate it signed, made with the `openssl` CLI: the server
+/// certificate names only `localhost` (DNS), so connecting to 127.0.0.1 is a hostname mismatch;
+/// `other_ca` is a second CA that signed nothing of the server's. `expired_server_cert` is the
+/// server's key certified until yesterday; `client_cert`/`client_key` certify the user
+/// `relay_cert` (pg_hba.conf's `cert` method maps the CN to the user).
+pub struct TestCerts {
+    pub ca_cert: PathBuf,
+    pub other_ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub expired_server_cert: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestCerts {
+    /// `None` when the `openssl` CLI is absent.
+    pub fn generate() -> Result<Option<TestCerts>> {
+        if Command::new("openssl")
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let dir = TempDir::new("relay_tls")?;
+        // Arguments split at spaces (none of them holds one).
+        let run = |args: &str| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args.split_whitespace())
+                .current_dir(&dir.0)
+                .output()?;
+            if !out.status.success() {
+                bail!("openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        for ca in ["ca", "other_ca"] {
+            run(&format!(
+                "req -x509 {key} -days 2 -subj /CN=outbox-relay-test-{ca} -keyout {ca}.key \
+                 -out {ca}.crt"
+            ))?;
+        }
+        run(&format!(
+            "req {key} -subj /CN=localhost -keyout server.key -out server.csr"
+        ))?;
+        std::fs::write(
+            dir.0.join("server.ext"),
+            "subjectAltName = DNS:localhost\nbasicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n",
+        )?;
+        let sign = |csr: &str, days: i32, ext: &str, out: &str| {
+            run(&format!(
+                "x509 -req -in {csr} -CA ca.crt -CAkey ca.key -CAcreateserial -days {days} \
+                 -extfile {ext} -out {out}"
+            ))
+        };
+        sign("server.csr", 2, "server.ext", "server.crt")?;
+        // Valid from now until a day ago: expired.
+        sign("server.csr", -1, "server.ext", "server_expired.crt")?;
+        run(&format!(
+            "req {key} -subj /CN=relay_cert -keyout client.key -out client.csr"
+        ))?;
+        std::fs::write(
+            dir.0.join("client.ext"),
+            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\n\
+             extendedKeyUsage = clientAuth\n",
+        )?;
+        sign("client.csr", 2, "client.ext", "client.crt")?;
+        Ok(Some(TestCerts {
+            ca_cert: dir.0.join("ca.crt"),
+            other_ca_cert: dir.0.join("other_ca.crt"),
+            server_cert: dir.0.join("server.crt"),
+            server_key: dir.0.join("server.key"),
+            expired_server_cert: dir.0.join("server_expired.crt"),
+            client_cert: dir.0.join("client.crt"),
+            client_key: dir.0.join("client.key"),
+            _dir: dir,
+        }))
+    }
+}
+
 impl PgServer {
     /// initdb (trust auth, UTF8), `wal_level = logical`, start, wait until it accepts queries.
     pub fn start(version: PgVersion) -> Result<PgServer> {
         if let Ok(url) = std::env::var("RELAY_TEST_POSTGRES_URL") {
             return Self::external(version, &url);
         }
-        Self::start_from(version, version.bin_dir()?)
+        Self::start_with(version, PgOptions::default())
     }
 
-    /// [`PgServer::start`] with the binaries in `bin`.
-    fn start_from(version: PgVersion, bin: PathBuf) -> Result<PgServer> {
+    /// Like [`start`](Self::start), always a cluster of the test's own, with `options` (TLS,
+    /// pg_hba.conf) applied before the first start.
+    pub fn start_with(version: PgVersion, options: PgOptions) -> Result<PgServer> {
+        Self::start_from(version, version.bin_dir()?, options)
+    }
+
+    /// [`PgServer::start_with`] with the binaries in `bin`.
+    fn start_from(version: PgVersion, bin: PathBuf, options: PgOptions) -> Result<PgServer> {
         let dir = TempDir::new("relay_pg")?;
         let run_as = if is_root() {
             Some(postgres_user()?)
@@ -268,7 +415,19 @@ impl PgServer {
         std::fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.conf"))?
-            .write_all_str(&conf)?;
+            .write_all_str(&format!("{conf}{}", options.conf))?;
+        if let Some(hba) = &options.hba {
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
+        }
+        for (name, contents) in &options.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
         let mut server = PgServer {
             external: None,
             version,
@@ -695,7 +854,7 @@ mod tests {
             std::fs::write(lib.unwrap().path(), b"truncated").unwrap();
         }
         let bin = pg18_bin_dir_of(&site, &shared).unwrap();
-        let pg = PgServer::start_from(PgVersion::V18, bin).unwrap();
+        let pg = PgServer::start_from(PgVersion::V18, bin, PgOptions::default()).unwrap();
         assert_eq!(
             pg.psql("postgres", "SHOW wal_level").unwrap().trim(),
             "logical"

@@ -220,9 +220,12 @@ impl Config {
                 "is required, e.g. postgres://relay:secret@db:5432/app",
             ));
         }
-        self.postgres_url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| invalid("postgres_url", format!("is not a PostgreSQL URL: {e}")))?;
+        crate::pgtls::Target::parse(&self.postgres_url).map_err(|e| match e {
+            crate::pgtls::TlsParamError::Invalid(e) => {
+                invalid("postgres_url", format!("is not a PostgreSQL URL: {e}"))
+            }
+            e => invalid("postgres_url", e.to_string()),
+        })?;
         // Parses the URL and reads the CA bundle and client certificate, if any: a file that is
         // missing or not PEM stops the relay here, naming the setting.
         crate::sink::ClickHouseTarget::from_config(self)?;

@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod pg;
+pub mod pgtls;
 pub mod pipeline;
 pub mod purge;
 pub mod replay;

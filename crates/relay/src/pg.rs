@@ -2,7 +2,13 @@
 
 use pgoutput::Lsn;
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
+use std::sync::{Arc, Mutex};
+
+use tokio_postgres::Client;
+use tokio_postgres::config::SslMode as PqSslMode;
+use tokio_postgres::error::SqlState;
+
+use crate::pgtls::{self, CertProblem, PgTls, Seen, SslMode, Target};
 
 /// Errors talking SQL to PostgreSQL.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +25,10 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// TLS to the server failed in a way an operator must fix (certificate, sslmode, server
+    /// settings); retrying does not help.
+    #[error("TLS to PostgreSQL at {target}: {problem}")]
+    Tls { target: String, problem: String },
     /// The slot or server is in a state an operator must fix; retrying does not help.
     #[error("{0}")]
     NotReady(String),
@@ -35,37 +45,163 @@ impl PgError {
 
 /// Host, port and database of a connection string, for messages (never the password).
 pub fn describe(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
-        Ok(c) => {
-            let host = c
-                .get_hosts()
-                .first()
-                .map(|h| match h {
-                    tokio_postgres::config::Host::Tcp(s) => s.clone(),
-                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-                })
-                .unwrap_or_else(|| "localhost".into());
-            let port = c.get_ports().first().copied().unwrap_or(5432);
-            format!("{host}:{port}/{}", c.get_dbname().unwrap_or("?"))
-        }
-        Err(_) => "<unparsable postgres_url>".into(),
+    match pgtls::split(url).map(|(rest, _)| rest.parse::<tokio_postgres::Config>()) {
+        Ok(Ok(config)) => describe_config(&config),
+        _ => "<unparsable postgres_url>".into(),
     }
+}
+
+fn describe_config(config: &tokio_postgres::Config) -> String {
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}:{port}/{}",
+        pgtls::host_of(config),
+        config.get_dbname().unwrap_or("?")
+    )
 }
 
 /// Opens a SQL connection; its driver runs on a spawned task.
 pub async fn connect(url: &str) -> Result<Client, PgError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    connect_seen(url).await.map(|(client, _)| client)
+}
+
+/// Opens a SQL connection with the TLS of `postgres_url`'s sslmode (libpq's meaning) and says
+/// what its handshake saw.
+pub async fn connect_seen(url: &str) -> Result<(Client, Seen), PgError> {
+    let target = Target::parse(url).map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+    let attempt = |mode| attempt(&target, mode);
+    let mode = if pgtls::is_unix_socket(&target.host()) {
+        SslMode::Disable
+    } else {
+        target.tls.mode
+    };
+    match mode {
+        SslMode::Disable => attempt(PqSslMode::Disable).await,
+        // libpq: plaintext first, TLS if the server refuses it.
+        SslMode::Allow => match attempt(PqSslMode::Disable).await {
+            Err(f) if f.is_server_refusal() => attempt(PqSslMode::Require).await,
+            other => other,
+        },
+        // libpq: TLS if the server offers it, plaintext if it does not or the handshake fails.
+        // (When plaintext is refused too, the handshake's failure is the one to fix.)
+        SslMode::Prefer => match attempt(PqSslMode::Prefer).await {
+            Err(tls) if tls.is_tls_failure() => match attempt(PqSslMode::Disable).await {
+                Err(plain) if plain.is_server_refusal() => Err(tls),
+                other => other,
+            },
+            other => other,
+        },
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            attempt(PqSslMode::Require).await
+        }
+    }
+    .map_err(|e| connect_error(&target, e))
+}
+
+/// Why one connection attempt failed.
+enum Failure {
+    Pg(tokio_postgres::Error),
+    /// The TLS files changed since the configuration was checked.
+    Params(pgtls::TlsParamError),
+}
+
+impl Failure {
+    fn is_server_refusal(&self) -> bool {
+        matches!(self, Failure::Pg(e) if e.as_db_error().is_some())
+    }
+
+    fn is_tls_failure(&self) -> bool {
+        matches!(self, Failure::Pg(e) if pgtls::rustls_error(e).is_some())
+    }
+}
+
+async fn attempt(target: &Target, mode: PqSslMode) -> Result<(Client, Seen), Failure> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let tls = target
+        .tls
+        .client_config(seen.clone())
+        .map_err(Failure::Params)?;
+    let mut config = target.config.clone();
+    config.ssl_mode(mode);
+    let (client, connection) = config
+        .connect(pgtls::MakeRustls::new(tls, seen.clone()))
         .await
-        .map_err(|source| PgError::Connect {
-            target: describe(url),
-            source,
-        })?;
+        .map_err(Failure::Pg)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
-    Ok(client)
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok((client, seen))
+}
+
+/// A server's refusal (SQLSTATE 28000) that TLS settings cure, explained: pg_hba.conf has only
+/// `hostssl` lines for us, or its `cert` method wants a client certificate.
+pub(crate) fn server_tls_refusal(server_message: &str, tls: &PgTls) -> Option<String> {
+    // PostgreSQL's wording: "..., no encryption" (14+), "..., SSL off" (before).
+    if server_message.contains("no encryption") || server_message.contains("SSL off") {
+        return Some(format!(
+            "the server requires TLS but sslmode={} connects without it (server: \
+             {server_message}): set sslmode=require or sslmode=verify-full in postgres_url",
+            tls.requested.as_str()
+        ));
+    }
+    if server_message.contains("certificate") {
+        let now = match &tls.client_cert {
+            Some((cert, _)) => format!("sslcert={} is not accepted", cert.display()),
+            None => "none is set".into(),
+        };
+        return Some(format!(
+            "the server requires a client certificate and {now} (server: {server_message}): set \
+             sslcert and sslkey in postgres_url to a certificate for this user signed by a CA in \
+             the server's ssl_ca_file"
+        ));
+    }
+    None
+}
+
+/// The server does not offer TLS (its `ssl` setting is off) and the mode needs it.
+pub(crate) fn no_tls_message(tls: &PgTls) -> String {
+    format!(
+        "the server does not offer TLS (its ssl setting is off) and sslmode={} needs it: \
+         enable ssl on the server, or use sslmode=prefer to connect without TLS",
+        tls.requested.as_str()
+    )
+}
+
+fn connect_error(target: &Target, failure: Failure) -> PgError {
+    let where_ = describe_config(&target.config);
+    let tls = |problem| PgError::Tls {
+        target: where_.clone(),
+        problem,
+    };
+    let e = match failure {
+        Failure::Params(e) => return PgError::NotReady(format!("postgres_url: {e}")),
+        Failure::Pg(e) => e,
+    };
+    if let Some(db) = e.as_db_error()
+        && *db.code() == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        && let Some(problem) = server_tls_refusal(db.message(), &target.tls)
+    {
+        return tls(problem);
+    }
+    if let Some(r) = pgtls::rustls_error(&e) {
+        return tls(match CertProblem::of(r) {
+            Some(p) => p.explain(&target.tls, &target.host(), &r.to_string()),
+            None => format!(
+                "the TLS handshake failed: {r}: check sslcert and sslkey if the server asks for a \
+                 client certificate, and the server's ssl settings"
+            ),
+        });
+    }
+    if e.to_string().contains("server does not support TLS") {
+        return tls(no_tls_message(&target.tls));
+    }
+    PgError::Connect {
+        target: where_,
+        source: e,
+    }
 }
 
 /// The slot as `pg_replication_slots` shows it, with the server's current WAL position.

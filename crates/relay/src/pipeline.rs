@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use pgoutput::{Lsn, Message};
 use pgwire_replication::{
     FeedbackObserver, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
-    TlsConfig,
 };
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info, info_span, warn};
@@ -37,6 +36,7 @@ use crate::deadletter;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxLayout, RowError, SchemaError};
 use crate::pg::{self, PgError};
+use crate::pgtls;
 use crate::replay;
 use crate::sink::{BatchInsert, ClickHouseSink, OwnedEventRow, Present, SinkError};
 
@@ -101,7 +101,7 @@ impl RelayError {
     /// Whether waiting and reconnecting can cure this error.
     pub fn is_transient(&self) -> bool {
         match self {
-            RelayError::Postgres(PgError::NotReady(_)) => false,
+            RelayError::Postgres(PgError::NotReady(_) | PgError::Tls { .. }) => false,
             RelayError::Postgres(_) => true,
             RelayError::Replication { source, .. } => !matches!(source, PgWireError::Auth(_)),
             RelayError::ClickHouse(SinkError::Table { .. }) => false,
@@ -328,7 +328,7 @@ impl<'a> Session<'a> {
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
-        let sql = pg::connect(&self.config.postgres_url).await?;
+        let (sql, seen) = pg::connect_seen(&self.config.postgres_url).await?;
         let start = pg::preflight(&sql, &self.config.slot).await?;
         self.sink = self
             .sink
@@ -371,7 +371,7 @@ impl<'a> Session<'a> {
             info!(until_lsn = %until, "re-sending the rows of a failed insert in small inserts");
         }
         let feedback = Arc::new(Notify::new());
-        let mut client = self.connect(start, feedback.clone()).await?;
+        let mut client = self.connect(start, feedback.clone(), &seen).await?;
         info!(slot = %self.config.slot, from_lsn = %start, "streaming");
         self.metrics.replicating.store(true, Relaxed);
         self.metrics.confirmed_lsn.store(start.0, Relaxed);
@@ -437,18 +437,20 @@ impl<'a> Session<'a> {
         &self,
         start: Lsn,
         feedback: Arc<Notify>,
+        seen: &pgtls::Seen,
     ) -> Result<ReplicationClient, RelayError> {
-        let config = replication_config(self.config, start, feedback)?;
+        let config = replication_config(self.config, start, feedback, seen)?;
         ReplicationClient::connect(config)
             .await
             .map_err(|source| self.replication_error(source))
     }
 
     fn replication_error(&self, source: PgWireError) -> RelayError {
-        RelayError::Replication {
-            target: pg::describe(&self.config.postgres_url),
-            source,
+        let target = pg::describe(&self.config.postgres_url);
+        if let Some(problem) = replication_tls_problem(&self.config.postgres_url, &source) {
+            return RelayError::Postgres(PgError::Tls { target, problem });
         }
+        RelayError::Replication { target, source }
     }
 
     async fn handle(
@@ -908,29 +910,52 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The replication connection's settings, from `postgres_url`.
+/// A TLS failure of the replication connection, explained as the SQL connection's are.
+fn replication_tls_problem(url: &str, source: &PgWireError) -> Option<String> {
+    let target = pgtls::Target::parse(url).ok()?;
+    match source {
+        PgWireError::Server(message) if message.contains("28000") => {
+            pg::server_tls_refusal(message, &target.tls)
+        }
+        PgWireError::Tls(text) if text.contains("SSLRequest rejected") => {
+            Some(pg::no_tls_message(&target.tls))
+        }
+        PgWireError::Tls(text) => match pgtls::CertProblem::of_text(text) {
+            Some(p) => Some(p.explain(&target.tls, &target.host(), text)),
+            // Settings, or the server's refusal of the handshake; a network error in the middle
+            // of a handshake stays a (retried) replication error.
+            None if ["TLS config error", "received fatal alert", "invalid SNI"]
+                .iter()
+                .any(|s| text.contains(s)) =>
+            {
+                Some(format!(
+                    "{text}: check sslmode, sslrootcert, sslcert and sslkey in postgres_url and \
+                     the server's ssl settings"
+                ))
+            }
+            None => None,
+        },
+        _ => None,
+    }
+}
+
+/// The replication connection's settings, from `postgres_url`; `seen` is what the session's SQL
+/// connection saw of TLS.
 fn replication_config(
     config: &Config,
     start: Lsn,
     feedback: Arc<Notify>,
+    seen: &pgtls::Seen,
 ) -> Result<ReplicationConfig, RelayError> {
-    let pg: tokio_postgres::Config = config
-        .postgres_url
-        .parse()
+    let target = pgtls::Target::parse(&config.postgres_url)
         .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
-    let host = match pg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
+    let pg = &target.config;
+    let host = target.host();
     let password = pg
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
-    let tls = match pg.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Require => TlsConfig::require(),
-        _ => TlsConfig::disabled(),
-    };
+    let tls = target.tls.replication(&host, seen);
     let start = pgwire_replication::Lsn::from_u64(start.0);
     Ok(ReplicationConfig::new(
         host,

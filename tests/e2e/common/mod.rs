@@ -24,7 +24,15 @@ pub struct Fixture {
 impl Fixture {
     /// Starts both servers, creates a database on each and runs `outbox-relay setup`.
     pub fn start(version: PgVersion, extra_env: &[(&str, &str)]) -> Fixture {
-        let pg = PgServer::start(version).expect("start PostgreSQL");
+        Fixture::start_on(
+            PgServer::start(version).expect("start PostgreSQL"),
+            extra_env,
+        )
+    }
+
+    /// Like [`start`](Self::start), on a PostgreSQL server the test started itself (e.g. with
+    /// TLS); `RELAY_POSTGRES_URL` may be overridden in `extra_env` (`{db}`: the database).
+    pub fn start_on(pg: PgServer, extra_env: &[(&str, &str)]) -> Fixture {
         let ch = ClickHouseServer::start().expect("start ClickHouse");
         // Names of this test's own, so tests can share an external server.
         let db = harness::unique_name("app");
@@ -46,7 +54,7 @@ impl Fixture {
         ];
         for (k, v) in extra_env {
             env.retain(|(key, _)| key != k);
-            env.push((k.to_string(), v.to_string()));
+            env.push((k.to_string(), v.replace("{db}", &db)));
         }
         let fixture = Fixture {
             pg,
