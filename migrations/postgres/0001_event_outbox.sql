@@ -72,3 +72,10 @@ CREATE TABLE IF NOT EXISTS "public"."event_outbox_dead_letters" (
     failed_at        timestamptz NOT NULL DEFAULT now(),
     attempts         integer     NOT NULL DEFAULT 1
 );
+-- Outbox rows that could not become events at all (a required column NULL or renamed away, a
+-- type the relay cannot read) are dead letters too: raw holds their values by column name, the
+-- typed columns stay empty; `retry` reads the row from the outbox again once it is fixed.
+ALTER TABLE "public"."event_outbox_dead_letters" ADD COLUMN IF NOT EXISTS raw jsonb;
+ALTER TABLE "public"."event_outbox_dead_letters" ALTER COLUMN event_type DROP NOT NULL,
+    ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
+    ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;

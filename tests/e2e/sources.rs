@@ -24,6 +24,7 @@ on_each_postgres!(
     sources_sharing_a_table_survive_kills,
     publication_recreated_while_running_loses_nothing,
     swapped_outbox_table_stops_then_recovers,
+    rows_that_cannot_become_events_are_dead_letters_not_a_wedge,
 );
 
 /// `source -> (rows, distinct ids)` in ClickHouse, and the ids per source.
@@ -359,4 +360,69 @@ fn existing_table_of_other_types_is_refused() {
         relay.log()
     );
     assert_eq!(f.ch_count(), 0);
+}
+
+/// Every outbox row, whatever DDL did to the table, either arrives once or waits as a dead letter
+/// with its values; the stream never stops for good. A column renamed away and back (the old
+/// Relation message stays in the WAL a restarted relay reads again), a NULL in a required column,
+/// a changed column type; then the rows are fixed and `dead-letters retry` ships them, and a
+/// replay after ClickHouse lost the table reads every column type the live path does.
+fn rows_that_cannot_become_events_are_dead_letters_not_a_wedge(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let mut relay = f.spawn_relay();
+    f.publish(10, 5, "before");
+    f.wait_for_rows(10, Duration::from_secs(60), Some(&relay));
+    f.sql("ALTER TABLE event_outbox RENAME COLUMN environment TO env_renamed");
+    f.publish(3, 3, "renamed_away");
+    f.sql("ALTER TABLE event_outbox RENAME COLUMN env_renamed TO environment");
+    f.sql("ALTER TABLE event_outbox ALTER COLUMN environment DROP NOT NULL");
+    f.sql(
+        "INSERT INTO event_outbox (event_type, event_context, environment)
+         VALUES ('null_environment', '{}', NULL)",
+    );
+    f.sql("ALTER TABLE event_outbox ALTER COLUMN metadata_version TYPE integer");
+    f.publish(10, 2, "after");
+    f.wait_for_rows(20, Duration::from_secs(60), Some(&relay));
+    // A restart reads the stale Relation message again: no wedge.
+    relay.kill_now();
+    let relay = f.spawn_relay();
+    f.publish(5, 5, "after_restart");
+    f.wait_for_rows(25, Duration::from_secs(60), Some(&relay));
+    let letters: serde_json::Value = {
+        let out = f.relay(&["dead-letters", "list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), 4, "{letters:#?}\n{}", relay.log());
+    for letter in letters {
+        assert!(letter["raw"].is_object(), "values kept: {letter}");
+        assert!(letter["commit_lsn"].as_str().unwrap() != "0/0", "{letter}");
+    }
+    assert!(
+        letters.iter().any(|l| l["raw"]["env_renamed"] == "test"
+            && l["error"].as_str().unwrap().contains("environment")),
+        "{letters:#?}"
+    );
+    // Fixed: every row is readable again (the NULL gets a value); retry ships them once.
+    f.sql("UPDATE event_outbox SET environment = 'fixed' WHERE environment IS NULL");
+    let out = f.relay(&["dead-letters", "retry"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = f.pg_ids();
+    let (got, rows) = f.ch_ids();
+    assert_eq!(got, expected);
+    assert_eq!(rows, expected.len() as u64);
+    assert_eq!(
+        f.ch("SELECT environment FROM {db}.event_log WHERE event_type = 'null_environment'"),
+        "fixed\n"
+    );
+    // ClickHouse loses everything; a replay re-reads the outbox with the same mapping
+    // (metadata_version is an integer now).
+    f.ch("TRUNCATE TABLE {db}.event_log");
+    let out = f.relay(&["replay", "--from-lsn", "0/0", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (got, rows) = f.ch_ids();
+    assert_eq!(got, expected);
+    assert_eq!(rows, expected.len() as u64);
+    assert_eq!(relay.terminate().code(), Some(0));
 }

@@ -29,8 +29,11 @@ pub struct DeadLetter {
     pub event_id: String,
     pub commit_lsn: String,
     pub tx_seq: i32,
+    /// Empty for a row that could not become an event (see `raw`).
     pub event_type: String,
     pub event_date_time: String,
+    /// The outbox row's values by column name, for a row that could not become an event.
+    pub raw: Option<serde_json::Value>,
     pub error: String,
     pub failed_at: String,
     pub attempts: i32,
@@ -74,6 +77,38 @@ pub async fn record(
     Ok(inserted == 1)
 }
 
+/// Stores an outbox row that cannot become an event row (see [`crate::outbox::raw_values`]),
+/// with its WAL position and why; a repeat changes nothing. Returns whether it was new.
+pub async fn record_unmapped(
+    client: &Client,
+    config: &Config,
+    event_id: &[u8; 16],
+    position: (u64, u32),
+    raw: &serde_json::Value,
+    error: &str,
+) -> Result<bool, PgError> {
+    let sql = format!(
+        "INSERT INTO {} (event_id, commit_lsn, tx_seq, raw, error)
+         VALUES ($1::text::uuid, $2::text::pg_lsn, $3, $4::text::jsonb, $5)
+         ON CONFLICT (event_id) DO NOTHING",
+        dead_letters_table(config)
+    );
+    let inserted = client
+        .execute(
+            &sql,
+            &[
+                &crate::sink::uuid_text(event_id),
+                &Lsn(position.0).to_string(),
+                &(position.1 as i32),
+                &raw.to_string(),
+                &error,
+            ],
+        )
+        .await
+        .map_err(PgError::query("dead-letter insert"))?;
+    Ok(inserted == 1)
+}
+
 /// How many dead letters there are.
 pub async fn count(client: &Client, config: &Config) -> Result<u64, PgError> {
     let row = client
@@ -95,7 +130,7 @@ pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
                 "SELECT event_id::text, commit_lsn::text, tx_seq, event_type,
                         to_char(event_date_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                         error, to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                        attempts
+                        attempts, raw::text
                    FROM {} ORDER BY commit_lsn, tx_seq",
                 dead_letters_table(config)
             ),
@@ -109,11 +144,14 @@ pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
             event_id: r.get(0),
             commit_lsn: r.get(1),
             tx_seq: r.get(2),
-            event_type: r.get(3),
-            event_date_time: r.get(4),
+            event_type: r.get::<_, Option<String>>(3).unwrap_or_default(),
+            event_date_time: r.get::<_, Option<String>>(4).unwrap_or_default(),
             error: r.get(5),
             failed_at: r.get(6),
             attempts: r.get(7),
+            raw: r
+                .get::<_, Option<String>>(8)
+                .and_then(|t| serde_json::from_str(&t).ok()),
         })
         .collect())
 }
@@ -137,13 +175,14 @@ pub async fn retry(
     event_id: Option<&str>,
 ) -> Result<RetryReport, DeadLetterError> {
     let client = pg::connect(&config.postgres_url).await?;
+    let layout = crate::replay::SqlLayout::read(&client, config).await?;
     let table = dead_letters_table(config);
     let rows = client
         .query(
             &format!(
                 "SELECT event_id::text, commit_lsn::text, tx_seq, event_type,
                         (extract(epoch FROM event_date_time) * 1000000)::int8, environment,
-                        event_context, metadata_version, sentry_trace
+                        event_context, metadata_version, sentry_trace, raw IS NOT NULL
                    FROM {table} WHERE $1::text IS NULL OR event_id = $1::text::uuid
                   ORDER BY commit_lsn, tx_seq"
             ),
@@ -155,17 +194,26 @@ pub async fn retry(
     for r in rows {
         let id: String = r.get(0);
         let lsn: String = r.get(1);
-        let row = OwnedEventRow {
-            event_id: parse_uuid(&id).ok_or_else(|| DeadLetterError::BadId(id.clone()))?,
-            commit_lsn: lsn.parse::<Lsn>().map(|l| l.0).unwrap_or(0),
-            tx_seq: r.get::<_, i32>(2) as u32,
-            event_type: r.get::<_, String>(3).into_bytes(),
-            event_date_time_us: r.get(4),
-            environment: r.get::<_, String>(5).into_bytes(),
-            event_context: r.get::<_, String>(6).into_bytes(),
-            metadata_version: r.get::<_, i64>(7) as u64,
-            sentry_trace: r.get::<_, Option<String>>(8).map(String::into_bytes),
+        let position = (
+            lsn.parse::<Lsn>().map(|l| l.0).unwrap_or(0),
+            r.get::<_, i32>(2) as u32,
+        );
+        let row = if r.get::<_, bool>(9) {
+            // A row that could not become an event: read it from the outbox again, through
+            // the mapping the live stream uses, now that it may be fixed.
+            from_outbox(&client, config, &layout, &id).await?
+        } else {
+            typed_letter(&r, &id)
         };
+        let mut row = match row {
+            Ok(row) => row,
+            Err(why) => {
+                report.refused += 1;
+                refused_again(&client, &table, &id, &why).await?;
+                continue;
+            }
+        };
+        (row.commit_lsn, row.tx_seq) = position;
         if !sink
             .existing_ids(std::slice::from_ref(&id))
             .await?
@@ -181,17 +229,7 @@ pub async fn retry(
                 Ok(()) => report.shipped += 1,
                 Err(e) if e.is_rejected_data() => {
                     report.refused += 1;
-                    client
-                        .execute(
-                            &format!(
-                                "UPDATE {table} SET error = $2, attempts = attempts + 1,
-                                                    failed_at = now()
-                                  WHERE event_id = $1::text::uuid"
-                            ),
-                            &[&id, &e.to_string()],
-                        )
-                        .await
-                        .map_err(PgError::query("dead-letter update"))?;
+                    refused_again(&client, &table, &id, &e.to_string()).await?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -206,6 +244,73 @@ pub async fn retry(
             .map_err(PgError::query("dead-letter delete"))?;
     }
     Ok(report)
+}
+
+/// A dead letter ClickHouse refused, as the operator may have corrected it with UPDATE.
+fn typed_letter(r: &tokio_postgres::Row, id: &str) -> Result<OwnedEventRow, String> {
+    let missing = || format!("dead letter {id} has an empty column: set it with UPDATE first");
+    Ok(OwnedEventRow {
+        event_id: parse_uuid(id).ok_or_else(|| format!("{id} is not a UUID"))?,
+        commit_lsn: 0,
+        tx_seq: 0,
+        event_type: r
+            .get::<_, Option<String>>(3)
+            .ok_or_else(missing)?
+            .into_bytes(),
+        event_date_time_us: r.get::<_, Option<i64>>(4).ok_or_else(missing)?,
+        environment: r
+            .get::<_, Option<String>>(5)
+            .ok_or_else(missing)?
+            .into_bytes(),
+        event_context: r
+            .get::<_, Option<String>>(6)
+            .ok_or_else(missing)?
+            .into_bytes(),
+        metadata_version: u64::try_from(r.get::<_, Option<i64>>(7).ok_or_else(missing)?)
+            .map_err(|_| format!("dead letter {id}: metadata_version is negative"))?,
+        sentry_trace: r.get::<_, Option<String>>(8).map(String::into_bytes),
+    })
+}
+
+/// The outbox row of an unmappable dead letter, mapped as the live stream maps rows.
+async fn from_outbox(
+    client: &Client,
+    config: &Config,
+    layout: &crate::replay::SqlLayout,
+    id: &str,
+) -> Result<Result<OwnedEventRow, String>, PgError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {} FROM {} o WHERE to_jsonb(o) ->> 'event_id' = $1",
+                layout.select,
+                crate::schema::outbox_table(config)
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(PgError::query("outbox read"))?;
+    Ok(match row {
+        None => Err(format!(
+            "event {id} is no longer in the outbox table (purged or deleted): it cannot be \
+             re-read; `dead-letters purge --event-id {id}` once handled"
+        )),
+        Some(row) => layout.event(&row).map_err(|(why, _)| why),
+    })
+}
+
+async fn refused_again(client: &Client, table: &str, id: &str, why: &str) -> Result<(), PgError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {table} SET error = $2, attempts = attempts + 1, failed_at = now()
+                  WHERE event_id = $1::text::uuid"
+            ),
+            &[&id, &why],
+        )
+        .await
+        .map_err(PgError::query("dead-letter update"))?;
+    Ok(())
 }
 
 /// Deletes dead letters (all, or one `event_id`) without shipping them; returns how many.

@@ -76,11 +76,20 @@ impl OutboxLayout {
     /// Reads the layout from the outbox table's Relation message.
     pub fn from_relation(relation: &Relation) -> Result<OutboxLayout, SchemaError> {
         let table = format!("{}.{}", relation.namespace()?, relation.name()?);
-        let names = relation
+        let columns = relation
             .columns
             .iter()
-            .map(|c| c.name())
-            .collect::<Result<Vec<&str>, _>>()?;
+            .map(|c| Ok((c.name()?, c.type_oid)))
+            .collect::<Result<Vec<(&str, u32)>, pgoutput::DecodeError>>()?;
+        Self::from_columns(&table, &columns)
+    }
+
+    /// The layout of a table with these columns (name, type oid), in tuple order: what a
+    /// Relation message says, or what `pg_attribute` says for rows read with SQL
+    /// ([`OutboxLayout::row`] then reads them as text tuples).
+    pub fn from_columns(table: &str, columns: &[(&str, u32)]) -> Result<OutboxLayout, SchemaError> {
+        let table = table.to_string();
+        let names = columns.iter().map(|(n, _)| *n).collect::<Vec<&str>>();
         let field = |column: &'static str, allowed: &[u32], expected: &'static str| {
             let index = names.iter().position(|n| *n == column).ok_or_else(|| {
                 SchemaError::MissingColumn {
@@ -88,7 +97,7 @@ impl OutboxLayout {
                     column,
                 }
             })?;
-            let type_oid = relation.columns[index].type_oid;
+            let type_oid = columns[index].1;
             if !allowed.contains(&type_oid) {
                 return Err(SchemaError::WrongType {
                     table: table.clone(),
@@ -150,6 +159,93 @@ impl OutboxLayout {
                 }),
         })
     }
+}
+
+/// A tuple's values by column name (columns as name and type oid), as JSON strings: text as it
+/// is, binary values of text, json, uuid and integer types read, others as `\\x` hex; NULL as
+/// null. What a dead letter keeps of a row that cannot become an event row.
+pub fn raw_values(columns: &[(String, u32)], tuple: &TupleData) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (i, column) in tuple.columns.iter().enumerate() {
+        let (name, type_oid) = columns
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| (format!("column_{i}"), 0));
+        let value = match column {
+            Column::Text(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+            Column::Binary(b) => serde_json::Value::String(binary_text(type_oid, b)),
+            Column::Null => serde_json::Value::Null,
+            Column::UnchangedToast => serde_json::Value::String("(unchanged toast)".into()),
+        };
+        out.insert(name, value);
+    }
+    serde_json::Value::Object(out)
+}
+
+/// A binary value as text, for people reading a dead letter.
+fn binary_text(type_oid: u32, bytes: &[u8]) -> String {
+    let hex = || {
+        format!(
+            "\\x{}",
+            bytes.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    };
+    let utf8 = |b: &[u8]| std::str::from_utf8(b).map(str::to_string).ok();
+    let value = match type_oid {
+        oid::TEXT | oid::VARCHAR | oid::JSON => utf8(bytes),
+        oid::JSONB => bytes.split_first().and_then(|(_, rest)| utf8(rest)),
+        oid::UUID => <[u8; 16]>::try_from(bytes)
+            .ok()
+            .map(|id| crate::sink::uuid_text(&id)),
+        oid::INT2 | oid::INT4 | oid::INT8 => match bytes.len() {
+            2 => <[u8; 2]>::try_from(bytes)
+                .ok()
+                .map(|b| i16::from_be_bytes(b).to_string()),
+            4 => <[u8; 4]>::try_from(bytes)
+                .ok()
+                .map(|b| i32::from_be_bytes(b).to_string()),
+            8 => <[u8; 8]>::try_from(bytes)
+                .ok()
+                .map(|b| i64::from_be_bytes(b).to_string()),
+            _ => None,
+        },
+        _ => None,
+    };
+    value.unwrap_or_else(hex)
+}
+
+/// The event id of a row that cannot become an event row: its `event_id` column when that
+/// reads as a UUID, else one made of its WAL position (commit LSN, `ffffffff`, position), so
+/// that the dead letter still has a key of its own.
+pub fn fallback_event_id(
+    columns: &[(String, u32)],
+    tuple: &TupleData,
+    commit_lsn: u64,
+    tx_seq: u32,
+) -> [u8; 16] {
+    let from_column = columns
+        .iter()
+        .position(|(n, _)| n == "event_id")
+        .and_then(|i| {
+            let (binary, bytes) = match tuple.columns.get(i)? {
+                Column::Text(b) => (false, b.as_ref()),
+                Column::Binary(b) => (true, b.as_ref()),
+                _ => return None,
+            };
+            uuid(Value {
+                column: "event_id",
+                type_oid: oid::UUID,
+                binary,
+                bytes,
+            })
+            .ok()
+        });
+    from_column.unwrap_or_else(|| {
+        let mut id = [0xffu8; 16];
+        id[..8].copy_from_slice(&commit_lsn.to_be_bytes());
+        id[12..].copy_from_slice(&tx_seq.to_be_bytes());
+        id
+    })
 }
 
 /// A column's raw value with what is needed to read it.

@@ -271,6 +271,13 @@ struct Batch {
     trace_ids: Vec<String>,
 }
 
+/// What the session knows of the outbox table from the newest Relation message.
+struct OutboxRelation {
+    id: u32,
+    columns: Vec<(String, u32)>,
+    layout: Result<OutboxLayout, String>,
+}
+
 /// How many publisher traces a batch's Sentry transaction lists.
 const MAX_LINKED_TRACES: usize = 32;
 
@@ -286,7 +293,10 @@ struct Session<'a> {
     /// recorded until it is done, so that a crash meanwhile makes the next session do it again.
     coverage_replay: Option<AbortOnDrop<Result<replay::ReplayReport, replay::ReplayError>>>,
     metrics: &'a Metrics,
-    outbox_relation: Option<(u32, OutboxLayout)>,
+    /// The outbox table's relation id, its column names and its layout, or why the relay cannot
+    /// read rows of that shape (each such row becomes a dead letter; a later Relation message,
+    /// after the table is fixed, brings a good layout back).
+    outbox_relation: Option<OutboxRelation>,
     tx: Option<Tx>,
     batch: Option<Batch>,
     confirmed: Lsn,
@@ -539,26 +549,60 @@ impl<'a> Session<'a> {
                 if relation.namespace().map_err(decode)? == self.config.outbox_schema
                     && relation.name().map_err(decode)? == self.config.outbox_table
                 {
-                    let layout = OutboxLayout::from_relation(&relation)?;
-                    self.outbox_relation = Some((relation.id, layout));
+                    let layout = OutboxLayout::from_relation(&relation);
+                    if let Err(e) = &layout {
+                        warn!(
+                            wal_lsn = %lsn, error = %e,
+                            "the outbox table's shape at this point of the WAL does not fit the \
+                             relay: its rows become dead letters until a later shape fits \
+                             (docs/operations.md, \"Rows that cannot become events\")"
+                        );
+                    }
+                    let columns = relation
+                        .columns
+                        .iter()
+                        .map(|c| c.name().map(|n| (n.to_string(), c.type_oid)))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(decode)?;
+                    self.outbox_relation = Some(OutboxRelation {
+                        id: relation.id,
+                        columns,
+                        layout: layout.map_err(|e| e.to_string()),
+                    });
                 }
             }
             Message::Insert(insert) => {
-                let Some((id, layout)) = &self.outbox_relation else {
+                let Some(relation) = &self.outbox_relation else {
                     return Ok(());
                 };
-                if insert.relation_id != *id {
+                if insert.relation_id != relation.id {
                     return Ok(());
                 }
                 let tx = self.tx.as_mut().ok_or(RelayError::Protocol(lsn))?;
-                let row = layout
-                    .row(&insert.tuple, tx.commit_lsn.0, tx.seq)
-                    .map_err(|source| RelayError::Row {
-                        commit_lsn: tx.commit_lsn,
-                        tx_seq: tx.seq,
-                        source,
-                    })?;
+                let (commit_lsn, tx_seq) = (tx.commit_lsn, tx.seq);
                 tx.seq += 1;
+                let mapped = match &relation.layout {
+                    Ok(layout) => layout
+                        .row(&insert.tuple, commit_lsn.0, tx_seq)
+                        .map_err(|e| e.to_string()),
+                    Err(why) => Err(why.clone()),
+                };
+                let row = match mapped {
+                    Ok(row) => row,
+                    Err(why) => {
+                        let raw = crate::outbox::raw_values(&relation.columns, &insert.tuple);
+                        let id = crate::outbox::fallback_event_id(
+                            &relation.columns,
+                            &insert.tuple,
+                            commit_lsn.0,
+                            tx_seq,
+                        );
+                        return self.unmapped(id, (commit_lsn, tx_seq), raw, why).await;
+                    }
+                };
+                let Some(tx) = self.tx.as_mut() else {
+                    return Err(RelayError::Protocol(lsn));
+                };
                 if self.present.contains(row.commit_lsn, row.tx_seq) {
                     return Ok(());
                 }
@@ -732,6 +776,32 @@ impl<'a> Session<'a> {
             info!(rows = rows.len(), "careful batch shipped");
         }
         Ok(rows.len() as u64)
+    }
+
+    /// An outbox row that cannot become an event row: a dead letter with its WAL position, its
+    /// values and why; the stream goes on.
+    async fn unmapped(
+        &mut self,
+        id: [u8; 16],
+        (commit_lsn, tx_seq): (Lsn, u32),
+        raw: serde_json::Value,
+        why: String,
+    ) -> Result<(), RelayError> {
+        let sql = self.sql.as_ref().ok_or(RelayError::Protocol(commit_lsn))?;
+        if deadletter::record_unmapped(sql, self.config, &id, (commit_lsn.0, tx_seq), &raw, &why)
+            .await?
+        {
+            self.metrics.dead_letters.fetch_add(1, Relaxed);
+        }
+        warn!(
+            event_id = %crate::sink::uuid_text(&id),
+            commit_lsn = %commit_lsn,
+            tx_seq,
+            error = %why,
+            "an outbox row cannot become an event: stored as a dead letter with its values, the \
+             stream goes on (outbox-relay dead-letters list; fix the row, then retry)"
+        );
+        Ok(())
     }
 
     async fn dead_letter(&mut self, row: &OwnedEventRow, e: &SinkError) -> Result<(), RelayError> {

@@ -22,9 +22,97 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::deadletter::{self, fnv1a, parse_uuid};
+use crate::outbox::OutboxLayout;
 use crate::pg::{self, PgError};
-use crate::schema::{checkpoints_table, dead_letters_table, outbox_table};
+use crate::schema::{checkpoints_table, dead_letters_table, outbox_table, quote_pg_ident};
 use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
+
+/// The outbox table's columns as `pg_attribute` lists them, for reading its rows with SQL and
+/// turning them into event rows through the same [`OutboxLayout`] as the live stream: every
+/// column is read as text (with `TimeZone` UTC and `DateStyle` ISO, as on the replication
+/// connection), so a column type the live path accepts is read the same way here.
+pub struct SqlLayout {
+    layout: Result<OutboxLayout, crate::outbox::SchemaError>,
+    columns: Vec<(String, u32)>,
+    /// `o."col"::text, ...` in column order.
+    pub select: String,
+}
+
+impl SqlLayout {
+    /// Reads the columns and sets the connection's `TimeZone` and `DateStyle`.
+    pub async fn read(client: &Client, config: &Config) -> Result<SqlLayout, PgError> {
+        client
+            .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+            .await
+            .map_err(PgError::query("session settings"))?;
+        let rows = client
+            .query(
+                "SELECT attname::text, atttypid::int8 FROM pg_attribute
+                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                &[&outbox_table(config)],
+            )
+            .await
+            .map_err(PgError::query("outbox columns"))?;
+        let columns: Vec<(String, u32)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+            .collect();
+        let named: Vec<(&str, u32)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let layout = OutboxLayout::from_columns(&outbox_table(config), &named);
+        let select = columns
+            .iter()
+            .map(|(n, _)| format!("o.{}::text", quote_pg_ident(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(SqlLayout {
+            layout,
+            columns,
+            select,
+        })
+    }
+
+    /// One row selected with [`SqlLayout::select`] as an event row, or why it cannot be one
+    /// with its values by column name.
+    pub fn event(
+        &self,
+        row: &tokio_postgres::Row,
+    ) -> Result<OwnedEventRow, (String, serde_json::Value)> {
+        let columns = (0..self.columns.len())
+            .map(|i| match row.try_get::<_, Option<String>>(i) {
+                Ok(Some(text)) => pgoutput::Column::Text(text.into()),
+                _ => pgoutput::Column::Null,
+            })
+            .collect();
+        let tuple = pgoutput::TupleData { columns };
+        let mapped = match &self.layout {
+            Ok(layout) => layout
+                .row(&tuple, 0, 0)
+                .map(|r| OwnedEventRow::new(&r))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        mapped.map_err(|why| (why, crate::outbox::raw_values(&self.columns, &tuple)))
+    }
+
+    /// The id an unmappable row is kept under: its event_id when readable, else one derived
+    /// from its values.
+    pub fn fallback_id(&self, raw: &serde_json::Value) -> [u8; 16] {
+        if let Some(id) = raw
+            .get("event_id")
+            .and_then(|v| v.as_str())
+            .and_then(parse_uuid)
+        {
+            return id;
+        }
+        let text = raw.to_string();
+        let (a, b) = (fnv1a(text.as_bytes()), fnv1a(format!("{text}#").as_bytes()));
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&a.to_be_bytes());
+        id[8..].copy_from_slice(&b.to_be_bytes());
+        id
+    }
+}
 
 /// Rows checked and sent per ClickHouse round trip.
 const CHUNK: i32 = 2_000;
@@ -278,6 +366,7 @@ pub async fn replay(
     };
 
     let mut reader = pg::connect(&config.postgres_url).await?;
+    let layout = SqlLayout::read(&reader, config).await?;
     let tx = reader
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -296,7 +385,7 @@ pub async fn replay(
     }
 
     let statement = tx
-        .prepare(&candidates_sql(config))
+        .prepare(&candidates_sql(config, &layout.select))
         .await
         .map_err(PgError::query("replay query"))?;
     let snapshot = base.map(|(snapshot, _)| snapshot);
@@ -312,8 +401,24 @@ pub async fn replay(
         if rows.is_empty() {
             break;
         }
-        let events = rows.iter().filter_map(event_from_row).collect::<Vec<_>>();
-        report.candidates += events.len() as u64;
+        report.candidates += rows.len() as u64;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match layout.event(row) {
+                Ok(event) => events.push(event),
+                // Kept as a dead letter, as the live stream does: `dead-letters retry` ships
+                // it once the row is fixed.
+                Err((why, raw)) => {
+                    let id = layout.fallback_id(&raw);
+                    if !dry_run
+                        && deadletter::record_unmapped(&control, config, &id, (0, 0), &raw, &why)
+                            .await?
+                    {
+                        report.dead_letters += 1;
+                    }
+                }
+            }
+        }
         ship_chunk(config, sink, &control, events, dry_run, &mut report).await?;
         info!(
             candidates = report.candidates,
@@ -399,7 +504,7 @@ async fn wait_for_fence(
 }
 
 /// Outbox rows the base snapshot ($1, NULL for all) does not see, minus dead letters.
-fn candidates_sql(config: &Config) -> String {
+fn candidates_sql(config: &Config, select: &str) -> String {
     // xmin is a 32-bit xid; pg_visible_in_snapshot takes a 64-bit xid8: add the epoch of the
     // current snapshot's xmax (the previous one when xmin's low bits are ahead of it).
     let xid8 = "(((pg_snapshot_xmax(pg_current_snapshot())::text::int8 >> 32) << 32)
@@ -408,31 +513,13 @@ fn candidates_sql(config: &Config) -> String {
                              > (pg_snapshot_xmax(pg_current_snapshot())::text::int8 & 4294967295)
                         THEN 4294967296 ELSE 0 END)::text::xid8";
     format!(
-        "SELECT o.event_id::text, o.event_type,
-                (extract(epoch FROM o.event_date_time) * 1000000)::int8, o.environment,
-                o.event_context::text, o.metadata_version, to_jsonb(o) ->> 'sentry_trace'
+        "SELECT {select}
            FROM {outbox} o
           WHERE ($1::text IS NULL OR NOT pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot))
-            AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.event_id = o.event_id)
-          ORDER BY o.event_date_time",
+            AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.event_id::text = to_jsonb(o) ->> 'event_id')",
         outbox = outbox_table(config),
         dead = dead_letters_table(config),
     )
-}
-
-fn event_from_row(r: &tokio_postgres::Row) -> Option<OwnedEventRow> {
-    Some(OwnedEventRow {
-        event_id: parse_uuid(r.get(0))?,
-        event_type: r.get::<_, String>(1).into_bytes(),
-        event_date_time_us: r.get(2),
-        environment: r.get::<_, String>(3).into_bytes(),
-        event_context: r.get::<_, String>(4).into_bytes(),
-        metadata_version: r.get::<_, i64>(5) as u64,
-        // A replayed row's commit position is not known: 0 marks it (docs/guarantees.md).
-        commit_lsn: 0,
-        tx_seq: 0,
-        sentry_trace: r.get::<_, Option<String>>(6).map(String::into_bytes),
-    })
 }
 
 /// Sends the chunk's rows ClickHouse does not hold; rows it refuses become dead letters.

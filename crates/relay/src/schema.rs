@@ -139,6 +139,13 @@ CREATE TABLE IF NOT EXISTS {dead_letters} (
     failed_at        timestamptz NOT NULL DEFAULT now(),
     attempts         integer     NOT NULL DEFAULT 1
 );
+-- Outbox rows that could not become events at all (a required column NULL or renamed away, a
+-- type the relay cannot read) are dead letters too: raw holds their values by column name, the
+-- typed columns stay empty; `retry` reads the row from the outbox again once it is fixed.
+ALTER TABLE {dead_letters} ADD COLUMN IF NOT EXISTS raw jsonb;
+ALTER TABLE {dead_letters} ALTER COLUMN event_type DROP NOT NULL,
+    ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
+    ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;
 "#
     )
 }
