@@ -69,6 +69,27 @@ impl Fixture {
         fixture
     }
 
+    /// Moves the fixture to new databases and a new slot on the same servers (dropping the old
+    /// slot, which would keep WAL) and runs `setup` there: a new round of a long test without
+    /// starting servers again.
+    pub fn fresh_databases(&mut self) {
+        let _ = self.pg.psql(
+            &self.db,
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE database = current_database() AND NOT active",
+        );
+        self.db = harness::unique_name("app");
+        self.pg.create_database(&self.db).expect("create database");
+        self.ch_db = harness::unique_name("analytics");
+        self.slot = harness::unique_name("slot");
+        let (pg_url, ch_url, slot) = (self.pg.url(&self.db), self.ch.url(&self.ch_db), self.slot.clone());
+        self.set_env("RELAY_POSTGRES_URL", &pg_url);
+        self.set_env("RELAY_CLICKHOUSE_URL", &ch_url);
+        self.set_env("RELAY_SLOT", &slot);
+        let out = self.relay(&["setup"]);
+        assert!(out.status.success(), "setup failed: {}", stderr(&out));
+    }
+
     /// The value of a setting in the relay's environment.
     pub fn env_value(&self, key: &str) -> String {
         let found = self.env.iter().find(|(k, _)| k == key);

@@ -1,0 +1,359 @@
+//! A seeded randomized scenario suite for the "no silent loss" class: two outboxes of one
+//! database, written in the same transactions, each with its own relay into one ClickHouse table;
+//! between publishes, random DDL on the outboxes and their publications (columns added, dropped,
+//! renamed away and back, a NULL in a required column, type changes, TRUNCATE, the publication
+//! dropped and created again, the table swapped by rename) and relays killed with SIGKILL. Every
+//! round ends in exact per-source set equality without FINAL, after the documented recoveries
+//! (fix the rows, `dead-letters retry`; add a swapped-in table to the publication).
+//!
+//! `RELAY_TEST_SEED` fixes the seed (printed on failure), `RELAY_TEST_CHAOS_ROUNDS` the rounds
+//! (2 by default; each round uses new databases on the same servers).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Fixture, RelayProcess, stderr, wait_until};
+use harness::PgVersion;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn chaos_pg15() {
+    chaos(PgVersion::V15);
+}
+
+#[test]
+fn chaos_pg18() {
+    chaos(PgVersion::V18);
+}
+
+fn env_number(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One outbox, its relay's settings and what the test committed into it.
+struct Outbox {
+    table: &'static str,
+    publication: &'static str,
+    slot: String,
+    relay: Option<RelayProcess>,
+    expected: HashSet<String>,
+    added_columns: Vec<String>,
+    swaps: u32,
+}
+
+impl Outbox {
+    fn env(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("RELAY_OUTBOX_TABLE", self.table),
+            ("RELAY_PUBLICATION", self.publication),
+            ("RELAY_SLOT", self.slot.as_str()),
+        ]
+    }
+}
+
+fn chaos(v: PgVersion) {
+    let seed = std::env::var("RELAY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    let rounds = env_number("RELAY_TEST_CHAOS_ROUNDS", 2);
+    println!("{v:?}: seed {seed}, {rounds} rounds (RELAY_TEST_SEED={seed} repeats it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut f = Fixture::start(v, &[("RELAY_BATCH_MAX_WAIT_MS", "50")]);
+    for round in 0..rounds {
+        if round > 0 {
+            f.fresh_databases();
+        }
+        let started = std::time::Instant::now();
+        let steps = run_round(&f, &mut rng, seed, round);
+        println!(
+            "{v:?} seed {seed} round {round}: {steps} in {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+fn run_round(f: &Fixture, rng: &mut StdRng, seed: u64, round: u64) -> String {
+    let ctx = |what: &str| format!("seed {seed} round {round}: {what}");
+    let mut outboxes = [
+        Outbox {
+            table: "event_outbox",
+            publication: "event_outbox_pub",
+            slot: f.slot.clone(),
+            relay: None,
+            expected: HashSet::new(),
+            added_columns: Vec::new(),
+            swaps: 0,
+        },
+        Outbox {
+            table: "second_outbox",
+            publication: "second_pub",
+            slot: format!("{}_b", f.slot),
+            relay: None,
+            expected: HashSet::new(),
+            added_columns: Vec::new(),
+            swaps: 0,
+        },
+    ];
+    let out = f.relay_with(&["setup"], &outboxes[1].env());
+    assert!(out.status.success(), "{}", ctx(&stderr(&out)));
+    for o in &mut outboxes {
+        o.relay = Some(f.spawn_relay_with(&o.env()));
+    }
+    let system: String = f
+        .sql("SELECT system_identifier FROM pg_control_system()")
+        .trim()
+        .to_string();
+    let source = |o: &Outbox| format!("pg:{system}/{}/public.{}", f.db, o.table);
+    let mut log = Vec::new();
+    for _ in 0..8 {
+        let which = rng.random_range(0..2usize);
+        let step = rng.random_range(0..11);
+        let n = rng.random_range(1..=30u32);
+        let name = match step {
+            0 | 1 => {
+                publish_both(f, &mut outboxes, n, rng.random_range(1..=10));
+                "publish both"
+            }
+            2 => {
+                let o = &mut outboxes[which];
+                let col = format!("extra_{}", o.added_columns.len());
+                f.sql(&format!(
+                    "ALTER TABLE {} ADD COLUMN {col} text DEFAULT 'x'",
+                    o.table
+                ));
+                o.added_columns.push(col);
+                publish(f, o, n, 5, "");
+                "add column"
+            }
+            3 => {
+                let o = &mut outboxes[which];
+                if let Some(col) = o.added_columns.pop() {
+                    f.sql(&format!("ALTER TABLE {} DROP COLUMN {col}", o.table));
+                }
+                publish(f, o, n, 5, "");
+                "drop column"
+            }
+            4 => {
+                // A required column renamed away: its rows become dead letters; renamed back,
+                // they are retried from the outbox.
+                let o = &mut outboxes[which];
+                f.sql(&format!(
+                    "ALTER TABLE {} RENAME COLUMN environment TO env_away",
+                    o.table
+                ));
+                publish(f, o, n, 3, "");
+                f.sql(&format!(
+                    "ALTER TABLE {} RENAME COLUMN env_away TO environment",
+                    o.table
+                ));
+                publish(f, o, 3, 3, "");
+                retry_dead_letters(f, o, n as usize, &ctx("rename away"));
+                "rename away and back"
+            }
+            5 => {
+                let o = &mut outboxes[which];
+                f.sql(&format!(
+                    "ALTER TABLE {} ALTER COLUMN environment DROP NOT NULL",
+                    o.table
+                ));
+                publish(f, o, n, 2, "NULL");
+                f.sql(&format!(
+                    "UPDATE {} SET environment = 'fixed' WHERE environment IS NULL",
+                    o.table
+                ));
+                retry_dead_letters(f, o, n as usize, &ctx("null environment"));
+                "null environment"
+            }
+            6 => {
+                let o = &mut outboxes[which];
+                f.sql(&format!(
+                    "ALTER TABLE {} ALTER COLUMN metadata_version TYPE integer",
+                    o.table
+                ));
+                publish(f, o, n, 4, "");
+                f.sql(&format!(
+                    "ALTER TABLE {} ALTER COLUMN metadata_version TYPE bigint",
+                    o.table
+                ));
+                publish(f, o, n, 4, "");
+                "type change"
+            }
+            7 => {
+                // Only rows already in ClickHouse: the outbox is what replay re-ships from.
+                let o = &mut outboxes[which];
+                wait_for(f, o, &source(o), &ctx("before truncate"));
+                f.sql(&format!("TRUNCATE {}", o.table));
+                publish(f, o, n, 5, "");
+                "truncate"
+            }
+            8 => {
+                let o = &mut outboxes[which];
+                f.sql(&format!("DROP PUBLICATION {}", o.publication));
+                publish(f, o, n, 1, "");
+                f.sql(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                    o.publication, o.table
+                ));
+                publish(f, o, n, 1, "");
+                "publication dropped and created"
+            }
+            9 => {
+                // The documented recovery of a swapped table: add it to the publication.
+                let o = &mut outboxes[which];
+                o.swaps += 1;
+                let old = format!("{}_old_{}", o.table, o.swaps);
+                f.sql(&format!(
+                    "BEGIN; ALTER TABLE {t} RENAME TO {old};
+                     CREATE TABLE {t} (LIKE {old} INCLUDING ALL); COMMIT;",
+                    t = o.table
+                ));
+                publish(f, o, n, 3, "");
+                f.sql(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    o.publication, o.table
+                ));
+                publish(f, o, n, 3, "");
+                "table swap"
+            }
+            _ => {
+                let o = &mut outboxes[which];
+                if let Some(mut relay) = o.relay.take() {
+                    relay.kill_now();
+                }
+                publish(f, o, n, 4, "");
+                o.relay = Some(f.spawn_relay_with(&o.env()));
+                "kill -9"
+            }
+        };
+        log.push(format!("{name} ({})", outboxes[which].table));
+    }
+    for o in &outboxes {
+        wait_for(f, o, &source(o), &ctx(&log.join(", ")));
+    }
+    let by = by_source(f);
+    for o in &outboxes {
+        let (rows, ids) = by.get(&source(o)).cloned().unwrap_or_default();
+        assert_eq!(ids, o.expected, "{}", ctx(&log.join(", ")));
+        assert_eq!(
+            rows,
+            o.expected.len() as u64,
+            "{}: duplicates",
+            ctx(&log.join(", "))
+        );
+    }
+    assert_eq!(by.len(), 2, "{}: foreign sources {:?}", ctx(""), by.keys());
+    for o in &mut outboxes {
+        if let Some(relay) = o.relay.take() {
+            relay.kill9();
+        }
+    }
+    let total: usize = outboxes.iter().map(|o| o.expected.len()).sum();
+    format!("{} -> {total} events exactly once", log.join(", "))
+}
+
+/// Publishes `n` events into `o` in transactions of `per_tx`, with `environment` NULL when
+/// `environment` says so; records their ids.
+fn publish(f: &Fixture, o: &mut Outbox, n: u32, per_tx: u32, environment: &str) {
+    let (columns, value) = match environment {
+        "NULL" => (", environment", ", NULL"),
+        _ => ("", ""),
+    };
+    let mut done = 0;
+    while done < n {
+        let k = per_tx.min(n - done);
+        let ids = f.sql(&format!(
+            "INSERT INTO {} (event_type, event_context{columns})
+             SELECT 'chaos', json_build_object('i', g){value} FROM generate_series(1, {k}) g
+             RETURNING event_id",
+            o.table
+        ));
+        o.expected.extend(ids.lines().map(str::to_string));
+        done += k;
+    }
+}
+
+/// Publishes into both outboxes in the same transactions: the same commit LSNs and positions.
+fn publish_both(f: &Fixture, outboxes: &mut [Outbox; 2], n: u32, per_tx: u32) {
+    let mut done = 0;
+    while done < n {
+        let k = per_tx.min(n - done);
+        let rows = f.sql(&format!(
+            "WITH a AS (INSERT INTO {a} (event_type, event_context)
+                          SELECT 'chaos', json_build_object('i', g) FROM generate_series(1, {k}) g
+                          RETURNING event_id),
+                  b AS (INSERT INTO {b} (event_type, event_context)
+                          SELECT 'chaos', json_build_object('i', g) FROM generate_series(1, {k}) g
+                          RETURNING event_id)
+             SELECT 'a', event_id FROM a UNION ALL SELECT 'b', event_id FROM b",
+            a = outboxes[0].table,
+            b = outboxes[1].table
+        ));
+        for line in rows.lines() {
+            let (which, id) = line.split_once('|').expect("two columns");
+            let i = usize::from(which == "b");
+            outboxes[i].expected.insert(id.to_string());
+        }
+        done += k;
+    }
+}
+
+/// Waits for `count` dead letters of `o`'s relay, then retries them.
+fn retry_dead_letters(f: &Fixture, o: &Outbox, count: usize, ctx: &str) {
+    let env = o.env();
+    let listed = || {
+        let out = f.relay_with(&["dead-letters", "list", "--json"], &env);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    let relay_log = || o.relay.as_ref().map(RelayProcess::log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(60), || listed() >= count),
+        "{ctx}: {} of {count} dead letters\n{}",
+        listed(),
+        relay_log()
+    );
+    let out = f.relay_with(&["dead-letters", "retry"], &env);
+    assert!(out.status.success(), "{ctx}: {}", stderr(&out));
+    assert_eq!(listed(), 0, "{ctx}: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Waits until ClickHouse holds every id of `o` under its source.
+fn wait_for(f: &Fixture, o: &Outbox, source: &str, ctx: &str) {
+    let ok = wait_until(Duration::from_secs(120), || {
+        by_source(f)
+            .get(source)
+            .is_some_and(|(_, ids)| o.expected.is_subset(ids))
+    });
+    let have = by_source(f).get(source).map(|(_, ids)| ids.len()).unwrap_or(0);
+    assert!(
+        ok,
+        "{ctx}: {} has {have} of {} events\n{}",
+        o.table,
+        o.expected.len(),
+        o.relay.as_ref().map(RelayProcess::log).unwrap_or_default()
+    );
+}
+
+fn by_source(f: &Fixture) -> HashMap<String, (u64, HashSet<String>)> {
+    let mut by = HashMap::<String, (u64, HashSet<String>)>::new();
+    for line in f
+        .ch("SELECT source, toString(event_id) FROM {db}.event_log FORMAT TSV")
+        .lines()
+    {
+        if let Some((source, id)) = line.split_once('\t') {
+            let entry = by.entry(source.to_string()).or_default();
+            entry.0 += 1;
+            entry.1.insert(id.to_string());
+        }
+    }
+    by
+}
