@@ -46,13 +46,18 @@ impl ClickHouseTarget {
             .ok_or_else(|| bad("has no host".into()))?
             .to_string();
         let port = url.port_or_known_default().unwrap_or(8123);
-        let database = url.path().trim_matches('/');
-        if database.contains('/') {
+        let path = url.path().trim_matches('/');
+        if path.contains('/') {
             return Err(bad(format!(
-                "path {:?} must be a single database name",
+                "path {:?} must be a single database name (percent-encode a / in the name as %2F)",
                 url.path()
             )));
         }
+        let database = percent_decode(path).ok_or_else(|| {
+            bad(format!(
+                "database {path:?} is not valid percent-encoded UTF-8"
+            ))
+        })?;
         let decode = |s: &str| {
             url::form_urlencoded::parse(format!("x={s}").as_bytes())
                 .next()
@@ -517,6 +522,27 @@ pub(crate) async fn execute(client: &Client, query: &str) -> Result<(), SinkErro
             query: query.into(),
             source,
         })
+}
+
+/// `%XX` escapes decoded (a URL path's; `+` stays `+`); `None` when the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h)? * 16 + hex(l)?) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `` `name` `` with backquotes escaped, for ClickHouse identifiers.
