@@ -133,6 +133,20 @@ pub const SETTINGS: &[&str] = &[
     "sentry_traces_sample_rate",
 ];
 
+/// Settings that are text, read from the environment exactly as given.
+const TEXT_SETTINGS: &[&str] = &[
+    "postgres_url",
+    "clickhouse_url",
+    "slot",
+    "publication",
+    "outbox_schema",
+    "outbox_table",
+    "clickhouse_table",
+    "environment",
+    "log_level",
+    "metrics_addr",
+];
+
 /// A configuration that cannot be used, with the setting it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -183,9 +197,21 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        Ok(figment
-            .merge(Env::prefixed("RELAY_").filter(|key| SETTINGS.iter().any(|s| key == *s)))
-            .merge(Env::raw().only(&["SENTRY_DSN"])))
+        let mut figment = figment.merge(Env::prefixed("RELAY_").filter(|key| {
+            SETTINGS.iter().any(|s| key == *s) && !TEXT_SETTINGS.iter().any(|s| key == *s)
+        }));
+        // Text as is: figment would read `"x"` as x and `[x]` as a list, and trim spaces, so
+        // a name would silently become another.
+        for setting in TEXT_SETTINGS {
+            let variable = format!("RELAY_{}", setting.to_ascii_uppercase());
+            if let Some(value) = std::env::var_os(&variable) {
+                let value = value
+                    .into_string()
+                    .map_err(|_| invalid(setting, "is not valid UTF-8"))?;
+                figment = figment.merge(Serialized::default(setting, value));
+            }
+        }
+        Ok(figment.merge(Env::raw().only(&["SENTRY_DSN"])))
     }
 
     /// Extracts and validates a configuration from any figment.
@@ -229,6 +255,20 @@ impl Config {
                 ),
             )
         })?;
+        let file_name = clickhouse_file_name_len(&clickhouse.database)
+            + clickhouse_file_name_len(&self.clickhouse_table);
+        if file_name > CLICKHOUSE_MAX_FILE_NAME {
+            return Err(invalid(
+                "clickhouse_table",
+                format!(
+                    "{:?} in database {:?} is too long for ClickHouse: it keeps a table under a \
+                     file name made of both names, every byte outside A-Z, a-z, 0-9 and _ taking \
+                     3, and {file_name} is more than its {CLICKHOUSE_MAX_FILE_NAME}; choose a \
+                     shorter table or database name",
+                    self.clickhouse_table, clickhouse.database
+                ),
+            ));
+        }
         for (setting, value) in [
             ("slot", &self.slot),
             ("publication", &self.publication),
@@ -429,6 +469,25 @@ pub fn normalize_log_level(filter: &str) -> Result<String, ConfigError> {
     Ok(normalized)
 }
 
+/// The most ClickHouse allows for the file-name forms of a table's database and name together
+/// (255 bytes less the dots, a UUID and the `.sql.detached` suffix of a dropped table's file;
+/// ClickHouse's `computeMaxTableNameLength`).
+pub const CLICKHOUSE_MAX_FILE_NAME: usize = 204;
+
+/// The length of a name as ClickHouse writes it in a file name (`escapeForFileName`: every byte
+/// but ASCII letters, digits and `_` becomes `%XX`).
+pub fn clickhouse_file_name_len(name: &str) -> usize {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
+}
+
 /// An unencoded `@` in a URL's password makes the driver take the rest of the password for the
 /// host, which then shows up in every connection error. Refused without echoing the URL.
 fn check_postgres_url_userinfo(url: &str) -> Result<(), ConfigError> {
@@ -585,6 +644,11 @@ mod tests {
                 "with \"quote\"",
                 "it's",
                 "spa ce",
+                "\"quoted\"",
+                "[list]",
+                "true",
+                "42",
+                " edge spaces ",
                 "Zoë ✓",
                 long.as_str(),
             ] {
@@ -594,6 +658,8 @@ mod tests {
                 jail.set_env("RELAY_CLICKHOUSE_TABLE", name);
                 let config = load(jail).unwrap_or_else(|e| panic!("{name:?}: {e}"));
                 assert_eq!(config.publication, name);
+                assert_eq!(config.outbox_table, name);
+                assert_eq!(config.clickhouse_table, name);
             }
             for (setting, bad) in [
                 ("RELAY_PUBLICATION", "x".repeat(64)),
@@ -617,6 +683,20 @@ mod tests {
             crate::sink::ClickHouseTarget::parse("http://u:p%40ss@h:8123/My%20DB%22%60").unwrap();
         assert_eq!(target.database, "My DB\"`");
         assert_eq!(target.password, "p@ss");
+        for dots in [
+            "http://h:8123/.",
+            "http://h:8123/..",
+            "http://h:8123/%2E",
+            "http://h/%2e%2E/",
+        ] {
+            let message = crate::sink::ClickHouseTarget::parse(dots)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains("RELAY_CLICKHOUSE_URL"),
+                "{dots}: {message}"
+            );
+        }
     }
 
     #[test]

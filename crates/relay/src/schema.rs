@@ -82,6 +82,16 @@ pub fn postgres_ddl(config: &Config) -> String {
     let publication = quote_pg_ident(&config.publication);
     let publication_literal = quote_pg_literal(&config.publication);
     let environment = quote_pg_literal(&config.environment);
+    // The DO blocks' dollar quote must not occur in a name they hold.
+    let names = [
+        &config.outbox_schema,
+        &config.outbox_table,
+        &config.publication,
+    ];
+    let dollar = std::iter::once("$$".to_string())
+        .chain((0..).map(|n| format!("$relay{n}$")))
+        .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
+        .unwrap_or_default();
     let (type_check, context_check, version_check, time_check) = (
         check("event_type"),
         check("event_context"),
@@ -93,13 +103,13 @@ pub fn postgres_ddl(config: &Config) -> String {
 --   INSERT INTO {table} (event_type, event_context) VALUES ($1, $2);
 -- Column choices (docs/design.md): event_context is json, not jsonb, so the exact text that was
 -- published (key order, spacing, duplicate keys, number spelling) is what ClickHouse receives.
-DO $$
+DO {dollar}
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {schema_literal}) THEN
         CREATE SCHEMA {schema};
     END IF;
 END
-$$;
+{dollar};
 CREATE TABLE IF NOT EXISTS {table} (
     event_id         uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
     event_type       text        NOT NULL,
@@ -128,13 +138,13 @@ ALTER TABLE {table} ALTER COLUMN environment SET DEFAULT {environment};
 CREATE INDEX IF NOT EXISTS {index} ON {table} USING brin (event_date_time);
 
 -- Only inserts are published: the relay's purge deletes never travel.
-DO $$
+DO {dollar}
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication_literal}) THEN
         CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert');
     END IF;
 END
-$$;
+{dollar};
 
 -- The relay's checkpoints, one row per batch ClickHouse accepted (docs/operations.md). snapshot
 -- is a PostgreSQL snapshot taken before WAL position snapshot_lsn: a transaction it does not

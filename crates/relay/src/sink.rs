@@ -46,6 +46,20 @@ impl ClickHouseTarget {
             .ok_or_else(|| bad("has no host".into()))?
             .to_string();
         let port = url.port_or_known_default().unwrap_or(8123);
+        // URL parsing drops `.` and `..` path segments (also as %2E): a database of that name
+        // would silently become `default`.
+        let raw_path = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+        let raw_path = raw_path.split(['?', '#']).next().unwrap_or_default();
+        if let Some((_, segment)) = raw_path.split_once('/')
+            && matches!(
+                percent_decode(segment.trim_matches('/')).as_deref(),
+                Some(".") | Some("..")
+            )
+        {
+            return Err(bad(format!(
+                "database {segment:?}: a URL cannot name a database `.` or `..`; choose another name"
+            )));
+        }
         let path = url.path().trim_matches('/');
         if path.contains('/') {
             return Err(bad(format!(
