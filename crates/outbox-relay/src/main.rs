@@ -36,12 +36,14 @@ enum Command {
         #[arg(long)]
         recreate_slot: bool,
     },
-    /// Stream the outbox into ClickHouse until SIGTERM/SIGINT.
+    /// Stream the outbox into ClickHouse until SIGTERM/SIGINT (exit 0; 5 when ClickHouse did not
+    /// accept the batch in hand within shutdown_timeout_ms: it was not confirmed, nothing is lost).
     Run,
     /// Ask a running relay's /readyz (at metrics_addr): exit 0 when ready, 1 otherwise. For
     /// container health checks where no HTTP client is installed.
     Health,
-    /// Show the slot's position and lag, and whether ClickHouse answers.
+    /// Show the slot's position and lag, and whether ClickHouse answers. Exit 0 when both are
+    /// fine, 3 when the slot is missing or lost, 4 when ClickHouse does not answer.
     Status {
         /// Machine-readable output.
         #[arg(long)]
