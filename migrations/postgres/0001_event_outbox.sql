@@ -2,6 +2,13 @@
 --   INSERT INTO "public"."event_outbox" (event_type, event_context) VALUES ($1, $2);
 -- Column choices (docs/design.md): event_context is json, not jsonb, so the exact text that was
 -- published (key order, spacing, duplicate keys, number spelling) is what ClickHouse receives.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'public') THEN
+        CREATE SCHEMA "public";
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS "public"."event_outbox" (
     event_id         uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
     event_type       text        NOT NULL,
@@ -24,8 +31,9 @@ ALTER TABLE "public"."event_outbox" ADD COLUMN IF NOT EXISTS sentry_trace text;
 -- The environment default follows the relay's `environment` setting.
 ALTER TABLE "public"."event_outbox" ALTER COLUMN environment SET DEFAULT 'production';
 
--- Shipped rows are deleted by the relay once older than `outbox_retention_hours`; a BRIN index
--- keeps that cheap on an append-only table.
+-- Rows are deleted by the relay once their transaction committed more than
+-- `outbox_retention_hours` ago (known from the relay's checkpoints, never from event_date_time,
+-- which the publisher sets). The BRIN index serves queries by event time.
 CREATE INDEX IF NOT EXISTS "event_outbox_event_date_time_brin" ON "public"."event_outbox" USING brin (event_date_time);
 
 -- Only inserts are published: the relay's purge deletes never travel.

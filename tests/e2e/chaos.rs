@@ -323,7 +323,12 @@ fn retry_dead_letters(f: &Fixture, o: &Outbox, count: usize, ctx: &str) {
     );
     let out = f.relay_with(&["dead-letters", "retry"], &env);
     assert!(out.status.success(), "{ctx}: {}", stderr(&out));
-    assert_eq!(listed(), 0, "{ctx}: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        listed(),
+        0,
+        "{ctx}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Waits until ClickHouse holds every id of `o` under its source.
@@ -333,7 +338,10 @@ fn wait_for(f: &Fixture, o: &Outbox, source: &str, ctx: &str) {
             .get(source)
             .is_some_and(|(_, ids)| o.expected.is_subset(ids))
     });
-    let have = by_source(f).get(source).map(|(_, ids)| ids.len()).unwrap_or(0);
+    let have = by_source(f)
+        .get(source)
+        .map(|(_, ids)| ids.len())
+        .unwrap_or(0);
     assert!(
         ok,
         "{ctx}: {} has {have} of {} events\n{}",

@@ -11,10 +11,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Fixture, RelayProcess, parse_lsn, stderr, wait_until};
 use harness::PgVersion;
@@ -33,6 +34,7 @@ on_each_postgres!(
     clickhouse_killed_and_restarted,
     clickhouse_port_closed_at_random_moments,
     clickhouse_silent_until_the_timeout,
+    sigterm_while_clickhouse_hangs_is_bounded,
     postgres_restarted_and_walsender_terminated,
     big_transaction_with_relay_killed_midway,
     transaction_of_500_megabytes,
@@ -244,6 +246,66 @@ fn clickhouse_silent_until_the_timeout(v: PgVersion) {
     gate.close();
     gate.open();
     publish_random(&f, 2_000, 100, "after");
+    assert_exactly_once(&f, &relay);
+}
+
+/// SIGTERM while the network to ClickHouse is silent and a batch is on its way: the relay exits
+/// with code 5 within `shutdown_timeout_ms` (not `clickhouse_timeout_ms`, 300 s here), confirms
+/// nothing ClickHouse did not accept, and the next start ships everything exactly once.
+fn sigterm_while_clickhouse_hangs_is_bounded(v: PgVersion) {
+    let mut f = Fixture::start(v, &[("RELAY_SHUTDOWN_TIMEOUT_MS", "2000")]);
+    without_block_dedup(&f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
+    let mut relay = f.spawn_relay();
+    publish_random(&f, 1_000, 50, "before");
+    f.wait_for_rows(1_000, LONG, Some(&relay));
+    gate.stall();
+    let before = f.current_lsn();
+    publish_random(&f, 1_000, 50, "while_silent");
+    let end = f.current_lsn();
+    // The walsender sent them: the relay holds them in a batch bound for the silent network.
+    let sent = wait_until(LONG, || {
+        let lsn = f.sql(
+            "SELECT coalesce(max(sent_lsn), '0/0') FROM pg_stat_replication
+              WHERE application_name = 'outbox-relay'",
+        );
+        parse_lsn(lsn.trim()) >= end
+    });
+    assert!(sent, "the relay never received the events\n{}", relay.log());
+
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &relay.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut code = None;
+    let exited = wait_until(Duration::from_secs(30), || {
+        code = relay.child.try_wait().ok().flatten().map(|s| s.code());
+        code.is_some()
+    });
+    let took = signalled.elapsed();
+    assert!(
+        exited,
+        "the relay did not exit within 30 s of SIGTERM while ClickHouse hung\n{}",
+        relay.log()
+    );
+    println!("exited {took:?} after SIGTERM with {code:?}");
+    assert!(
+        took < Duration::from_millis(2_000 + 3_000),
+        "exit took {took:?}, the bound is 2 s"
+    );
+    assert_eq!(code, Some(Some(5)), "exit code\n{}", relay.log());
+    assert!(
+        f.confirmed_lsn() <= before,
+        "confirmed past what ClickHouse accepted\n{}",
+        relay.log()
+    );
+    assert_eq!(f.ch_count(), 1_000, "rows arrived through a silent network");
+
+    gate.close();
+    gate.open();
+    let relay = f.spawn_relay();
     assert_exactly_once(&f, &relay);
 }
 

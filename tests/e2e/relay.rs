@@ -217,14 +217,25 @@ fn purge_keeps_the_outbox_bounded(v: PgVersion) {
             ("RELAY_PURGE_INTERVAL_S", "1"),
         ],
     );
-    // Published before the relay runs: nothing is shipped yet when the first purge runs.
+    // The purge goes by commit time, which the relay knows from its checkpoints: these rows
+    // are shipped, then their checkpoints are made two hours old.
     f.sql(
-        "INSERT INTO event_outbox (event_type, event_date_time, event_context)
-         SELECT 'old', now() - interval '2 hours', json_build_object('n', g) FROM generate_series(1, 25000) g;
-         INSERT INTO event_outbox (event_type, event_context)
-         SELECT 'new', json_build_object('n', g) FROM generate_series(1, 100) g;",
+        "INSERT INTO event_outbox (event_type, event_context)
+         SELECT 'old', json_build_object('n', g) FROM generate_series(1, 25000) g;",
     );
     let relay = f.spawn_relay();
+    f.wait_for_rows(25_000, LONG, Some(&relay));
+    assert!(wait_until(LONG, || {
+        f.sql("SELECT count(*) FROM event_outbox_checkpoints")
+            .trim()
+            != "0"
+    }));
+    f.sql("UPDATE event_outbox_checkpoints SET recorded_at = recorded_at - interval '2 hours'");
+    // Committed now, dated two hours ago by the publisher: kept.
+    f.sql(
+        "INSERT INTO event_outbox (event_type, event_date_time, event_context)
+         SELECT 'new', now() - interval '2 hours', json_build_object('n', g) FROM generate_series(1, 100) g;",
+    );
     let purged = wait_until(LONG, || {
         f.sql("SELECT count(*) FROM event_outbox WHERE event_type = 'old'")
             .trim()

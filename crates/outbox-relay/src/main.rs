@@ -36,12 +36,14 @@ enum Command {
         #[arg(long)]
         recreate_slot: bool,
     },
-    /// Stream the outbox into ClickHouse until SIGTERM/SIGINT.
+    /// Stream the outbox into ClickHouse until SIGTERM/SIGINT (exit 0; 5 when ClickHouse did not
+    /// accept the batch in hand within shutdown_timeout_ms: it was not confirmed, nothing is lost).
     Run,
     /// Ask a running relay's /readyz (at metrics_addr): exit 0 when ready, 1 otherwise. For
     /// container health checks where no HTTP client is installed.
     Health,
-    /// Show the slot's position and lag, and whether ClickHouse answers.
+    /// Show the slot's position and lag, and whether ClickHouse answers. Exit 0 when both are
+    /// fine, 3 when the slot is missing or lost, 4 when ClickHouse does not answer.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -120,15 +122,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(execute(cli.command, config)) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let message = error_chain(&e);
             tracing::error!(error = message, "outbox-relay failed");
             eprintln!("outbox-relay: {message}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Tasks still waiting on a server (a hung ClickHouse after a bounded shutdown) must not
+    // hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// The error and its causes, `a: b: c`, leaving out a cause whose text is already there (the
@@ -147,14 +153,19 @@ fn error_chain(e: &anyhow::Error) -> String {
     text
 }
 
-async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+/// `run` stopped on SIGTERM/SIGINT but ClickHouse had not accepted the last batch within
+/// `shutdown_timeout_ms`: nothing past ClickHouse was confirmed; the next start ships it.
+const EXIT_SHUTDOWN_TIMEOUT: u8 = 5;
+
+/// Runs the command; `Ok` carries the exit code (docs/operations.md, "Exit codes").
+async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
     match command {
         Command::Setup {
             print_sql: true, ..
         } => {
             println!("-- PostgreSQL\n{}", relay::schema::postgres_ddl(&config));
             println!("-- ClickHouse\n{}", relay::schema::clickhouse_ddl(&config));
-            Ok(())
+            Ok(0)
         }
         Command::Setup {
             print_sql: false,
@@ -178,10 +189,10 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 clickhouse_table = %config.clickhouse_table,
                 "setup complete"
             );
-            Ok(())
+            Ok(0)
         }
         Command::Run => run(config).await,
-        Command::Health => health(&config).await,
+        Command::Health => health(&config).await.map(|()| 0),
         Command::Status { json } => {
             let status = relay::status::status(&config)
                 .await
@@ -191,7 +202,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             } else {
                 print_status(&status);
             }
-            Ok(())
+            Ok(status.exit_code())
         }
         Command::Replay {
             from_lsn,
@@ -226,9 +237,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                     report.dead_letters
                 );
             }
-            Ok(())
+            Ok(0)
         }
-        Command::DeadLetters { action } => dead_letters(&config, action).await,
+        Command::DeadLetters { action } => dead_letters(&config, action).await.map(|()| 0),
     }
 }
 
@@ -287,27 +298,83 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config) -> anyhow::Result<u8> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
     let relay = relay::Relay::new(config.clone())?;
-    if let Some(addr) = config.metrics_addr() {
-        relay::http::start(addr, relay.metrics()).with_context(|| {
-            format!("cannot listen on metrics_addr {addr} (RELAY_METRICS_ADDR); set another address, or empty to turn the endpoint off")
-        })?;
-    }
+    let http = config
+        .metrics_addr()
+        .map(|addr| tokio::spawn(serve_metrics(addr, relay.metrics())));
     let check = tokio::spawn(relay::http::check_clickhouse(
         relay.metrics(),
         relay.sink().clone(),
     ));
+    let grace = config.shutdown_timeout();
     let purge = tokio::spawn(relay::purge::purge_forever(config));
-    let result = relay.run(stop_rx).await;
+    // A graceful stop gets `shutdown_timeout_ms` from the signal on; past it the session is
+    // dropped: its open insert is aborted and nothing it did not get accepted is confirmed.
+    let mut stop_seen = stop_rx.clone();
+    let bound = async move {
+        if stop_seen.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let outcome = tokio::select! {
+        result = relay.run(stop_rx) => Some(result),
+        () = bound => None,
+    };
     purge.abort();
     check.abort();
-    result.context("the relay stopped")
+    if let Some(http) = http {
+        http.abort();
+    }
+    match outcome {
+        Some(result) => result.context("the relay stopped").map(|()| 0),
+        None => {
+            tracing::warn!(
+                shutdown_timeout_ms = grace.as_millis() as u64,
+                "shutdown_timeout_ms passed before ClickHouse accepted the batch in hand: \
+                 exiting without confirming it; the slot stays where ClickHouse is, so the next \
+                 start ships it (nothing is lost)"
+            );
+            Ok(EXIT_SHUTDOWN_TIMEOUT)
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz`. While the address is taken (a hot standby beside
+/// the relay it stands in for, on the same host) the relay keeps running without the endpoint,
+/// warns, and takes the address as soon as it is free.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: std::sync::Arc<relay::metrics::Metrics>,
+) {
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+    let mut attempts: u64 = 0;
+    loop {
+        // The endpoint runs on a thread of its own once bound (relay::http::start).
+        match relay::http::start(addr, metrics.clone()) {
+            Ok(()) => return,
+            Err(e) => {
+                // Once, then about once a minute.
+                if attempts.is_multiple_of(30) {
+                    tracing::warn!(
+                        %addr,
+                        error = %e,
+                        "cannot listen on metrics_addr (RELAY_METRICS_ADDR): /metrics, /healthz \
+                         and /readyz are off until it is free (retrying every 2 s); streaming \
+                         goes on. Set another address, or empty to turn the endpoint off"
+                    );
+                }
+                attempts += 1;
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
 }
 
 async fn health(config: &Config) -> anyhow::Result<()> {

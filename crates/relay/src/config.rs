@@ -62,6 +62,9 @@ pub struct Config {
     pub outbox_retention_hours: u64,
     /// How often the relay deletes expired outbox rows.
     pub purge_interval_s: u64,
+    /// Longest a graceful stop (SIGTERM/SIGINT) may take to flush; past it the relay exits
+    /// without confirming what ClickHouse has not accepted (the next start ships it).
+    pub shutdown_timeout_ms: u64,
     /// `pretty` (for people) or `json` (for log pipelines).
     pub log_format: LogFormat,
     /// A tracing filter: `info`, `relay=debug,info`, ...
@@ -106,6 +109,7 @@ impl Default for Config {
             clickhouse_client_key: String::new(),
             outbox_retention_hours: 72,
             purge_interval_s: 60,
+            shutdown_timeout_ms: 10_000,
             log_format: LogFormat::Pretty,
             log_level: "info".into(),
             metrics_addr: "127.0.0.1:9898".into(),
@@ -139,11 +143,26 @@ pub const SETTINGS: &[&str] = &[
     "clickhouse_client_key",
     "outbox_retention_hours",
     "purge_interval_s",
+    "shutdown_timeout_ms",
     "log_format",
     "log_level",
     "metrics_addr",
     "sentry_dsn",
     "sentry_traces_sample_rate",
+];
+
+/// Settings that are text, read from the environment exactly as given.
+const TEXT_SETTINGS: &[&str] = &[
+    "postgres_url",
+    "clickhouse_url",
+    "slot",
+    "publication",
+    "outbox_schema",
+    "outbox_table",
+    "clickhouse_table",
+    "environment",
+    "log_level",
+    "metrics_addr",
 ];
 
 /// A configuration that cannot be used, with the setting it is about.
@@ -153,6 +172,11 @@ pub enum ConfigError {
     Load(#[source] Box<figment::Error>),
     #[error("configuration file {0} does not exist")]
     MissingFile(String),
+    #[error(
+        "unknown environment variable {variable}: no setting has that name{hint}. Every \
+         RELAY_ variable must name a setting (docs/configuration.md); unset it or fix the name"
+    )]
+    UnknownVariable { variable: String, hint: String },
     #[error("setting {setting} (env {env}): {problem}")]
     Invalid {
         setting: String,
@@ -178,6 +202,7 @@ pub(crate) fn invalid(setting: &str, problem: impl Into<String>) -> ConfigError 
 impl Config {
     /// Loads the defaults, then the TOML file (if given), then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        check_environment(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
         Self::from_figment(Self::figment(file)?)
     }
 
@@ -190,14 +215,26 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        Ok(figment
-            .merge(Env::prefixed("RELAY_").filter(|key| SETTINGS.iter().any(|s| key == *s)))
-            .merge(Env::raw().only(&["SENTRY_DSN"])))
+        let mut figment = figment.merge(Env::prefixed("RELAY_").filter(|key| {
+            SETTINGS.iter().any(|s| key == *s) && !TEXT_SETTINGS.iter().any(|s| key == *s)
+        }));
+        // Text as is: figment would read `"x"` as x and `[x]` as a list, and trim spaces, so
+        // a name would silently become another.
+        for setting in TEXT_SETTINGS {
+            let variable = format!("RELAY_{}", setting.to_ascii_uppercase());
+            if let Some(value) = std::env::var_os(&variable) {
+                let value = value
+                    .into_string()
+                    .map_err(|_| invalid(setting, "is not valid UTF-8"))?;
+                figment = figment.merge(Serialized::default(setting, value));
+            }
+        }
+        Ok(figment.merge(Env::raw().only(&["SENTRY_DSN"])))
     }
 
     /// Extracts and validates a configuration from any figment.
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| match e.path.last() {
+        let mut config: Config = figment.extract().map_err(|e| match e.path.last() {
             // Name the setting the way the operator wrote it, with the source of the value.
             Some(key) => {
                 let source = e
@@ -209,6 +246,7 @@ impl Config {
             }
             None => ConfigError::Load(Box::new(e)),
         })?;
+        config.log_level = normalize_log_level(&config.log_level)?;
         config.validate()?;
         Ok(config)
     }
@@ -220,6 +258,7 @@ impl Config {
                 "is required, e.g. postgres://relay:secret@db:5432/app",
             ));
         }
+        check_postgres_url_userinfo(&self.postgres_url)?;
         crate::pgtls::Target::parse(&self.postgres_url).map_err(|e| match e {
             crate::pgtls::TlsParamError::Invalid(e) => {
                 invalid("postgres_url", format!("is not a PostgreSQL URL: {e}"))
@@ -228,7 +267,31 @@ impl Config {
         })?;
         // Parses the URL and reads the CA bundle and client certificate, if any: a file that is
         // missing or not PEM stops the relay here, naming the setting.
-        crate::sink::ClickHouseTarget::from_config(self)?;
+        let clickhouse = crate::sink::ClickHouseTarget::from_config(self)?;
+        check_identifier("clickhouse_url", &clickhouse.database).map_err(|_| {
+            invalid(
+                "clickhouse_url",
+                format!(
+                    "database {:?} (the URL's path, percent-decoded) must be 1 to 63 bytes \
+                     without control characters",
+                    clickhouse.database
+                ),
+            )
+        })?;
+        let file_name = clickhouse_file_name_len(&clickhouse.database)
+            + clickhouse_file_name_len(&self.clickhouse_table);
+        if file_name > CLICKHOUSE_MAX_FILE_NAME {
+            return Err(invalid(
+                "clickhouse_table",
+                format!(
+                    "{:?} in database {:?} is too long for ClickHouse: it keeps a table under a \
+                     file name made of both names, every byte outside A-Z, a-z, 0-9 and _ taking \
+                     3, and {file_name} is more than its {CLICKHOUSE_MAX_FILE_NAME}; choose a \
+                     shorter table or database name",
+                    self.clickhouse_table, clickhouse.database
+                ),
+            ));
+        }
         for (setting, value) in [
             ("slot", &self.slot),
             ("publication", &self.publication),
@@ -259,6 +322,7 @@ impl Config {
             ("retry_initial_ms", self.retry_initial_ms, 1),
             ("clickhouse_timeout_ms", self.clickhouse_timeout_ms, 100),
             ("purge_interval_s", self.purge_interval_s, 1),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms, 100),
         ] {
             if value < min {
                 return Err(invalid(
@@ -321,6 +385,151 @@ impl Config {
     pub fn status_interval(&self) -> Duration {
         Duration::from_millis(self.status_interval_ms)
     }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+/// `RELAY_` variables that are not settings but are read by others: `RELAY_CONFIG` (the
+/// command line's `--config`) and `RELAY_TEST_*` (the test suite's servers).
+pub const OTHER_VARIABLES: &[&str] = &["RELAY_CONFIG"];
+/// Prefixes of `RELAY_` variables the relay leaves alone.
+pub const OTHER_PREFIXES: &[&str] = &["RELAY_TEST_"];
+
+/// Refuses a `RELAY_*` variable that names no setting: a typo (`RELAY_BATCH_MAXROWS`) would
+/// otherwise leave the default in force without a word.
+pub fn check_environment(names: impl IntoIterator<Item = String>) -> Result<(), ConfigError> {
+    for name in names {
+        let Some(key) = name.strip_prefix("RELAY_") else {
+            continue;
+        };
+        if OTHER_VARIABLES.contains(&name.as_str())
+            || OTHER_PREFIXES.iter().any(|p| name.starts_with(p))
+            || SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(key))
+        {
+            continue;
+        }
+        let lower = key.to_ascii_lowercase();
+        let closest = SETTINGS
+            .iter()
+            .map(|s| (edit_distance(s, &lower), *s))
+            .min()
+            .filter(|(d, s)| *d <= s.len() / 2);
+        return Err(ConfigError::UnknownVariable {
+            hint: closest
+                .map(|(_, s)| format!(" (did you mean RELAY_{}?)", s.to_ascii_uppercase()))
+                .unwrap_or_default(),
+            variable: name,
+        });
+    }
+    Ok(())
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(previous + 1).min(row[j] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks `log_level` the way tracing's `EnvFilter` reads it, with two differences that keep a
+/// mistake from silencing the relay: `warning` means `warn`, and a bare word that is not a
+/// level (which `EnvFilter` reads as a target name, turning every other log line off) is
+/// refused.
+pub fn normalize_log_level(filter: &str) -> Result<String, ConfigError> {
+    let mut directives = Vec::new();
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (Some(target), level),
+            None => (None, directive),
+        };
+        let level = if level.eq_ignore_ascii_case("warning") {
+            "warn".to_string()
+        } else {
+            level.to_string()
+        };
+        let is_level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(&level));
+        if target.is_none() && !is_level && !directive.contains(['[', ':']) {
+            return Err(invalid(
+                "log_level",
+                format!(
+                    "{directive:?} is not a level ({}); to filter by target write \
+                     TARGET=LEVEL, e.g. relay=debug,info",
+                    LEVELS.join(", ")
+                ),
+            ));
+        }
+        directives.push(match target {
+            Some(target) => format!("{target}={level}"),
+            None => level,
+        });
+    }
+    let normalized = if directives.is_empty() {
+        "info".to_string()
+    } else {
+        directives.join(",")
+    };
+    tracing_subscriber::EnvFilter::builder()
+        .parse(&normalized)
+        .map_err(|e| {
+            invalid(
+                "log_level",
+                format!("{filter:?} is not a tracing filter ({e}); e.g. info or relay=debug,info"),
+            )
+        })?;
+    Ok(normalized)
+}
+
+/// The most ClickHouse allows for the file-name forms of a table's database and name together
+/// (255 bytes less the dots, a UUID and the `.sql.detached` suffix of a dropped table's file;
+/// ClickHouse's `computeMaxTableNameLength`).
+pub const CLICKHOUSE_MAX_FILE_NAME: usize = 204;
+
+/// The length of a name as ClickHouse writes it in a file name (`escapeForFileName`: every byte
+/// but ASCII letters, digits and `_` becomes `%XX`).
+pub fn clickhouse_file_name_len(name: &str) -> usize {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
+}
+
+/// An unencoded `@` in a URL's password makes the driver take the rest of the password for the
+/// host, which then shows up in every connection error. Refused without echoing the URL.
+fn check_postgres_url_userinfo(url: &str) -> Result<(), ConfigError> {
+    let Some(rest) = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|scheme| url.strip_prefix(scheme))
+    else {
+        return Ok(());
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.matches('@').count() > 1 {
+        return Err(invalid(
+            "postgres_url",
+            "has more than one @ before the host: percent-encode an @ in the user name or \
+             password as %40 (e.g. postgres://relay:p%40ss@db:5432/app); the URL is not shown \
+             because it holds a password",
+        ));
+    }
+    Ok(())
 }
 
 fn check_identifier(setting: &'static str, value: &str) -> Result<(), ConfigError> {
@@ -330,13 +539,12 @@ fn check_identifier(setting: &'static str, value: &str) -> Result<(), ConfigErro
             format!("{value:?} must be 1 to 63 bytes long"),
         ));
     }
-    if value
-        .bytes()
-        .any(|b| b.is_ascii_control() || b == b'"' || b == b'`')
-    {
+    // Quotes, spaces, upper case and any Unicode are fine: every name is quoted where it is
+    // used. Control characters (and NUL, which PostgreSQL cannot store) are not.
+    if value.chars().any(char::is_control) {
         return Err(invalid(
             setting,
-            format!("{value:?} must not contain quotes or control characters"),
+            format!("{value:?} must not contain control characters"),
         ));
     }
     Ok(())
@@ -413,6 +621,134 @@ mod tests {
             .unwrap();
         assert_eq!(pg.get_user(), Some("re+lay"));
         assert_eq!(pg.get_password(), Some(&b"p+w+x y"[..]));
+    }
+
+    #[test]
+    fn unknown_relay_variables_are_refused_with_the_closest_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", MINIMAL)?;
+            jail.set_env("RELAY_BATCH_MAXROWS", "5");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("RELAY_BATCH_MAXROWS"), "{message}");
+            assert!(
+                message.contains("did you mean RELAY_BATCH_MAX_ROWS"),
+                "{message}"
+            );
+            Ok(())
+        });
+        // What the command line and the test suite read is not a typo.
+        let known = [
+            "RELAY_CONFIG",
+            "RELAY_TEST_POSTGRES_URL",
+            "RELAY_SLOT",
+            "PATH",
+        ];
+        check_environment(known.map(String::from)).expect("known variables");
+        let message = check_environment(["RELAY_ZZZ".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(!message.contains("did you mean"), "{message}");
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(normalize_log_level("warning").unwrap(), "warn");
+        assert_eq!(normalize_log_level("WARNING").unwrap(), "warn");
+        assert_eq!(
+            normalize_log_level("relay=warning, info").unwrap(),
+            "relay=warn,info"
+        );
+        assert_eq!(
+            normalize_log_level("relay::sink=debug").unwrap(),
+            "relay::sink=debug"
+        );
+        for bad in ["verbose", "relay", "relay=loud"] {
+            let message = normalize_log_level(bad).unwrap_err().to_string();
+            assert!(message.contains("RELAY_LOG_LEVEL"), "{message}");
+        }
+    }
+
+    #[test]
+    fn names_postgres_accepts_are_accepted() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", MINIMAL)?;
+            let long = "x".repeat(63);
+            for name in [
+                "UpPub",
+                "with \"quote\"",
+                "it's",
+                "spa ce",
+                "\"quoted\"",
+                "[list]",
+                "true",
+                "42",
+                " edge spaces ",
+                "Zoë ✓",
+                long.as_str(),
+            ] {
+                jail.set_env("RELAY_PUBLICATION", name);
+                jail.set_env("RELAY_OUTBOX_TABLE", name);
+                jail.set_env("RELAY_OUTBOX_SCHEMA", name);
+                jail.set_env("RELAY_CLICKHOUSE_TABLE", name);
+                let config = load(jail).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+                assert_eq!(config.publication, name);
+                assert_eq!(config.outbox_table, name);
+                assert_eq!(config.clickhouse_table, name);
+            }
+            for (setting, bad) in [
+                ("RELAY_PUBLICATION", "x".repeat(64)),
+                ("RELAY_OUTBOX_TABLE", "a\nb".to_string()),
+                ("RELAY_SLOT", "UpSlot".to_string()),
+                ("RELAY_SLOT", "s-lot".to_string()),
+            ] {
+                jail.set_env("RELAY_PUBLICATION", "p");
+                jail.set_env("RELAY_OUTBOX_TABLE", "t");
+                jail.set_env(setting, &bad);
+                let message = load(jail).unwrap_err().to_string();
+                assert!(message.contains(setting), "{bad:?}: {message}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn clickhouse_database_is_percent_decoded() {
+        let target =
+            crate::sink::ClickHouseTarget::parse("http://u:p%40ss@h:8123/My%20DB%22%60").unwrap();
+        assert_eq!(target.database, "My DB\"`");
+        assert_eq!(target.password, "p@ss");
+        for dots in [
+            "http://h:8123/.",
+            "http://h:8123/..",
+            "http://h:8123/%2E",
+            "http://h/%2e%2E/",
+        ] {
+            let message = crate::sink::ClickHouseTarget::parse(dots)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains("RELAY_CLICKHOUSE_URL"),
+                "{dots}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unencoded_at_in_the_password_is_refused_without_showing_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", MINIMAL)?;
+            jail.set_env("RELAY_POSTGRES_URL", "postgres://relay:se@cret@db:5432/app");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains("RELAY_POSTGRES_URL"), "{message}");
+            assert!(message.contains("%40"), "{message}");
+            assert!(!message.contains("cret"), "{message}");
+            jail.set_env(
+                "RELAY_POSTGRES_URL",
+                "postgres://relay:se%40cret@db:5432/app",
+            );
+            load(jail).expect("an encoded @ is fine");
+            Ok(())
+        });
     }
 
     #[test]

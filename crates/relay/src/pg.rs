@@ -207,6 +207,8 @@ fn connect_error(target: &Target, failure: Failure) -> PgError {
 /// The slot as `pg_replication_slots` shows it, with the server's current WAL position.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotState {
+    /// Not serialised: `status` shows the slot name once, beside this state.
+    #[serde(skip_serializing)]
     pub slot: String,
     pub plugin: Option<String>,
     pub slot_type: String,

@@ -1033,7 +1033,9 @@ fn replication_config(
         password,
         pg.get_dbname().unwrap_or("postgres"),
         config.slot.clone(),
-        config.publication.clone(),
+        // Quoted: START_REPLICATION reads publication_names as a list of identifiers, so an
+        // unquoted `UpPub` would be folded to `uppub` (and a quote or comma would not parse).
+        crate::schema::quote_pg_ident(&config.publication),
     )
     .with_port(pg.get_ports().first().copied().unwrap_or(5432))
     .with_tls(tls)

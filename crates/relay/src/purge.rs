@@ -10,30 +10,36 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::pg::{self, PgError};
-use crate::schema::quote_pg_ident;
+use crate::schema::outbox_table;
 
 /// Rows deleted per statement, so no purge holds locks or bloats WAL for long.
 const CHUNK: i64 = 10_000;
 
 /// Deletes expired rows in chunks; returns how many.
+///
+/// A row expires when its transaction committed more than `outbox_retention_hours` ago, which
+/// the relay knows from its own checkpoints (a row the snapshot of a checkpoint recorded before
+/// then sees committed), never from `event_date_time`, which the publisher sets: a backdated
+/// event stays as long as any other and `replay` can still find it.
 pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
     let client = pg::connect(&config.postgres_url).await?;
+    let Some(snapshot) = crate::replay::retention_snapshot(&client, config).await? else {
+        // No checkpoint is that old yet: nothing is known to have committed before then.
+        crate::replay::purge_checkpoints(&client, config).await?;
+        return Ok(0);
+    };
     let sql = format!(
         "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
-             SELECT ctid FROM {table}
-              WHERE event_date_time < now() - make_interval(hours => $1)
+             SELECT o.ctid FROM {table} o
+              WHERE pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot)
               LIMIT $2))",
-        table = format_args!(
-            "{}.{}",
-            quote_pg_ident(&config.outbox_schema),
-            quote_pg_ident(&config.outbox_table)
-        )
+        table = outbox_table(config),
+        xid8 = crate::replay::ROW_XID8,
     );
-    let hours = i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX);
     let mut total = 0;
     loop {
         let deleted = client
-            .execute(&sql, &[&hours, &CHUNK])
+            .execute(&sql, &[&snapshot, &CHUNK])
             .await
             .map_err(PgError::query("outbox purge"))?;
         total += deleted;

@@ -304,14 +304,18 @@ pub async fn skip_unpublished_window(config: &Config) -> Result<Lsn, PgError> {
         .map_err(|_| PgError::NotReady(format!("slot advanced to {to:?}, not a WAL position")))
 }
 
-/// Deletes checkpoints older than the outbox retention, always keeping each slot's newest.
+/// Deletes checkpoints older than the outbox retention, keeping for each slot the newest one
+/// older than the retention (the outbox purge deletes what its snapshot sees committed) and
+/// every newer one.
 pub async fn purge_checkpoints(client: &Client, config: &Config) -> Result<u64, PgError> {
     let hours = i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX);
     client
         .execute(
             &format!(
                 "DELETE FROM {t} c WHERE recorded_at < now() - make_interval(hours => $1)
-                   AND recorded_at < (SELECT max(recorded_at) FROM {t} n WHERE n.slot = c.slot)",
+                   AND recorded_at < (SELECT max(recorded_at) FROM {t} n
+                                       WHERE n.slot = c.slot
+                                         AND n.recorded_at < now() - make_interval(hours => $1))",
                 t = checkpoints_table(config)
             ),
             &[&hours],
@@ -319,6 +323,38 @@ pub async fn purge_checkpoints(client: &Client, config: &Config) -> Result<u64, 
         .await
         .map_err(PgError::query("checkpoint purge"))
 }
+
+/// The snapshot of the slot's newest checkpoint recorded more than `outbox_retention_hours`
+/// ago: every outbox row it sees committed was committed before then.
+pub async fn retention_snapshot(
+    client: &Client,
+    config: &Config,
+) -> Result<Option<String>, PgError> {
+    let hours = i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX);
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT snapshot::text FROM {} WHERE slot = $1
+                    AND recorded_at < now() - make_interval(hours => $2)
+                  ORDER BY recorded_at DESC LIMIT 1",
+                checkpoints_table(config)
+            ),
+            &[&config.slot, &hours],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The 64-bit transaction id (xid8) of outbox row `o`'s inserting transaction, for
+/// `pg_visible_in_snapshot`. xmin is a 32-bit xid: add the epoch of the current snapshot's xmax
+/// (the previous one when xmin's low bits are ahead of it).
+pub(crate) const ROW_XID8: &str =
+    "(((pg_snapshot_xmax(pg_current_snapshot())::text::int8 >> 32) << 32)
+                 + o.xmin::text::int8
+                 - CASE WHEN o.xmin::text::int8
+                             > (pg_snapshot_xmax(pg_current_snapshot())::text::int8 & 4294967295)
+                        THEN 4294967296 ELSE 0 END)::text::xid8";
 
 /// The newest checkpoint of the slot, as (confirmed_lsn, recorded_at).
 pub async fn last_checkpoint(
@@ -505,13 +541,7 @@ async fn wait_for_fence(
 
 /// Outbox rows the base snapshot ($1, NULL for all) does not see, minus dead letters.
 fn candidates_sql(config: &Config, select: &str) -> String {
-    // xmin is a 32-bit xid; pg_visible_in_snapshot takes a 64-bit xid8: add the epoch of the
-    // current snapshot's xmax (the previous one when xmin's low bits are ahead of it).
-    let xid8 = "(((pg_snapshot_xmax(pg_current_snapshot())::text::int8 >> 32) << 32)
-                 + o.xmin::text::int8
-                 - CASE WHEN o.xmin::text::int8
-                             > (pg_snapshot_xmax(pg_current_snapshot())::text::int8 & 4294967295)
-                        THEN 4294967296 ELSE 0 END)::text::xid8";
+    let xid8 = ROW_XID8;
     format!(
         "SELECT {select}
            FROM {outbox} o

@@ -15,6 +15,31 @@ pub fn quote_pg_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// PostgreSQL's longest identifier (NAMEDATALEN - 1 bytes); longer ones are truncated silently.
+pub const PG_MAX_IDENT: usize = 63;
+
+/// The name of something derived from the outbox table (`<outbox>_<suffix>`), at most
+/// [`PG_MAX_IDENT`] bytes and unique per outbox table: when `<outbox>_<suffix>` is too long, the
+/// outbox name is cut (at a character boundary) and a hash of the whole name keeps it apart from
+/// other outbox tables that share the prefix. Names that fit are unchanged.
+pub fn derived_name(outbox_table: &str, suffix: &str) -> String {
+    let plain = format!("{outbox_table}_{suffix}");
+    if plain.len() <= PG_MAX_IDENT {
+        return plain;
+    }
+    let hash = crate::deadletter::fnv1a(outbox_table.as_bytes());
+    let tag = format!("{:08x}", (hash ^ (hash >> 32)) as u32);
+    let room = PG_MAX_IDENT.saturating_sub(suffix.len() + tag.len() + 2);
+    let mut cut = room.min(outbox_table.len());
+    while !outbox_table.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let name = format!("{}_{tag}_{suffix}", &outbox_table[..cut]);
+    // Suffixes are short constants, so this holds; a longer one would be a bug here.
+    debug_assert!(name.len() <= PG_MAX_IDENT, "{name}");
+    name
+}
+
 /// `"schema"."table"` of the outbox table.
 pub fn outbox_table(config: &Config) -> String {
     format!(
@@ -29,7 +54,7 @@ pub fn checkpoints_table(config: &Config) -> String {
     format!(
         "{}.{}",
         quote_pg_ident(&config.outbox_schema),
-        quote_pg_ident(&format!("{}_checkpoints", config.outbox_table))
+        quote_pg_ident(&derived_name(&config.outbox_table, "checkpoints"))
     )
 }
 
@@ -38,7 +63,7 @@ pub fn dead_letters_table(config: &Config) -> String {
     format!(
         "{}.{}",
         quote_pg_ident(&config.outbox_schema),
-        quote_pg_ident(&format!("{}_dead_letters", config.outbox_table))
+        quote_pg_ident(&derived_name(&config.outbox_table, "dead_letters"))
     )
 }
 
@@ -48,16 +73,25 @@ pub fn postgres_ddl(config: &Config) -> String {
     let table = outbox_table(config);
     let checkpoints = checkpoints_table(config);
     let dead_letters = dead_letters_table(config);
-    let checkpoints_index = quote_pg_ident(&format!(
-        "{}_checkpoints_slot_snapshot_lsn",
-        config.outbox_table
-    ));
     let name = &config.outbox_table;
-    let index = quote_pg_ident(&format!("{name}_event_date_time_brin"));
-    let check = |what: &str| quote_pg_ident(&format!("{name}_{what}_check"));
+    let checkpoints_index = quote_pg_ident(&derived_name(name, "checkpoints_slot_snapshot_lsn"));
+    let index = quote_pg_ident(&derived_name(name, "event_date_time_brin"));
+    let check = |what: &str| quote_pg_ident(&derived_name(name, &format!("{what}_check")));
+    let schema = quote_pg_ident(&config.outbox_schema);
+    let schema_literal = quote_pg_literal(&config.outbox_schema);
     let publication = quote_pg_ident(&config.publication);
     let publication_literal = quote_pg_literal(&config.publication);
     let environment = quote_pg_literal(&config.environment);
+    // The DO blocks' dollar quote must not occur in a name they hold.
+    let names = [
+        &config.outbox_schema,
+        &config.outbox_table,
+        &config.publication,
+    ];
+    let dollar = std::iter::once("$$".to_string())
+        .chain((0..).map(|n| format!("$relay{n}$")))
+        .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
+        .unwrap_or_default();
     let (type_check, context_check, version_check, time_check) = (
         check("event_type"),
         check("event_context"),
@@ -69,6 +103,13 @@ pub fn postgres_ddl(config: &Config) -> String {
 --   INSERT INTO {table} (event_type, event_context) VALUES ($1, $2);
 -- Column choices (docs/design.md): event_context is json, not jsonb, so the exact text that was
 -- published (key order, spacing, duplicate keys, number spelling) is what ClickHouse receives.
+DO {dollar}
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {schema_literal}) THEN
+        CREATE SCHEMA {schema};
+    END IF;
+END
+{dollar};
 CREATE TABLE IF NOT EXISTS {table} (
     event_id         uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
     event_type       text        NOT NULL,
@@ -91,18 +132,19 @@ ALTER TABLE {table} ADD COLUMN IF NOT EXISTS sentry_trace text;
 -- The environment default follows the relay's `environment` setting.
 ALTER TABLE {table} ALTER COLUMN environment SET DEFAULT {environment};
 
--- Shipped rows are deleted by the relay once older than `outbox_retention_hours`; a BRIN index
--- keeps that cheap on an append-only table.
+-- Rows are deleted by the relay once their transaction committed more than
+-- `outbox_retention_hours` ago (known from the relay's checkpoints, never from event_date_time,
+-- which the publisher sets). The BRIN index serves queries by event time.
 CREATE INDEX IF NOT EXISTS {index} ON {table} USING brin (event_date_time);
 
 -- Only inserts are published: the relay's purge deletes never travel.
-DO $$
+DO {dollar}
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication_literal}) THEN
         CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert');
     END IF;
 END
-$$;
+{dollar};
 
 -- The relay's checkpoints, one row per batch ClickHouse accepted (docs/operations.md). snapshot
 -- is a PostgreSQL snapshot taken before WAL position snapshot_lsn: a transaction it does not
@@ -216,6 +258,45 @@ mod tests {
                  `cargo run -p outbox-relay -- setup --print-sql`"
             );
         }
+    }
+
+    /// Every name setup derives stays within PostgreSQL's 63 bytes and apart from the others,
+    /// whatever the outbox table is called.
+    #[test]
+    fn derived_names_fit_and_stay_apart() {
+        let suffixes = [
+            "checkpoints",
+            "dead_letters",
+            "checkpoints_slot_snapshot_lsn",
+            "event_date_time_brin",
+            "event_type_check",
+            "event_context_check",
+            "metadata_version_check",
+            "event_date_time_check",
+        ];
+        let long_a = "a".repeat(63);
+        let long_b = format!("{}b", "a".repeat(62));
+        let unicode = "é".repeat(31); // 62 bytes
+        for table in ["event_outbox", "Mixed \"Case\"", &long_a, &long_b, &unicode] {
+            let names: Vec<String> = suffixes.iter().map(|s| derived_name(table, s)).collect();
+            for name in &names {
+                assert!(
+                    name.len() <= PG_MAX_IDENT,
+                    "{name:?} is {} bytes",
+                    name.len()
+                );
+            }
+            let distinct: std::collections::HashSet<_> = names.iter().collect();
+            assert_eq!(distinct.len(), names.len(), "{names:?}");
+        }
+        assert_eq!(
+            derived_name("event_outbox", "checkpoints"),
+            "event_outbox_checkpoints"
+        );
+        assert_ne!(
+            derived_name(&long_a, "checkpoints"),
+            derived_name(&long_b, "checkpoints")
+        );
     }
 
     #[test]

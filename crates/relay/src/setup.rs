@@ -25,10 +25,32 @@ pub struct SetupReport {
 }
 
 /// Applies the PostgreSQL DDL, creates the slot, then the ClickHouse database and table.
+///
+/// Concurrent setups (several replicas starting at once) take turns: each holds a PostgreSQL
+/// advisory lock for the whole run, so `CREATE ... IF NOT EXISTS` never races another one's
+/// catalog insert, and every step finds the previous setup's work and leaves it as it is.
 pub async fn setup(config: &Config, recreate_slot: bool) -> Result<SetupReport, SetupError> {
-    let report = setup_postgres(config, recreate_slot).await?;
-    setup_clickhouse(config).await?;
-    Ok(report)
+    let lock = pg::connect(&config.postgres_url).await?;
+    lock.execute(
+        "SELECT pg_advisory_lock(hashtext('outbox-relay setup'))",
+        &[],
+    )
+    .await
+    .map_err(PgError::query("setup lock"))?;
+    let result = async {
+        let report = setup_postgres(config, recreate_slot).await?;
+        setup_clickhouse(config).await?;
+        Ok(report)
+    }
+    .await;
+    // Closing the connection would release it too; this makes the next setup start at once.
+    let _ = lock
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('outbox-relay setup'))",
+            &[],
+        )
+        .await;
+    result
 }
 
 pub async fn setup_postgres(

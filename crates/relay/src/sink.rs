@@ -138,13 +138,32 @@ impl ClickHouseTarget {
             .ok_or_else(|| bad("has no host".into()))?
             .to_string();
         let port = url.port_or_known_default().unwrap_or(8123);
-        let database = url.path().trim_matches('/');
-        if database.contains('/') {
+        // URL parsing drops `.` and `..` path segments (also as %2E): a database of that name
+        // would silently become `default`.
+        let raw_path = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+        let raw_path = raw_path.split(['?', '#']).next().unwrap_or_default();
+        if let Some((_, segment)) = raw_path.split_once('/')
+            && matches!(
+                percent_decode(segment.trim_matches('/')).as_deref(),
+                Some(".") | Some("..")
+            )
+        {
             return Err(bad(format!(
-                "path {:?} must be a single database name",
+                "database {segment:?}: a URL cannot name a database `.` or `..`; choose another name"
+            )));
+        }
+        let path = url.path().trim_matches('/');
+        if path.contains('/') {
+            return Err(bad(format!(
+                "path {:?} must be a single database name (percent-encode a / in the name as %2F)",
                 url.path()
             )));
         }
+        let database = percent_decode(path).ok_or_else(|| {
+            bad(format!(
+                "database {path:?} is not valid percent-encoded UTF-8"
+            ))
+        })?;
         // RFC 3986 percent-decoding: `%2B` is `+` and `+` stays `+` (a URL's userinfo is not a
         // form, where `+` would mean a space).
         let decode = |what: &str, s: &str| {
@@ -903,6 +922,14 @@ pub(crate) async fn execute(client: &Client, query: &str) -> Result<(), SinkErro
 /// `'text'` with backslashes and quotes escaped, for ClickHouse string literals.
 pub fn quote_ch_literal(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// `%XX` escapes decoded as RFC 3986 says (a `+` stays `+`); `None` when the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// `` `name` `` with backquotes escaped, for ClickHouse identifiers.

@@ -24,6 +24,30 @@ pub struct Status {
     pub last_checkpoint_at: Option<String>,
 }
 
+/// `outbox-relay status` exits with this when the slot is missing or lost.
+pub const EXIT_SLOT_PROBLEM: u8 = 3;
+/// ... and with this when ClickHouse does not answer (and the slot is fine).
+pub const EXIT_CLICKHOUSE_UNREACHABLE: u8 = 4;
+
+impl Status {
+    /// 0 when the slot exists and is usable and ClickHouse answers; otherwise
+    /// [`EXIT_SLOT_PROBLEM`] or [`EXIT_CLICKHOUSE_UNREACHABLE`] (the slot's problem first: it is
+    /// the one that can lose events).
+    pub fn exit_code(&self) -> u8 {
+        let lost = self
+            .state
+            .as_ref()
+            .is_some_and(|s| s.wal_status.as_deref() == Some("lost") || s.restart_lsn.is_none());
+        if !self.exists || lost {
+            EXIT_SLOT_PROBLEM
+        } else if !self.clickhouse_reachable {
+            EXIT_CLICKHOUSE_UNREACHABLE
+        } else {
+            0
+        }
+    }
+}
+
 pub async fn status(config: &Config) -> Result<Status, PgError> {
     let client = pg::connect(&config.postgres_url).await?;
     let state = pg::slot_state(&client, &config.slot).await?;

@@ -82,7 +82,11 @@ impl Fixture {
         self.pg.create_database(&self.db).expect("create database");
         self.ch_db = harness::unique_name("analytics");
         self.slot = harness::unique_name("slot");
-        let (pg_url, ch_url, slot) = (self.pg.url(&self.db), self.ch.url(&self.ch_db), self.slot.clone());
+        let (pg_url, ch_url, slot) = (
+            self.pg.url(&self.db),
+            self.ch.url(&self.ch_db),
+            self.slot.clone(),
+        );
         self.set_env("RELAY_POSTGRES_URL", &pg_url);
         self.set_env("RELAY_CLICKHOUSE_URL", &ch_url);
         self.set_env("RELAY_SLOT", &slot);
