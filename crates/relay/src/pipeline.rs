@@ -202,10 +202,12 @@ impl Relay {
     /// missing, the relay waits.
     async fn skip_unpublished_window(&self, message: &str) -> Result<(), RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
-        if let pg::Coverage::Uncovered(why) = pg::coverage(&sql, &self.config).await? {
-            return Err(RelayError::Uncovered(why));
-        }
-        let to = replay::skip_unpublished_window(&self.config).await?;
+        let fingerprint = match pg::coverage(&sql, &self.config).await? {
+            pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
+            pg::Coverage::Covered { fingerprint } => fingerprint,
+        };
+        let tables = replay::coverage_tables(&fingerprint);
+        let to = replay::skip_unpublished_window(&self.config, &tables).await?;
         Err(RelayError::Uncovered(format!(
             "PostgreSQL cannot decode WAL written while publication {:?} was missing ({message}): \
              the slot was moved past it to {to}, and the next session re-ships the outbox's \
@@ -349,17 +351,28 @@ impl<'a> Session<'a> {
             pg::Coverage::Covered { fingerprint } => fingerprint,
             pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
         };
-        if let Some(from) = replay::coverage_gap(&sql, self.config, &self.coverage, start).await? {
+        if let Some(gap) = replay::coverage_gap(&sql, self.config, &self.coverage, start).await? {
+            replay::record_pending(&sql, self.config, gap.from, &gap.tables).await?;
             warn!(
-                from_lsn = %from,
+                from_lsn = %gap.from,
+                tables = ?gap.tables,
                 "the publication or the outbox table changed since the last checkpoint (dropped \
                  and created again, swapped, taken out of the publication): PostgreSQL may have \
                  skipped events meanwhile; re-shipping them from the outbox table beside the \
                  stream (exactly once: ClickHouse's rows are checked first)"
             );
             let (config, sink) = (self.config.clone(), self.sink.clone());
+            let (from, tables) = (gap.from, gap.tables);
             self.coverage_replay = Some(AbortOnDrop(tokio::spawn(async move {
-                replay::replay(&config, &sink, from, COVERAGE_REPLAY_WAIT, false).await
+                replay::replay_tables(
+                    &config,
+                    &sink,
+                    from,
+                    COVERAGE_REPLAY_WAIT,
+                    false,
+                    Some(&tables),
+                )
+                .await
             })));
         }
         self.metrics

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use pgoutput::Lsn;
 use serde::Serialize;
 use tokio_postgres::Client;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::deadletter::{self, fnv1a, parse_uuid};
@@ -39,8 +39,13 @@ pub struct SqlLayout {
 }
 
 impl SqlLayout {
-    /// Reads the columns and sets the connection's `TimeZone` and `DateStyle`.
+    /// Reads the outbox table's columns and sets the connection's `TimeZone` and `DateStyle`.
     pub async fn read(client: &Client, config: &Config) -> Result<SqlLayout, PgError> {
+        Self::read_table(client, &outbox_table(config)).await
+    }
+
+    /// [`SqlLayout::read`] for the table `table` (a quoted, qualified name).
+    pub async fn read_table(client: &Client, table: &str) -> Result<SqlLayout, PgError> {
         client
             .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
             .await
@@ -50,7 +55,7 @@ impl SqlLayout {
                 "SELECT attname::text, atttypid::int8 FROM pg_attribute
                   WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
                   ORDER BY attnum",
-                &[&outbox_table(config)],
+                &[&table],
             )
             .await
             .map_err(PgError::query("outbox columns"))?;
@@ -59,7 +64,7 @@ impl SqlLayout {
             .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
             .collect();
         let named: Vec<(&str, u32)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        let layout = OutboxLayout::from_columns(&outbox_table(config), &named);
+        let layout = OutboxLayout::from_columns(table, &named);
         let select = columns
             .iter()
             .map(|(n, _)| format!("o.{}::text", quote_pg_ident(n)))
@@ -218,18 +223,42 @@ pub async fn record_checkpoint(
     Ok(recorded == 1)
 }
 
+/// A window the publication may not have covered, and where its rows are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoverageGap {
+    /// The position to replay from.
+    pub from: Lsn,
+    /// The oids of the tables whose rows may have been skipped: the outbox table of the
+    /// recorded coverage, of every pending window before it, and of the current one.
+    pub tables: Vec<u32>,
+}
+
+/// The table oids a coverage (a fingerprint `publication/table/membership`, or a
+/// `pending:oid,oid` marker) names.
+pub fn coverage_tables(coverage: &str) -> Vec<u32> {
+    match coverage.strip_prefix("pending:") {
+        Some(list) => list.split(',').filter_map(|o| o.parse().ok()).collect(),
+        None => coverage
+            .split('/')
+            .nth(1)
+            .and_then(|o| o.parse().ok())
+            .into_iter()
+            .collect(),
+    }
+}
+
 /// When the newest checkpoint was recorded under another coverage than `coverage` (the
 /// publication dropped and created again, the table swapped or taken out and back in, or a
-/// [`skip_unpublished_window`] marker), the outbox's inserts may have been skipped since:
+/// pending marker of an earlier session), the outbox's inserts may have been skipped since:
 /// returns the position to replay from, that checkpoint's `snapshot_lsn` or the slot's
-/// confirmed position `confirmed`, whichever is older. `None` when nothing changed, or nothing
-/// was recorded yet.
+/// confirmed position `confirmed`, whichever is older, and the tables to read. `None` when
+/// nothing changed, or nothing was recorded yet.
 pub async fn coverage_gap(
     client: &Client,
     config: &Config,
     coverage: &str,
     confirmed: Lsn,
-) -> Result<Option<Lsn>, PgError> {
+) -> Result<Option<CoverageGap>, PgError> {
     let row = client
         .query_opt(
             &format!(
@@ -245,19 +274,79 @@ pub async fn coverage_gap(
         return Ok(None);
     };
     let (lsn, recorded): (String, Option<String>) = (row.get(0), row.get(1));
-    match recorded {
+    let recorded = match recorded {
         // Recorded before coverage was (an upgraded relay), or the same coverage.
-        None => Ok(None),
-        Some(recorded) if recorded == coverage => Ok(None),
-        Some(_) => lsn
-            .parse::<Lsn>()
-            .map(|lsn| Some(lsn.min(confirmed)))
-            .map_err(|_| {
-                PgError::NotReady(format!(
-                    "checkpoint snapshot_lsn {lsn:?} is not a WAL position"
-                ))
-            }),
+        None => return Ok(None),
+        Some(recorded) if recorded == coverage => return Ok(None),
+        Some(recorded) => recorded,
+    };
+    let from = lsn.parse::<Lsn>().map_err(|_| {
+        PgError::NotReady(format!(
+            "checkpoint snapshot_lsn {lsn:?} is not a WAL position"
+        ))
+    })?;
+    let mut tables = coverage_tables(&recorded);
+    tables.extend(coverage_tables(coverage));
+    tables.sort_unstable();
+    tables.dedup();
+    Ok(Some(CoverageGap {
+        from: from.min(confirmed),
+        tables,
+    }))
+}
+
+/// Records that the window from `from` on must be re-shipped from `tables`: a checkpoint with
+/// the snapshot of the newest checkpoint at or before `from` (one that sees nothing when there
+/// is none) and the coverage `pending:<tables>`. Until a session finishes that replay, the
+/// newest checkpoint stays such a marker, so a crash cannot forget the window, and a further
+/// change adds its table to the list.
+pub async fn record_pending(
+    client: &Client,
+    config: &Config,
+    from: Lsn,
+    tables: &[u32],
+) -> Result<(), PgError> {
+    let table = checkpoints_table(config);
+    // A pending window not yet re-shipped stays on the list.
+    let newest: Option<String> = client
+        .query_opt(
+            &format!(
+                "SELECT coverage FROM {table} WHERE slot = $1
+                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1"
+            ),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?
+        .and_then(|r| r.get(0));
+    let mut tables = tables.to_vec();
+    if let Some(pending) = newest.filter(|c| c.starts_with("pending:")) {
+        tables.extend(coverage_tables(&pending));
     }
+    tables.sort_unstable();
+    tables.dedup();
+    let list = tables
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
+                 SELECT $1, $2::text::pg_lsn, 0,
+                        coalesce(b.snapshot, '1:1:'::pg_snapshot), coalesce(b.snapshot_lsn, '0/0'),
+                        'pending:' || $3
+                   FROM (SELECT 1) one
+                   LEFT JOIN LATERAL (SELECT snapshot, snapshot_lsn FROM {table}
+                                       WHERE slot = $1 AND snapshot_lsn <= $2::text::pg_lsn
+                                       ORDER BY snapshot_lsn DESC LIMIT 1) b ON true"
+            ),
+            &[&config.slot, &from.to_string(), &list],
+        )
+        .await
+        .map_err(PgError::query("checkpoint insert"))?;
+    Ok(())
 }
 
 /// Whether a replication error is PostgreSQL (before 18) refusing to decode WAL written while
@@ -267,31 +356,15 @@ pub fn is_unpublished_window(server_error: &str) -> bool {
 }
 
 /// Gets the slot past WAL PostgreSQL cannot decode because the publication was missing when it
-/// was written (PostgreSQL 15 to 17 fail on it forever; 18 skips it): first records a marker
-/// checkpoint holding the snapshot of the newest checkpoint taken before the slot's confirmed
-/// position, then advances the slot to the current WAL position. The next session sees the
-/// marker and re-ships, from the outbox, everything that snapshot does not see, which covers
-/// what the advance skipped; a crash in between repeats both steps. Call with the slot free.
-pub async fn skip_unpublished_window(config: &Config) -> Result<Lsn, PgError> {
+/// was written (PostgreSQL 15 to 17 fail on it forever; 18 skips it): first records a pending
+/// marker ([`record_pending`]) from the slot's confirmed position for `tables`, then advances
+/// the slot to the current WAL position. The next session sees the marker and re-ships, from
+/// the outbox, everything the marker's snapshot does not see, which covers what the advance
+/// skipped; a crash in between repeats both steps. Call with the slot free.
+pub async fn skip_unpublished_window(config: &Config, tables: &[u32]) -> Result<Lsn, PgError> {
     let client = pg::connect(&config.postgres_url).await?;
     let confirmed = pg::preflight(&client, &config.slot).await?;
-    let table = checkpoints_table(config);
-    client
-        .execute(
-            &format!(
-                "INSERT INTO {table} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
-                 SELECT $1, $2::text::pg_lsn, 0,
-                        coalesce(b.snapshot, '1:1:'::pg_snapshot), coalesce(b.snapshot_lsn, '0/0'),
-                        'skipped-unpublished-window'
-                   FROM (SELECT 1) one
-                   LEFT JOIN LATERAL (SELECT snapshot, snapshot_lsn FROM {table}
-                                       WHERE slot = $1 AND snapshot_lsn <= $2::text::pg_lsn
-                                       ORDER BY snapshot_lsn DESC LIMIT 1) b ON true"
-            ),
-            &[&config.slot, &confirmed.to_string()],
-        )
-        .await
-        .map_err(PgError::query("checkpoint insert"))?;
+    record_pending(&client, config, confirmed, tables).await?;
     let row = client
         .query_one(
             "SELECT end_lsn::text FROM pg_replication_slot_advance($1, pg_current_wal_lsn())",
@@ -383,6 +456,20 @@ pub async fn replay(
     wait: Duration,
     dry_run: bool,
 ) -> Result<ReplayReport, ReplayError> {
+    replay_tables(config, sink, from, wait, dry_run, None).await
+}
+
+/// [`replay`] from the tables with these oids (the outbox table under its configured name when
+/// `None`): after a table swap, the rows PostgreSQL skipped are in the table that had the name
+/// then, whatever its name is now. A table that no longer exists is skipped.
+pub async fn replay_tables(
+    config: &Config,
+    sink: &ClickHouseSink,
+    from: Lsn,
+    wait: Duration,
+    dry_run: bool,
+    tables: Option<&[u32]>,
+) -> Result<ReplayReport, ReplayError> {
     let control = pg::connect(&config.postgres_url).await?;
     let locked: bool = control
         .query_one(
@@ -402,7 +489,31 @@ pub async fn replay(
     };
 
     let mut reader = pg::connect(&config.postgres_url).await?;
-    let layout = SqlLayout::read(&reader, config).await?;
+    let names = match tables {
+        None => vec![outbox_table(config)],
+        Some(oids) => {
+            let mut names = Vec::new();
+            for oid in oids {
+                let row = reader
+                    .query_opt(
+                        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+                           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
+                        &[&i64::from(*oid)],
+                    )
+                    .await
+                    .map_err(PgError::query("outbox table by oid"))?;
+                match row {
+                    Some(row) => names.push(row.get::<_, String>(0)),
+                    None => warn!(oid, "a table to re-ship from no longer exists: skipped"),
+                }
+            }
+            names
+        }
+    };
+    let mut layouts = Vec::with_capacity(names.len());
+    for name in &names {
+        layouts.push((name.clone(), SqlLayout::read_table(&reader, name).await?));
+    }
     let tx = reader
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -420,47 +531,56 @@ pub async fn replay(
         wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
     }
 
-    let statement = tx
-        .prepare(&candidates_sql(config, &layout.select))
-        .await
-        .map_err(PgError::query("replay query"))?;
     let snapshot = base.map(|(snapshot, _)| snapshot);
-    let portal = tx
-        .bind(&statement, &[&snapshot])
-        .await
-        .map_err(PgError::query("replay query"))?;
-    loop {
-        let rows = tx
-            .query_portal(&portal, CHUNK)
+    for (table, layout) in &layouts {
+        let statement = tx
+            .prepare(&candidates_sql(config, table, &layout.select))
             .await
-            .map_err(PgError::query("replay read"))?;
-        if rows.is_empty() {
-            break;
-        }
-        report.candidates += rows.len() as u64;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match layout.event(row) {
-                Ok(event) => events.push(event),
-                // Kept as a dead letter, as the live stream does: `dead-letters retry` ships
-                // it once the row is fixed.
-                Err((why, raw)) => {
-                    let id = layout.fallback_id(&raw);
-                    if !dry_run
-                        && deadletter::record_unmapped(&control, config, &id, (0, 0), &raw, &why)
+            .map_err(PgError::query("replay query"))?;
+        let portal = tx
+            .bind(&statement, &[&snapshot])
+            .await
+            .map_err(PgError::query("replay query"))?;
+        loop {
+            let rows = tx
+                .query_portal(&portal, CHUNK)
+                .await
+                .map_err(PgError::query("replay read"))?;
+            if rows.is_empty() {
+                break;
+            }
+            report.candidates += rows.len() as u64;
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                match layout.event(row) {
+                    Ok(event) => events.push(event),
+                    // Kept as a dead letter, as the live stream does: `dead-letters retry` ships
+                    // it once the row is fixed.
+                    Err((why, raw)) => {
+                        let id = layout.fallback_id(&raw);
+                        if !dry_run
+                            && deadletter::record_unmapped(
+                                &control,
+                                config,
+                                &id,
+                                (0, 0),
+                                &raw,
+                                &why,
+                            )
                             .await?
-                    {
-                        report.dead_letters += 1;
+                        {
+                            report.dead_letters += 1;
+                        }
                     }
                 }
             }
+            ship_chunk(config, sink, &control, events, dry_run, &mut report).await?;
+            info!(
+                candidates = report.candidates,
+                shipped = report.shipped,
+                "replay progress"
+            );
         }
-        ship_chunk(config, sink, &control, events, dry_run, &mut report).await?;
-        info!(
-            candidates = report.candidates,
-            shipped = report.shipped,
-            "replay progress"
-        );
     }
     Ok(report)
 }
@@ -540,14 +660,13 @@ async fn wait_for_fence(
 }
 
 /// Outbox rows the base snapshot ($1, NULL for all) does not see, minus dead letters.
-fn candidates_sql(config: &Config, select: &str) -> String {
+fn candidates_sql(config: &Config, outbox: &str, select: &str) -> String {
     let xid8 = ROW_XID8;
     format!(
         "SELECT {select}
            FROM {outbox} o
           WHERE ($1::text IS NULL OR NOT pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot))
             AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.event_id::text = to_jsonb(o) ->> 'event_id')",
-        outbox = outbox_table(config),
         dead = dead_letters_table(config),
     )
 }
