@@ -309,6 +309,17 @@ fn swapped_outbox_table_stops_then_recovers(v: PgVersion) {
         50,
         "nothing of the new table can have shipped"
     );
+    // Never "caught up" while PostgreSQL skips the outbox: status says why, exit 6.
+    let out = f.relay(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["caught_up"], false, "{status}");
+    assert!(
+        status["publication_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("not in the publication")),
+        "{status}"
+    );
     f.sql("ALTER PUBLICATION event_outbox_pub ADD TABLE event_outbox");
     f.publish(20, 1, "after_fix");
     let expected: HashSet<String> = old.union(&f.pg_ids()).cloned().collect();

@@ -43,7 +43,7 @@ enum Command {
     /// container health checks where no HTTP client is installed.
     Health,
     /// Show the slot's position and lag, and whether ClickHouse answers. Exit 0 when both are
-    /// fine, 3 when the slot is missing or lost, 4 when ClickHouse does not answer.
+    /// fine, 3 when the slot is missing or lost, 6 when the publication does not cover the outbox, 4 when ClickHouse does not answer.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -460,6 +460,14 @@ fn print_status(s: &relay::status::Status) {
         }
     }
     println!("caught_up            {}", s.caught_up);
+    if let Some(problem) = &s.publication_problem {
+        println!("publication          NOT COVERING THE OUTBOX: {problem}");
+    }
+    if let Some(from) = &s.pending_window_from {
+        println!(
+            "pending window       from {from}: events PostgreSQL may have skipped, re-shipped by the running relay"
+        );
+    }
     println!(
         "last_checkpoint      {}",
         match (&s.last_checkpoint_lsn, &s.last_checkpoint_at) {

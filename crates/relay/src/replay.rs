@@ -295,6 +295,27 @@ pub async fn coverage_gap(
     }))
 }
 
+/// The start of a window recorded as pending (the newest checkpoint is a pending marker), if any.
+pub async fn pending_window(client: &Client, config: &Config) -> Result<Option<String>, PgError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT snapshot_lsn::text, coverage FROM {} WHERE slot = $1
+                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1",
+                checkpoints_table(config)
+            ),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?;
+    Ok(row.and_then(|r| {
+        let coverage: Option<String> = r.get(1);
+        coverage
+            .is_some_and(|c| c.starts_with("pending:"))
+            .then(|| r.get(0))
+    }))
+}
+
 /// Records that the window from `from` on must be re-shipped from `tables`: a checkpoint with
 /// the snapshot of the newest checkpoint at or before `from` (one that sees nothing when there
 /// is none) and the coverage `pending:<tables>`. Until a session finishes that replay, the
