@@ -27,7 +27,10 @@ fn main() -> Result<()> {
         Ok("18") => PgVersion::V18,
         _ => *PgVersion::available().first().context("no PostgreSQL")?,
     };
-    let relay_bin = harness::workspace_root().join("target/release/outbox-relay");
+    // BENCH_RELAY_BIN: another build of the relay, to compare two commits in one session.
+    let relay_bin = std::env::var_os("BENCH_RELAY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| harness::workspace_root().join("target/release/outbox-relay"));
     if !relay_bin.exists() {
         bail!("{} missing: `make bench` builds it", relay_bin.display());
     }

@@ -351,7 +351,11 @@ impl<'a> Session<'a> {
             pg::Coverage::Covered { fingerprint } => fingerprint,
             pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
         };
-        if let Some(gap) = replay::coverage_gap(&sql, self.config, &self.coverage, start).await? {
+        let gap = replay::coverage_gap(&sql, self.config, &self.coverage, start).await?;
+        if gap.is_none() {
+            replay::record_baseline(&sql, self.config, start, &self.coverage).await?;
+        }
+        if let Some(gap) = gap {
             replay::record_pending(&sql, self.config, gap.from, &gap.tables).await?;
             warn!(
                 from_lsn = %gap.from,

@@ -295,6 +295,40 @@ pub async fn coverage_gap(
     }))
 }
 
+/// Records a first checkpoint under `coverage` when the slot has none with a coverage yet (a new
+/// slot, or checkpoints of a relay from before coverage was recorded): from then on a change of
+/// the publication is seen, even one before the first batch. Nothing when the coverage in the
+/// checkpoint's own snapshot is not `coverage`.
+pub async fn record_baseline(
+    client: &Client,
+    config: &Config,
+    confirmed: Lsn,
+    coverage: &str,
+) -> Result<(), PgError> {
+    let table = checkpoints_table(config);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
+                 SELECT $1, $2::text::pg_lsn, 0, pg_current_snapshot(), pg_current_wal_lsn(), $3
+                  WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE slot = $1 AND coverage IS NOT NULL)
+                    AND {} = $3",
+                fingerprint_sql(4)
+            ),
+            &[
+                &config.slot,
+                &confirmed.to_string(),
+                &coverage,
+                &config.publication,
+                &config.outbox_schema,
+                &config.outbox_table,
+            ],
+        )
+        .await
+        .map_err(PgError::query("checkpoint insert"))?;
+    Ok(())
+}
+
 /// The start of a window recorded as pending (the newest checkpoint is a pending marker), if any.
 pub async fn pending_window(client: &Client, config: &Config) -> Result<Option<String>, PgError> {
     let row = client

@@ -121,6 +121,15 @@ pub async fn setup_postgres(
             Err(e) => return Err(PgError::query("slot creation")(e).into()),
         }
     }
+    // The coverage the slot starts under: a change of the publication from here on, even before
+    // the relay's first batch, is seen and its window re-shipped.
+    if let Some(confirmed) = pg::slot_state(&client, &config.slot)
+        .await?
+        .and_then(|s| s.confirmed_flush())
+        && let pg::Coverage::Covered { fingerprint } = pg::coverage(&client, config).await?
+    {
+        crate::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
+    }
     Ok(report)
 }
 
