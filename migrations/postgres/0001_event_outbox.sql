@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS "public"."event_outbox_dead_letters" (
 -- type the relay cannot read) are dead letters too: raw holds their values by column name, the
 -- typed columns stay empty; `retry` reads the row from the outbox again once it is fixed.
 ALTER TABLE "public"."event_outbox_dead_letters" ADD COLUMN IF NOT EXISTS raw jsonb;
+-- A retried letter is kept, marked shipped, until the outbox purge: the stream, read again after
+-- a restart, then never makes it a dead letter anew.
+ALTER TABLE "public"."event_outbox_dead_letters" ADD COLUMN IF NOT EXISTS shipped_at timestamptz;
 ALTER TABLE "public"."event_outbox_dead_letters" ALTER COLUMN event_type DROP NOT NULL,
     ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
     ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;

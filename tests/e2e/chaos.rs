@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use common::{Fixture, RelayProcess, stderr, wait_until};
@@ -43,6 +43,9 @@ struct Outbox {
     slot: String,
     relay: Option<RelayProcess>,
     expected: HashSet<String>,
+    /// The step each event was published in (its event_type), for failure messages.
+    labels: HashMap<String, String>,
+    label: String,
     added_columns: Vec<String>,
     swaps: u32,
 }
@@ -88,6 +91,8 @@ fn run_round(f: &Fixture, rng: &mut StdRng, seed: u64, round: u64) -> String {
             slot: f.slot.clone(),
             relay: None,
             expected: HashSet::new(),
+            labels: HashMap::new(),
+            label: String::new(),
             added_columns: Vec::new(),
             swaps: 0,
         },
@@ -97,6 +102,8 @@ fn run_round(f: &Fixture, rng: &mut StdRng, seed: u64, round: u64) -> String {
             slot: format!("{}_b", f.slot),
             relay: None,
             expected: HashSet::new(),
+            labels: HashMap::new(),
+            label: String::new(),
             added_columns: Vec::new(),
             swaps: 0,
         },
@@ -112,10 +119,13 @@ fn run_round(f: &Fixture, rng: &mut StdRng, seed: u64, round: u64) -> String {
         .to_string();
     let source = |o: &Outbox| format!("pg:{system}/{}/public.{}", f.db, o.table);
     let mut log = Vec::new();
-    for _ in 0..8 {
+    for index in 0..8 {
         let which = rng.random_range(0..2usize);
         let step = rng.random_range(0..11);
         let n = rng.random_range(1..=30u32);
+        for o in &mut outboxes {
+            o.label = format!("step{index}");
+        }
         let name = match step {
             0 | 1 => {
                 publish_both(f, &mut outboxes, n, rng.random_range(1..=10));
@@ -270,11 +280,14 @@ fn publish(f: &Fixture, o: &mut Outbox, n: u32, per_tx: u32, environment: &str) 
         let k = per_tx.min(n - done);
         let ids = f.sql(&format!(
             "INSERT INTO {} (event_type, event_context{columns})
-             SELECT 'chaos', json_build_object('i', g){value} FROM generate_series(1, {k}) g
+             SELECT '{}', json_build_object('i', g){value} FROM generate_series(1, {k}) g
              RETURNING event_id",
-            o.table
+            o.table, o.label
         ));
-        o.expected.extend(ids.lines().map(str::to_string));
+        for id in ids.lines() {
+            o.expected.insert(id.to_string());
+            o.labels.insert(id.to_string(), o.label.clone());
+        }
         done += k;
     }
 }
@@ -286,19 +299,21 @@ fn publish_both(f: &Fixture, outboxes: &mut [Outbox; 2], n: u32, per_tx: u32) {
         let k = per_tx.min(n - done);
         let rows = f.sql(&format!(
             "WITH a AS (INSERT INTO {a} (event_type, event_context)
-                          SELECT 'chaos', json_build_object('i', g) FROM generate_series(1, {k}) g
+                          SELECT '{label}', json_build_object('i', g) FROM generate_series(1, {k}) g
                           RETURNING event_id),
                   b AS (INSERT INTO {b} (event_type, event_context)
-                          SELECT 'chaos', json_build_object('i', g) FROM generate_series(1, {k}) g
+                          SELECT '{label}', json_build_object('i', g) FROM generate_series(1, {k}) g
                           RETURNING event_id)
              SELECT 'a', event_id FROM a UNION ALL SELECT 'b', event_id FROM b",
             a = outboxes[0].table,
-            b = outboxes[1].table
+            b = outboxes[1].table,
+            label = format!("{}_both", outboxes[0].label),
         ));
         for line in rows.lines() {
             let (which, id) = line.split_once('|').expect("two columns");
-            let i = usize::from(which == "b");
-            outboxes[i].expected.insert(id.to_string());
+            let o = &mut outboxes[usize::from(which == "b")];
+            o.expected.insert(id.to_string());
+            o.labels.insert(id.to_string(), format!("{}_both", o.label));
         }
         done += k;
     }
@@ -339,14 +354,21 @@ fn wait_for(f: &Fixture, o: &Outbox, source: &str, ctx: &str) {
                 .get(source)
                 .is_some_and(|(_, ids)| o.expected.is_subset(ids))
     });
-    let have = by_source(f)
+    let got = by_source(f)
         .get(source)
-        .map(|(_, ids)| ids.len())
-        .unwrap_or(0);
+        .map(|(_, ids)| ids.clone())
+        .unwrap_or_default();
+    let mut missing = BTreeMap::<String, usize>::new();
+    for id in o.expected.difference(&got) {
+        *missing
+            .entry(o.labels.get(id).cloned().unwrap_or_default())
+            .or_default() += 1;
+    }
     assert!(
         ok,
-        "{ctx}: {} has {have} of {} events\n{}",
+        "{ctx}: {} has {} of {} events; missing by step: {missing:?}\n{}",
         o.table,
+        got.len(),
         o.expected.len(),
         o.relay.as_ref().map(RelayProcess::log).unwrap_or_default()
     );

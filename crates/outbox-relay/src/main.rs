@@ -82,7 +82,7 @@ enum DeadLetterAction {
         json: bool,
     },
     /// Send dead letters to ClickHouse again (after fixing them with UPDATE); those accepted
-    /// are removed.
+    /// are marked shipped (kept until the outbox retention, then purged).
     Retry {
         /// Only this event.
         #[arg(long)]

@@ -109,11 +109,29 @@ pub async fn record_unmapped(
     Ok(inserted == 1)
 }
 
-/// How many dead letters there are.
+/// Deletes letters shipped by `retry` longer than the outbox retention ago.
+pub async fn purge_shipped(client: &Client, config: &Config) -> Result<u64, PgError> {
+    let hours = i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX);
+    client
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE shipped_at < now() - make_interval(hours => $1)",
+                dead_letters_table(config)
+            ),
+            &[&hours],
+        )
+        .await
+        .map_err(PgError::query("dead-letter purge"))
+}
+
+/// How many dead letters there are (not yet shipped).
 pub async fn count(client: &Client, config: &Config) -> Result<u64, PgError> {
     let row = client
         .query_one(
-            &format!("SELECT count(*) FROM {}", dead_letters_table(config)),
+            &format!(
+                "SELECT count(*) FROM {} WHERE shipped_at IS NULL",
+                dead_letters_table(config)
+            ),
             &[],
         )
         .await
@@ -131,7 +149,7 @@ pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
                         to_char(event_date_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                         error, to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                         attempts, raw::text
-                   FROM {} ORDER BY commit_lsn, tx_seq",
+                   FROM {} WHERE shipped_at IS NULL ORDER BY commit_lsn, tx_seq",
                 dead_letters_table(config)
             ),
             &[],
@@ -159,9 +177,9 @@ pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
 /// What `retry` did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RetryReport {
-    /// Sent to ClickHouse and removed from the dead letters.
+    /// Sent to ClickHouse and marked shipped (kept until the outbox retention, so a re-read stream never makes it a letter again).
     pub shipped: u64,
-    /// Already in ClickHouse (an earlier retry that was cut short): removed.
+    /// Already in ClickHouse (an earlier retry that was cut short): marked shipped.
     pub already_there: u64,
     /// Refused again: kept, with the new error.
     pub refused: u64,
@@ -175,6 +193,16 @@ pub async fn retry(
     event_id: Option<&str>,
 ) -> Result<RetryReport, DeadLetterError> {
     let client = pg::connect(&config.postgres_url).await?;
+    // One re-sender at a time: a replay (the relay's own, after a publication change, or
+    // `outbox-relay replay`) checks ClickHouse and then inserts, and so does retry; run side by
+    // side, both could find an event missing and both send it. Waits for a running replay.
+    client
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('outbox-relay replay ' || $1))",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("replay lock"))?;
     let layout = crate::replay::SqlLayout::read(&client, config).await?;
     let table = dead_letters_table(config);
     let rows = client
@@ -183,7 +211,8 @@ pub async fn retry(
                 "SELECT event_id::text, commit_lsn::text, tx_seq, event_type,
                         (extract(epoch FROM event_date_time) * 1000000)::int8, environment,
                         event_context, metadata_version, sentry_trace, raw IS NOT NULL
-                   FROM {table} WHERE $1::text IS NULL OR event_id = $1::text::uuid
+                   FROM {table} WHERE ($1::text IS NULL OR event_id = $1::text::uuid)
+                    AND shipped_at IS NULL
                   ORDER BY commit_lsn, tx_seq"
             ),
             &[&event_id],
@@ -237,7 +266,7 @@ pub async fn retry(
         }
         client
             .execute(
-                &format!("DELETE FROM {table} WHERE event_id = $1::text::uuid"),
+                &format!("UPDATE {table} SET shipped_at = now() WHERE event_id = $1::text::uuid"),
                 &[&id],
             )
             .await

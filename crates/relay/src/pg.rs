@@ -19,7 +19,7 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("PostgreSQL {what} failed: {source}")]
+    #[error("PostgreSQL {what} failed: {}", server_says(source))]
     Query {
         what: &'static str,
         #[source]
@@ -35,6 +35,31 @@ pub enum PgError {
     /// The slot is held by another connection; retrying does help.
     #[error("{0}")]
     SlotBusy(String),
+}
+
+/// The server's own words for an error it sent (message, SQLSTATE, detail, hint), which
+/// tokio-postgres shows only as "db error"; a missing grant then reads "permission denied for
+/// table ... (SQLSTATE 42501)".
+fn server_says(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            if db.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE {
+                text.push_str(
+                    "; the relay's role lacks a grant: docs/operations.md, \"Least privilege\", \
+                     lists what each command needs",
+                );
+            }
+            text
+        }
+        None => e.to_string(),
+    }
 }
 
 impl PgError {

@@ -805,6 +805,16 @@ impl<'a> Session<'a> {
         why: String,
     ) -> Result<(), RelayError> {
         let sql = self.sql.as_ref().ok_or(RelayError::Protocol(commit_lsn))?;
+        // Read again after a restart, a row a `dead-letters retry` already shipped stays shipped.
+        let id_text = crate::sink::uuid_text(&id);
+        if !self
+            .sink
+            .existing_ids(std::slice::from_ref(&id_text))
+            .await?
+            .is_empty()
+        {
+            return Ok(());
+        }
         if deadletter::record_unmapped(sql, self.config, &id, (commit_lsn.0, tx_seq), &raw, &why)
             .await?
         {

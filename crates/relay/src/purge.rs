@@ -26,6 +26,7 @@ pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
     let Some(snapshot) = crate::replay::retention_snapshot(&client, config).await? else {
         // No checkpoint is that old yet: nothing is known to have committed before then.
         crate::replay::purge_checkpoints(&client, config).await?;
+        crate::deadletter::purge_shipped(&client, config).await?;
         return Ok(0);
     };
     let sql = format!(
@@ -46,6 +47,7 @@ pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
         if deleted < CHUNK as u64 {
             // Checkpoints are only useful while the outbox rows they point at are kept.
             crate::replay::purge_checkpoints(&client, config).await?;
+            crate::deadletter::purge_shipped(&client, config).await?;
             return Ok(total);
         }
     }

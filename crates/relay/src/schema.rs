@@ -185,6 +185,9 @@ CREATE TABLE IF NOT EXISTS {dead_letters} (
 -- type the relay cannot read) are dead letters too: raw holds their values by column name, the
 -- typed columns stay empty; `retry` reads the row from the outbox again once it is fixed.
 ALTER TABLE {dead_letters} ADD COLUMN IF NOT EXISTS raw jsonb;
+-- A retried letter is kept, marked shipped, until the outbox purge: the stream, read again after
+-- a restart, then never makes it a dead letter anew.
+ALTER TABLE {dead_letters} ADD COLUMN IF NOT EXISTS shipped_at timestamptz;
 ALTER TABLE {dead_letters} ALTER COLUMN event_type DROP NOT NULL,
     ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
     ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;
