@@ -53,6 +53,64 @@ pub async fn setup(config: &Config, recreate_slot: bool) -> Result<SetupReport, 
     result
 }
 
+/// Whether an admin prepared the outbox objects for a relay role without ownership (least
+/// privilege, docs/operations.md): the outbox table exists and the current role is not a member
+/// of its owner. Then every object this version's DDL needs must be there, or setup stops
+/// naming what is missing and who can add it.
+async fn prepared_by_another_role(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<bool, SetupError> {
+    let owner_row = client
+        .query_opt(
+            "SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&config.outbox_schema, &config.outbox_table],
+        )
+        .await
+        .map_err(PgError::query("outbox owner check"))?;
+    match owner_row {
+        None => return Ok(false),
+        Some(row) if row.get::<_, bool>(0) => return Ok(false),
+        Some(_) => {}
+    }
+    let needed = [
+        (schema::checkpoints_table(config), "coverage"),
+        (schema::dead_letters_table(config), "raw"),
+        (schema::dead_letters_table(config), "shipped_at"),
+        (schema::outbox_table(config), "event_context"),
+    ];
+    let mut missing = Vec::new();
+    for (table, column) in &needed {
+        let found: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                                 WHERE attrelid = to_regclass($1) AND attname = $2
+                                   AND NOT attisdropped)",
+                &[table, column],
+            )
+            .await
+            .map_err(PgError::query("outbox objects check"))?
+            .get(0);
+        if !found {
+            missing.push(format!("{table}.{column}"));
+        }
+    }
+    if let pg::Coverage::Uncovered(why) = pg::coverage(client, config).await? {
+        missing.push(why);
+    }
+    if !missing.is_empty() {
+        return Err(SetupError::Unsupported(format!(
+            "the outbox table belongs to another role, and these objects of this version are \
+             missing: {}. Run `outbox-relay setup` as the table's owner (or apply `outbox-relay \
+             setup --print-sql` with your migration tool), then setup again as this role",
+            missing.join("; ")
+        )));
+    }
+    Ok(true)
+}
+
 pub async fn setup_postgres(
     config: &Config,
     recreate_slot: bool,
@@ -85,13 +143,20 @@ pub async fn setup_postgres(
         )));
     }
     let mut report = SetupReport::default();
-    client
-        .batch_execute(&format!(
-            "SET client_min_messages = warning;\n{}",
-            schema::postgres_ddl(config)
-        ))
-        .await
-        .map_err(PgError::query("outbox DDL"))?;
+    if prepared_by_another_role(&client, config).await? {
+        tracing::info!(
+            "the outbox objects exist and belong to another role (an admin ran setup): their DDL \
+             is left to that role; checking the slot and ClickHouse only"
+        );
+    } else {
+        client
+            .batch_execute(&format!(
+                "SET client_min_messages = warning;\n{}",
+                schema::postgres_ddl(config)
+            ))
+            .await
+            .map_err(PgError::query("outbox DDL"))?;
+    }
     if pg::slot_state(&client, &config.slot).await?.is_none() {
         // A slot the relay shipped from before is gone: a new one starts at the current WAL
         // position, so what was committed in between would be skipped without a replay.
