@@ -43,6 +43,9 @@ fn main() -> Result<()> {
     };
     bench.pg.create_database("bench")?;
     bench.relay(&["setup"], &[])?;
+    // BENCH_DRAIN_ONLY=1: the drain figures of each run only, printed, results.json untouched
+    // (for comparing two builds with BENCH_RELAY_BIN).
+    let drain_only = std::env::var("BENCH_DRAIN_ONLY").is_ok_and(|v| v == "1");
 
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut push = |key: String, value: f64| samples.entry(key).or_default().push(value);
@@ -65,6 +68,9 @@ fn main() -> Result<()> {
                 );
             }
         }
+        if drain_only {
+            continue;
+        }
         push(
             "clickhouse_insert_limit_events_per_s".into(),
             bench.clickhouse_limit()?,
@@ -78,6 +84,12 @@ fn main() -> Result<()> {
         .iter()
         .map(|(k, v)| (k.clone(), median(v)))
         .collect();
+    if drain_only {
+        for (k, v) in &samples {
+            println!("{k:<44} {v:?}");
+        }
+        return Ok(());
+    }
     // Peak memory: the worst run, not the median.
     for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"] {
         results.insert(key.into(), samples[key].iter().cloned().fold(0.0, f64::max));
@@ -121,7 +133,12 @@ impl Bench {
     }
 
     fn relay_command(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(&self.relay_bin);
+        // Setup with this commit's relay, whichever build runs: its schema is a superset.
+        let bin = match args.first() {
+            Some(&"setup") => harness::workspace_root().join("target/release/outbox-relay"),
+            _ => self.relay_bin.clone(),
+        };
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .env("RELAY_POSTGRES_URL", self.pg.url("bench"))
             .env("RELAY_CLICKHOUSE_URL", self.ch.url("bench"))
