@@ -23,6 +23,10 @@ pub struct Config {
     pub clickhouse_url: String,
     /// Logical replication slot (pgoutput) the relay streams from.
     pub slot: String,
+    /// `setup` creates the slot as a failover slot on PostgreSQL 17+, so that standbys with
+    /// `sync_replication_slots = on` keep a copy of it and the relay resumes there after a
+    /// failover (ignored before 17, which has no failover slots).
+    pub slot_failover: bool,
     /// Publication that publishes the outbox table's inserts.
     pub publication: String,
     /// Schema of the outbox table.
@@ -88,6 +92,7 @@ impl Default for Config {
             postgres_url: String::new(),
             clickhouse_url: String::new(),
             slot: "event_outbox_slot".into(),
+            slot_failover: true,
             publication: "event_outbox_pub".into(),
             outbox_schema: "public".into(),
             outbox_table: "event_outbox".into(),
@@ -121,6 +126,7 @@ pub const SETTINGS: &[&str] = &[
     "postgres_url",
     "clickhouse_url",
     "slot",
+    "slot_failover",
     "publication",
     "outbox_schema",
     "outbox_table",

@@ -338,8 +338,10 @@ impl<'a> Session<'a> {
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
-        let (sql, seen) = pg::connect_seen(&self.config.postgres_url).await?;
+        let primary = pg::connect_primary(&self.config.postgres_url).await?;
+        let (sql, seen, target) = (primary.client, primary.seen, primary.target);
         let start = pg::preflight(&sql, &self.config.slot).await?;
+        pg::standby_slots_trap(&sql, &self.config.slot, &primary.endpoint).await?;
         self.sink = self
             .sink
             .clone()
@@ -381,8 +383,10 @@ impl<'a> Session<'a> {
             info!(until_lsn = %until, "re-sending the rows of a failed insert in small inserts");
         }
         let feedback = Arc::new(Notify::new());
-        let mut client = self.connect(start, feedback.clone(), &seen).await?;
-        info!(slot = %self.config.slot, from_lsn = %start, "streaming");
+        let mut client = self
+            .connect(start, feedback.clone(), &target, &seen)
+            .await?;
+        info!(slot = %self.config.slot, from_lsn = %start, primary = %primary.endpoint, "streaming");
         self.metrics.replicating.store(true, Relaxed);
         self.metrics.confirmed_lsn.store(start.0, Relaxed);
         let mut stopping = *shutdown.borrow();
@@ -447,9 +451,10 @@ impl<'a> Session<'a> {
         &self,
         start: Lsn,
         feedback: Arc<Notify>,
+        target: &pgtls::Target,
         seen: &pgtls::Seen,
     ) -> Result<ReplicationClient, RelayError> {
-        let config = replication_config(self.config, start, feedback, seen)?;
+        let config = replication_config(self.config, target, start, feedback, seen);
         ReplicationClient::connect(config)
             .await
             .map_err(|source| self.replication_error(source))
@@ -1009,16 +1014,16 @@ fn replication_tls_problem(url: &str, source: &PgWireError) -> Option<String> {
     }
 }
 
-/// The replication connection's settings, from `postgres_url`; `seen` is what the session's SQL
-/// connection saw of TLS.
+/// The replication connection's settings: `target` is `postgres_url` narrowed to the primary the
+/// session's SQL connection found ([`pg::connect_primary`]); `seen` is what that connection saw
+/// of TLS.
 fn replication_config(
     config: &Config,
+    target: &pgtls::Target,
     start: Lsn,
     feedback: Arc<Notify>,
     seen: &pgtls::Seen,
-) -> Result<ReplicationConfig, RelayError> {
-    let target = pgtls::Target::parse(&config.postgres_url)
-        .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+) -> ReplicationConfig {
     let pg = &target.config;
     let host = target.host();
     let password = pg
@@ -1027,7 +1032,7 @@ fn replication_config(
         .unwrap_or_default();
     let tls = target.tls.replication(&host, seen);
     let start = pgwire_replication::Lsn::from_u64(start.0);
-    Ok(ReplicationConfig::new(
+    ReplicationConfig::new(
         host,
         pg.get_user().unwrap_or("postgres"),
         password,
@@ -1044,5 +1049,5 @@ fn replication_config(
     .with_application_name("outbox-relay")
     .with_status_interval(config.status_interval())
     .with_buffer_size(REPLICATION_BUFFER_EVENTS)
-    .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one())))
+    .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one()))
 }
