@@ -33,15 +33,28 @@ struct Setup {
 }
 
 fn skip_reason() -> Option<String> {
+    skip_reason_for(VERSION)
+}
+
+fn skip_reason_for(version: PgVersion) -> Option<String> {
     if std::env::var("RELAY_TEST_POSTGRES_URL").is_ok() {
         return Some("an external PostgreSQL cannot be failed over".into());
     }
-    PgPair::available(VERSION)
+    PgPair::available(version)
 }
 
 impl Setup {
     fn start(ch: &ClickHouseServer, keep_standby_slots_setting: bool) -> Setup {
-        let pair = PgPair::start(VERSION, keep_standby_slots_setting).expect("primary + standby");
+        Setup::start_with(VERSION, ch, keep_standby_slots_setting, &[])
+    }
+
+    fn start_with(
+        version: PgVersion,
+        ch: &ClickHouseServer,
+        keep_standby_slots_setting: bool,
+        extra_env: &[(&str, &str)],
+    ) -> Setup {
+        let pair = PgPair::start(version, keep_standby_slots_setting).expect("primary + standby");
         let db = harness::unique_name("app");
         pair.primary.create_database(&db).expect("create database");
         let ch_db = harness::unique_name("analytics");
@@ -64,6 +77,7 @@ impl Setup {
             ("RELAY_METRICS_ADDR", ""),
         ]
         .iter()
+        .chain(extra_env)
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let setup = Setup {
@@ -76,8 +90,10 @@ impl Setup {
         let out = setup.relay(&["setup"]);
         assert!(out.status.success(), "setup: {}", common::stderr(&out));
         let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let failover =
+            version.has_failover_slots() && !extra_env.contains(&("RELAY_SLOT_FAILOVER", "false"));
         assert!(
-            said.contains("is a failover slot"),
+            !failover || said.contains("is a failover slot"),
             "setup should say the slot is a failover slot and what standbys need: {said}"
         );
         setup
@@ -491,6 +507,107 @@ fn promoted_standby_waiting_for_a_missing_standby_slot_is_named() {
         )
         .expect("clear synchronized_standby_slots");
     assert_exact(&s, &ch, &HashSet::new(), &log());
+    stop_relay(relay);
+    let _ = std::fs::remove_file(&log_path);
+}
+
+#[test]
+fn a_slot_not_synced_before_the_failover_stops_the_relay_with_the_commands() {
+    // PostgreSQL 18, a slot created without failover: never synchronized to the standby.
+    slot_missing_after_failover_stops(VERSION, &[("RELAY_SLOT_FAILOVER", "false")]);
+}
+
+#[test]
+fn pg15_failover_without_recovery_stops_the_relay_with_the_commands() {
+    // PostgreSQL 15 has no failover slots.
+    slot_missing_after_failover_stops(PgVersion::V15, &[]);
+}
+
+fn slot_missing_after_failover_stops(version: PgVersion, env: &[(&str, &str)]) {
+    if let Some(why) = skip_reason_for(version) {
+        eprintln!("SKIP slot missing after a failover on {version:?}: {why}");
+        return;
+    }
+    let ch = ClickHouseServer::start().expect("start ClickHouse");
+    let mut s = Setup::start_with(version, &ch, false, env);
+    let log_path = relay_log_path();
+    let mut relay = s.spawn_relay(&log_path);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    s.pair
+        .primary
+        .psql(
+            &s.db,
+            "INSERT INTO event_outbox (event_type, event_context) VALUES ('one', '{}')",
+        )
+        .expect("insert");
+    assert!(wait_until(Duration::from_secs(60), || s.ch_count(&ch) >= 1));
+    let status = String::from_utf8_lossy(&s.relay(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("slot MISSING"),
+        "status should show the slot missing on the standby:\n{status}"
+    );
+    fail_over(&mut s, &ch, &log);
+    let exited = wait_until(Duration::from_secs(60), || {
+        relay.try_wait().ok().flatten().is_some()
+    });
+    let log = log();
+    assert!(
+        exited
+            && log.contains("which was promoted from a standby")
+            && log.contains("--recreate-slot")
+            && log.contains("failover_recovery = true"),
+        "the relay should stop, naming the unsynced slot and the commands\nrelay log:\n{log}"
+    );
+    let _ = std::fs::remove_file(&log_path);
+}
+
+#[test]
+fn pg15_failover_with_recovery_under_publishers_is_exact() {
+    let version = PgVersion::V15;
+    if let Some(why) = skip_reason_for(version) {
+        eprintln!("SKIP pg15_failover_with_recovery_under_publishers_is_exact: {why}");
+        return;
+    }
+    let ch = ClickHouseServer::start().expect("start ClickHouse");
+    let mut rng = rand::rng();
+    let mut s = Setup::start_with(version, &ch, false, &[("RELAY_FAILOVER_RECOVERY", "true")]);
+    let log_path = relay_log_path();
+    let relay = s.spawn_relay(&log_path);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let publishers = Publishers::start(4, s.url_for_publishers());
+    assert!(
+        wait_until(Duration::from_secs(60), || s.ch_count(&ch) > 0),
+        "nothing shipped before the failover\n{}",
+        log()
+    );
+    let at = publishers.acked_count() + rng.random_range(50..3_000);
+    assert!(wait_until(Duration::from_secs(60), || publishers
+        .acked_count()
+        >= at));
+    let (before, _) = fail_over(&mut s, &ch, &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || s.ch_count(&ch) > before),
+        "nothing shipped from the promoted standby within 60 s\nrelay log:\n{}",
+        log()
+    );
+    let after = publishers.acked_count() + 500;
+    assert!(
+        wait_until(Duration::from_secs(60), || publishers.acked_count()
+            >= after),
+        "publishers did not reach the new primary"
+    );
+    let acked = publishers.stop();
+    assert_exact(&s, &ch, &acked, &log());
+    let log = log();
+    assert!(
+        log.contains("failover_recovery: creating the slot"),
+        "the relay should have recovered the slot\nrelay log:\n{log}"
+    );
+    eprintln!(
+        "PostgreSQL 15 failover with failover_recovery: killed after {at} acknowledged rows, {} \
+         rows exact",
+        acked.len()
+    );
     stop_relay(relay);
     let _ = std::fs::remove_file(&log_path);
 }

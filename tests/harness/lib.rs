@@ -131,6 +131,11 @@ impl PgVersion {
             .collect()
     }
 
+    /// PostgreSQL 17+: failover slots, `sync_replication_slots`, `synchronized_standby_slots`.
+    pub fn has_failover_slots(self) -> bool {
+        self != PgVersion::V15
+    }
+
     /// Where this version's `initdb`, `postgres`, `psql` and `pg_recvlogical` are.
     pub fn bin_dir(self) -> Result<PathBuf> {
         match self {
@@ -627,8 +632,13 @@ impl PgPair {
             version,
             PgOptions {
                 conf: format!(
-                    "synchronized_standby_slots = '{STANDBY_SLOT}'\nhot_standby_feedback = on\n\
-                     synchronous_standby_names = '*'\nwal_sender_timeout = 5s\n"
+                    "{}hot_standby_feedback = on\nsynchronous_standby_names = '*'\n\
+                     wal_sender_timeout = 5s\n",
+                    if version.has_failover_slots() {
+                        format!("synchronized_standby_slots = '{STANDBY_SLOT}'\n")
+                    } else {
+                        String::new()
+                    }
                 ),
                 ..PgOptions::default()
             },
@@ -680,11 +690,14 @@ impl PgServer {
         }
         let port = free_port()?;
         let mut conf = format!(
-            "\nport = {port}\nunix_socket_directories = '{}'\nsync_replication_slots = on\n\
+            "\nport = {port}\nunix_socket_directories = '{}'\n\
              hot_standby_feedback = on\nhot_standby = on\nsynchronous_standby_names = ''\n",
             dir.0.display()
         );
-        if !keep_standby_slots_setting {
+        if primary.version.has_failover_slots() {
+            conf.push_str("sync_replication_slots = on\n");
+        }
+        if primary.version.has_failover_slots() && !keep_standby_slots_setting {
             conf.push_str("synchronized_standby_slots = ''\n");
         }
         std::fs::OpenOptions::new()

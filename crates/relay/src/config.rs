@@ -27,6 +27,10 @@ pub struct Config {
     /// `sync_replication_slots = on` keep a copy of it and the relay resumes there after a
     /// failover (ignored before 17, which has no failover slots).
     pub slot_failover: bool,
+    /// When the slot is missing on a server promoted from a standby (PostgreSQL 15/16, or a slot
+    /// that was not synced), create it there and re-ship the events committed since the last
+    /// checkpoint from the outbox table; off: stop with the commands to run.
+    pub failover_recovery: bool,
     /// Publication that publishes the outbox table's inserts.
     pub publication: String,
     /// Schema of the outbox table.
@@ -93,6 +97,7 @@ impl Default for Config {
             clickhouse_url: String::new(),
             slot: "event_outbox_slot".into(),
             slot_failover: true,
+            failover_recovery: false,
             publication: "event_outbox_pub".into(),
             outbox_schema: "public".into(),
             outbox_table: "event_outbox".into(),
@@ -127,6 +132,7 @@ pub const SETTINGS: &[&str] = &[
     "clickhouse_url",
     "slot",
     "slot_failover",
+    "failover_recovery",
     "publication",
     "outbox_schema",
     "outbox_table",

@@ -43,6 +43,11 @@ pub enum PgError {
     /// failover trap); the relay says so and retries instead of hanging silently.
     #[error("{0}")]
     Blocked(String),
+    /// The slot is missing on a server promoted from a standby: it was not synchronized before
+    /// the failover. Cured by `failover_recovery` (or an operator's `setup --recreate-slot` and
+    /// `replay`).
+    #[error("{0}")]
+    SlotNotSynced(String),
 }
 
 impl PgError {
@@ -366,7 +371,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
 pub async fn preflight(client: &Client, slot: &str) -> Result<Lsn, PgError> {
     let Some(state) = slot_state(client, slot).await? else {
         if promoted(client).await? {
-            return Err(PgError::NotReady(format!(
+            return Err(PgError::SlotNotSynced(format!(
                 "replication slot {slot:?} does not exist on this server, which was promoted \
                  from a standby (its timeline is past 1): the slot was not synchronized to it \
                  before the failover. On PostgreSQL 17+ a slot follows a failover when it was \
@@ -374,9 +379,10 @@ pub async fn preflight(client: &Client, slot: &str) -> Result<Lsn, PgError> {
                  standby has sync_replication_slots = on, hot_standby_feedback = on and dbname \
                  in primary_conninfo (`outbox-relay status` shows whether it is synced); on 15 \
                  and 16 there are no failover slots. Events committed since the relay's last \
-                 checkpoint are only in the outbox table: run `outbox-relay setup \
-                 --recreate-slot`, then the `outbox-relay replay --from-lsn ...` it prints \
-                 (docs/operations.md, \"Failover\")"
+                 checkpoint are only in the outbox table: set failover_recovery = true to have \
+                 the relay create the slot and re-ship them, or run `outbox-relay setup \
+                 --recreate-slot`, start the relay, then run the `outbox-relay replay \
+                 --from-lsn ...` setup printed (docs/operations.md, \"Failover\")"
             )));
         }
         return Err(PgError::NotReady(format!(
@@ -413,10 +419,15 @@ pub async fn preflight(client: &Client, slot: &str) -> Result<Lsn, PgError> {
     })
 }
 
-/// Whether this server was promoted from a standby at some point (its timeline is past 1).
+/// Whether this server was promoted from a standby at some point: its current timeline (the
+/// first 8 hex digits of the current WAL file's name, right from the promotion on) is past 1.
 pub async fn promoted(client: &Client) -> Result<bool, PgError> {
     client
-        .query_one("SELECT timeline_id > 1 FROM pg_control_checkpoint()", &[])
+        .query_one(
+            "SELECT NOT pg_is_in_recovery() AND
+                    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int > 1",
+            &[],
+        )
         .await
         .map(|row| row.get(0))
         .map_err(PgError::query("timeline query"))

@@ -101,7 +101,9 @@ impl RelayError {
     /// Whether waiting and reconnecting can cure this error.
     pub fn is_transient(&self) -> bool {
         match self {
-            RelayError::Postgres(PgError::NotReady(_) | PgError::Tls { .. }) => false,
+            RelayError::Postgres(
+                PgError::NotReady(_) | PgError::Tls { .. } | PgError::SlotNotSynced(_),
+            ) => false,
             RelayError::Postgres(_) => true,
             RelayError::Replication { source, .. } => !matches!(source, PgWireError::Auth(_)),
             RelayError::ClickHouse(SinkError::Table { .. }) => false,
@@ -173,6 +175,11 @@ impl Relay {
                 }) if replay::is_unpublished_window(&message) => {
                     self.skip_unpublished_window(&message).await
                 }
+                Err(RelayError::Postgres(PgError::SlotNotSynced(why)))
+                    if self.config.failover_recovery =>
+                {
+                    self.recover_lost_slot(&why).await
+                }
                 other => other,
             };
             match result {
@@ -211,6 +218,22 @@ impl Relay {
              the slot was moved past it to {to}, and the next session re-ships the outbox's \
              events committed since the last checkpoint before it",
             self.config.publication
+        )))
+    }
+}
+
+impl Relay {
+    /// `failover_recovery`: the slot is missing on a promoted server. Creates it there behind a
+    /// marker checkpoint; the next session re-ships the events committed since the last
+    /// checkpoint from the outbox ([`replay::recover_lost_slot`]).
+    async fn recover_lost_slot(&self, why: &str) -> Result<(), RelayError> {
+        warn!(reason = %why, "failover_recovery: creating the slot on the promoted server");
+        let at = replay::recover_lost_slot(&self.config).await?;
+        Err(RelayError::Uncovered(format!(
+            "failover_recovery: slot {:?} created on the promoted server at {at}; the next \
+             session re-ships, from the outbox table, the events committed since the last \
+             checkpoint that ClickHouse lacks",
+            self.config.slot
         )))
     }
 }
