@@ -54,7 +54,9 @@ impl Setup {
         keep_standby_slots_setting: bool,
         extra_env: &[(&str, &str)],
     ) -> Setup {
-        let pair = PgPair::start(version, keep_standby_slots_setting).expect("primary + standby");
+        let dbname = !extra_env.contains(&("NO_DBNAME_IN_PRIMARY_CONNINFO", "1"));
+        let pair = PgPair::start_opts(version, keep_standby_slots_setting, dbname)
+            .expect("primary + standby");
         let db = harness::unique_name("app");
         pair.primary.create_database(&db).expect("create database");
         let ch_db = harness::unique_name("analytics");
@@ -610,4 +612,34 @@ fn pg15_failover_with_recovery_under_publishers_is_exact() {
     );
     stop_relay(relay);
     let _ = std::fs::remove_file(&log_path);
+}
+
+#[test]
+fn status_names_a_standby_without_dbname_in_primary_conninfo() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP status_names_a_standby_without_dbname_in_primary_conninfo: {why}");
+        return;
+    }
+    let ch = ClickHouseServer::start().expect("start ClickHouse");
+    let s = Setup::start_with(
+        VERSION,
+        &ch,
+        false,
+        &[("NO_DBNAME_IN_PRIMARY_CONNINFO", "1")],
+    );
+    let out = s.relay(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", common::stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(status["failover"], true, "{status:#}");
+    let standby = &status["standbys"][0];
+    assert_eq!(
+        standby["host"],
+        format!("127.0.0.1:{}", s.pair.standby.port())
+    );
+    assert_eq!(standby["in_recovery"], true, "{status:#}");
+    let problems = standby["problems"].to_string();
+    assert!(
+        problems.contains("primary_conninfo has no dbname"),
+        "status should name the missing dbname: {status:#}"
+    );
 }

@@ -624,6 +624,16 @@ pub const STANDBY_SLOT: &str = "relay_test_standby";
 impl PgPair {
     /// Starts the primary, then the standby from its base backup.
     pub fn start(version: PgVersion, keep_standby_slots_setting: bool) -> Result<PgPair> {
+        Self::start_opts(version, keep_standby_slots_setting, true)
+    }
+
+    /// [`PgPair::start`]; without `dbname_in_conninfo` the standby's primary_conninfo lacks
+    /// `dbname` (a trap: slot sync cannot work).
+    pub fn start_opts(
+        version: PgVersion,
+        keep_standby_slots_setting: bool,
+        dbname_in_conninfo: bool,
+    ) -> Result<PgPair> {
         let bin = version.bin_dir()?;
         if !bin.join("pg_basebackup").exists() {
             bail!("pg_basebackup is missing in {}", bin.display());
@@ -647,7 +657,8 @@ impl PgPair {
             "postgres",
             &format!("SELECT pg_create_physical_replication_slot('{STANDBY_SLOT}', true)"),
         )?;
-        let standby = PgServer::standby_of(&primary, keep_standby_slots_setting)?;
+        let standby =
+            PgServer::standby_of(&primary, keep_standby_slots_setting, dbname_in_conninfo)?;
         Ok(PgPair { primary, standby })
     }
 
@@ -663,7 +674,11 @@ impl PgPair {
 
 impl PgServer {
     /// A streaming standby of `primary` from `pg_basebackup -R -X stream -S STANDBY_SLOT`.
-    fn standby_of(primary: &PgServer, keep_standby_slots_setting: bool) -> Result<PgServer> {
+    fn standby_of(
+        primary: &PgServer,
+        keep_standby_slots_setting: bool,
+        dbname_in_conninfo: bool,
+    ) -> Result<PgServer> {
         primary.local_only("make a standby of")?;
         let dir = TempDir::new("relay_pg_standby")?;
         if let Some((uid, gid)) = primary.run_as {
@@ -675,8 +690,13 @@ impl PgServer {
         backup
             .args(["-R", "-X", "stream", "-S", STANDBY_SLOT, "--no-sync", "-d"])
             .arg(format!(
-                "host=127.0.0.1 port={} user=postgres dbname=postgres",
-                primary.port
+                "host=127.0.0.1 port={} user=postgres{}",
+                primary.port,
+                if dbname_in_conninfo {
+                    " dbname=postgres"
+                } else {
+                    ""
+                }
             ))
             .arg("-D")
             .arg(&data)
