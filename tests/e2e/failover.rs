@@ -117,13 +117,15 @@ impl Setup {
         self.command(args).output().expect("run outbox-relay")
     }
 
-    fn spawn_relay(&self, log: &std::path::Path) -> Child {
+    fn spawn_relay(&self, log: &std::path::Path) -> Relay {
         let file = std::fs::File::create(log).expect("relay log");
-        self.command(&["run"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn outbox-relay run")
+        Relay(
+            self.command(&["run"])
+                .stdout(Stdio::null())
+                .stderr(file)
+                .spawn()
+                .expect("spawn outbox-relay run"),
+        )
     }
 
     /// Waits until the standby holds the slot synchronized (and persistent), as `status` shows.
@@ -287,11 +289,28 @@ async fn publish(
     }
 }
 
-fn stop_relay(mut child: Child) {
+/// The relay child process, killed by pid when dropped (also when a test panics).
+struct Relay(Child);
+
+impl Relay {
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.0.try_wait()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGTERM, then waits for the exit.
+fn stop_relay(mut relay: Relay) {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &relay.0.id().to_string()])
         .status();
-    let _ = child.wait();
+    let _ = relay.0.wait();
 }
 
 fn relay_log_path() -> std::path::PathBuf {
