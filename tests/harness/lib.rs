@@ -131,6 +131,11 @@ impl PgVersion {
             .collect()
     }
 
+    /// PostgreSQL 17+: failover slots, `sync_replication_slots`, `synchronized_standby_slots`.
+    pub fn has_failover_slots(self) -> bool {
+        self != PgVersion::V15
+    }
+
     /// Where this version's `initdb`, `postgres`, `psql` and `pg_recvlogical` are.
     pub fn bin_dir(self) -> Result<PathBuf> {
         match self {
@@ -597,6 +602,160 @@ impl PgServer {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// A primary and a streaming standby (PostgreSQL 17+ failover-slot setup, as docs/operations.md
+/// "Failover" describes): the primary has a physical slot for the standby and names it in
+/// `synchronized_standby_slots`; the standby is a `pg_basebackup -R -X stream -S` copy with
+/// `dbname` in its primary_conninfo, `sync_replication_slots = on` and
+/// `hot_standby_feedback = on`, and (unless `keep_standby_slots_setting`) its own
+/// `synchronized_standby_slots` cleared so that, promoted, it does not wait for a slot it lacks.
+/// Replication is synchronous (`synchronous_standby_names = '*'` on the primary only), so a
+/// commit the primary acknowledged survives its kill. Both stop by pid when dropped.
+pub struct PgPair {
+    pub primary: PgServer,
+    pub standby: PgServer,
+}
+
+/// The physical slot of [`PgPair`]'s standby on the primary.
+pub const STANDBY_SLOT: &str = "relay_test_standby";
+
+impl PgPair {
+    /// Starts the primary, then the standby from its base backup.
+    pub fn start(version: PgVersion, keep_standby_slots_setting: bool) -> Result<PgPair> {
+        Self::start_opts(version, keep_standby_slots_setting, true)
+    }
+
+    /// [`PgPair::start`]; without `dbname_in_conninfo` the standby's primary_conninfo lacks
+    /// `dbname` (a trap: slot sync cannot work).
+    pub fn start_opts(
+        version: PgVersion,
+        keep_standby_slots_setting: bool,
+        dbname_in_conninfo: bool,
+    ) -> Result<PgPair> {
+        let bin = version.bin_dir()?;
+        if !bin.join("pg_basebackup").exists() {
+            bail!("pg_basebackup is missing in {}", bin.display());
+        }
+        let primary = PgServer::start_with(
+            version,
+            PgOptions {
+                conf: format!(
+                    "{}hot_standby_feedback = on\nsynchronous_standby_names = '*'\n\
+                     wal_sender_timeout = 5s\n",
+                    if version.has_failover_slots() {
+                        format!("synchronized_standby_slots = '{STANDBY_SLOT}'\n")
+                    } else {
+                        String::new()
+                    }
+                ),
+                ..PgOptions::default()
+            },
+        )?;
+        primary.psql(
+            "postgres",
+            &format!("SELECT pg_create_physical_replication_slot('{STANDBY_SLOT}', true)"),
+        )?;
+        let standby =
+            PgServer::standby_of(&primary, keep_standby_slots_setting, dbname_in_conninfo)?;
+        Ok(PgPair { primary, standby })
+    }
+
+    /// Whether `pg_basebackup` is there for `version` (tests skip with a message when not).
+    pub fn available(version: PgVersion) -> Option<String> {
+        match version.bin_dir() {
+            Ok(bin) if bin.join("pg_basebackup").exists() => None,
+            Ok(bin) => Some(format!("pg_basebackup is missing in {}", bin.display())),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+}
+
+impl PgServer {
+    /// A streaming standby of `primary` from `pg_basebackup -R -X stream -S STANDBY_SLOT`.
+    fn standby_of(
+        primary: &PgServer,
+        keep_standby_slots_setting: bool,
+        dbname_in_conninfo: bool,
+    ) -> Result<PgServer> {
+        primary.local_only("make a standby of")?;
+        let dir = TempDir::new("relay_pg_standby")?;
+        if let Some((uid, gid)) = primary.run_as {
+            std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid))?;
+        }
+        let data = dir.0.join("data");
+        let log = dir.0.join("postgres.log");
+        let mut backup = Command::new(primary.bin.join("pg_basebackup"));
+        backup
+            .args(["-R", "-X", "stream", "-S", STANDBY_SLOT, "--no-sync", "-d"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres{}",
+                primary.port,
+                if dbname_in_conninfo {
+                    " dbname=postgres"
+                } else {
+                    ""
+                }
+            ))
+            .arg("-D")
+            .arg(&data)
+            .stdout(Stdio::null());
+        let out = as_user(&mut backup, primary.run_as).output()?;
+        if !out.status.success() {
+            bail!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let port = free_port()?;
+        let mut conf = format!(
+            "\nport = {port}\nunix_socket_directories = '{}'\n\
+             hot_standby_feedback = on\nhot_standby = on\nsynchronous_standby_names = ''\n",
+            dir.0.display()
+        );
+        if primary.version.has_failover_slots() {
+            conf.push_str("sync_replication_slots = on\n");
+        }
+        if primary.version.has_failover_slots() && !keep_standby_slots_setting {
+            conf.push_str("synchronized_standby_slots = ''\n");
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.auto.conf"))?
+            .write_all_str(&conf)?;
+        let mut server = PgServer {
+            external: None,
+            version: primary.version,
+            bin: primary.bin.clone(),
+            port,
+            data,
+            log,
+            run_as: primary.run_as,
+            child: None,
+            _dir: dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Promotes a standby (`pg_promote()`, which waits until it is done).
+    pub fn promote(&self) -> Result<()> {
+        let out = self.psql("postgres", "SELECT pg_promote(true, 60)")?;
+        if out.trim() != "t" {
+            bail!("pg_promote() returned {out:?}:\n{}", tail(&self.log));
+        }
+        Ok(())
+    }
+
+    /// Whether the server is in recovery (a standby).
+    pub fn in_recovery(&self) -> Result<bool> {
+        Ok(self.psql("postgres", "SELECT pg_is_in_recovery()")?.trim() == "t")
+    }
+
+    /// The tail of the server's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log)
     }
 }
 

@@ -181,6 +181,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
                      outbox-relay replay --from-lsn {from}"
                 );
             }
+            if let Some(note) = &report.failover_note {
+                println!("Failover: {note}");
+            }
             tracing::info!(
                 outbox = %format!("{}.{}", config.outbox_schema, config.outbox_table),
                 publication = %config.publication,
@@ -423,6 +426,7 @@ async fn wait_for_signal() {
 
 fn print_status(s: &relay::status::Status) {
     let dash = || "-".to_string();
+    println!("primary              {}", s.primary);
     println!("slot                 {}", s.slot);
     match &s.state {
         None => println!("exists               no (run `outbox-relay setup`)"),
@@ -457,6 +461,10 @@ fn print_status(s: &relay::status::Status) {
                 "wal_status           {}",
                 st.wal_status.clone().unwrap_or_else(dash)
             );
+            println!(
+                "failover             {}",
+                st.failover.map(|v| v.to_string()).unwrap_or_else(dash)
+            );
         }
     }
     println!("caught_up            {}", s.caught_up);
@@ -482,6 +490,27 @@ fn print_status(s: &relay::status::Status) {
     match &s.clickhouse_error {
         None => println!("clickhouse           reachable"),
         Some(e) => println!("clickhouse           UNREACHABLE: {e}"),
+    }
+    for sb in &s.standbys {
+        match &sb.error {
+            Some(e) => println!("standby {}  UNREACHABLE: {e}", sb.host),
+            None => println!(
+                "standby {}  slot {}, synced {}, behind {} bytes{}",
+                sb.host,
+                if sb.slot_exists == Some(true) {
+                    "present"
+                } else {
+                    "MISSING"
+                },
+                sb.synced.map(|v| v.to_string()).unwrap_or_else(dash),
+                sb.behind_bytes.map(|v| v.to_string()).unwrap_or_else(dash),
+                if sb.problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", sb.problems.join("; "))
+                }
+            ),
+        }
     }
 }
 

@@ -23,6 +23,14 @@ pub struct Config {
     pub clickhouse_url: String,
     /// Logical replication slot (pgoutput) the relay streams from.
     pub slot: String,
+    /// `setup` creates the slot as a failover slot on PostgreSQL 17+, so that standbys with
+    /// `sync_replication_slots = on` keep a copy of it and the relay resumes there after a
+    /// failover (ignored before 17, which has no failover slots).
+    pub slot_failover: bool,
+    /// When the slot is missing on a server promoted from a standby (PostgreSQL 15/16, or a slot
+    /// that was not synced), create it there and re-ship the events committed since the last
+    /// checkpoint from the outbox table; off: stop with the commands to run.
+    pub failover_recovery: bool,
     /// Publication that publishes the outbox table's inserts.
     pub publication: String,
     /// Schema of the outbox table.
@@ -91,6 +99,8 @@ impl Default for Config {
             postgres_url: String::new(),
             clickhouse_url: String::new(),
             slot: "event_outbox_slot".into(),
+            slot_failover: true,
+            failover_recovery: false,
             publication: "event_outbox_pub".into(),
             outbox_schema: "public".into(),
             outbox_table: "event_outbox".into(),
@@ -125,6 +135,8 @@ pub const SETTINGS: &[&str] = &[
     "postgres_url",
     "clickhouse_url",
     "slot",
+    "slot_failover",
+    "failover_recovery",
     "publication",
     "outbox_schema",
     "outbox_table",

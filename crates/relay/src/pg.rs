@@ -35,6 +35,19 @@ pub enum PgError {
     /// The slot is held by another connection; retrying does help.
     #[error("{0}")]
     SlotBusy(String),
+    /// None of the hosts of a multi-host `postgres_url` is a primary that answers (a failover
+    /// in progress); retrying does help.
+    #[error("{0}")]
+    NoPrimary(String),
+    /// The server would hold logical decoding back until an operator fixes a setting (a
+    /// failover trap); the relay says so and retries instead of hanging silently.
+    #[error("{0}")]
+    Blocked(String),
+    /// The slot is missing on a server promoted from a standby: it was not synchronized before
+    /// the failover. Cured by `failover_recovery` (or an operator's `setup --recreate-slot` and
+    /// `replay`).
+    #[error("{0}")]
+    SlotNotSynced(String),
 }
 
 /// The server's own words for an error it sent (message, SQLSTATE, detail, hint), which
@@ -77,23 +90,107 @@ pub fn describe(url: &str) -> String {
 }
 
 fn describe_config(config: &tokio_postgres::Config) -> String {
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{}:{port}/{}",
-        pgtls::host_of(config),
-        config.get_dbname().unwrap_or("?")
-    )
+    let ports = config.get_ports();
+    let hosts: Vec<String> = (0..config.get_hosts().len().max(1))
+        .map(|i| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            let host = match config.get_hosts().get(i) {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => "localhost".into(),
+            };
+            format!("{host}:{port}")
+        })
+        .collect();
+    format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or("?"))
 }
 
-/// Opens a SQL connection; its driver runs on a spawned task.
+/// Opens a SQL connection to the primary; its driver runs on a spawned task.
 pub async fn connect(url: &str) -> Result<Client, PgError> {
-    connect_seen(url).await.map(|(client, _)| client)
+    connect_primary(url).await.map(|p| p.client)
+}
+
+/// A SQL connection to the current primary, what its TLS handshake saw, and `postgres_url`
+/// narrowed to that host (for the replication connection, which must go to the same server).
+pub struct Primary {
+    pub client: Client,
+    pub seen: Seen,
+    pub target: Target,
+    /// `host:port` of the primary.
+    pub endpoint: String,
+}
+
+/// Opens a SQL connection to the primary. With one host, to that host. With several (a primary
+/// and its standbys: `postgres://h1:5432,h2:5432/db`), to the first, in order, that accepts the
+/// connection and is not in recovery (`pg_is_in_recovery()`), so that after a failover the
+/// relay follows the promoted standby. `target_session_attrs` is not needed (the check is
+/// always made).
+pub async fn connect_primary(url: &str) -> Result<Primary, PgError> {
+    let target = Target::parse(url).map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+    if !target.is_multi_host() {
+        let (client, seen) = connect_target(&target).await?;
+        let endpoint = target.endpoint(0);
+        return Ok(Primary {
+            client,
+            seen,
+            target,
+            endpoint,
+        });
+    }
+    let mut tried = Vec::new();
+    let mut permanent = None;
+    for i in 0..target.host_count() {
+        let one = target.only(i);
+        let endpoint = target.endpoint(i);
+        match connect_target(&one).await {
+            Ok((client, seen)) => match in_recovery(&client).await {
+                Ok(false) => {
+                    return Ok(Primary {
+                        client,
+                        seen,
+                        target: one,
+                        endpoint,
+                    });
+                }
+                Ok(true) => tried.push(format!("{endpoint} is a standby (in recovery)")),
+                Err(e) => tried.push(format!("{endpoint}: {e}")),
+            },
+            Err(e @ (PgError::Tls { .. } | PgError::NotReady(_))) => {
+                tried.push(format!("{endpoint}: {e}"));
+                permanent.get_or_insert(e);
+            }
+            Err(e) => tried.push(format!("{endpoint}: {e}")),
+        }
+    }
+    if let Some(e) = permanent {
+        return Err(e);
+    }
+    Err(PgError::NoPrimary(format!(
+        "no host of postgres_url is a primary that accepts connections ({}): during a failover \
+         this lasts until a standby is promoted, and the relay retries; if it lasts, promote a \
+         standby or check the hosts listed in postgres_url",
+        tried.join("; ")
+    )))
+}
+
+async fn in_recovery(client: &Client) -> Result<bool, PgError> {
+    client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map(|row| row.get(0))
+        .map_err(PgError::query("recovery check"))
+}
+
+/// Opens a SQL connection to the first host of `postgres_url` only (primary or not): `status`
+/// uses it to look at each standby.
+pub async fn connect_host(target: &Target) -> Result<Client, PgError> {
+    connect_target(target).await.map(|(client, _)| client)
 }
 
 /// Opens a SQL connection with the TLS of `postgres_url`'s sslmode (libpq's meaning) and says
 /// what its handshake saw.
-pub async fn connect_seen(url: &str) -> Result<(Client, Seen), PgError> {
-    let target = Target::parse(url).map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+async fn connect_target(target: &Target) -> Result<(Client, Seen), PgError> {
+    let target = target.clone();
     let attempt = |mode| attempt(&target, mode);
     let mode = if pgtls::is_unix_socket(&target.host()) {
         SslMode::Disable
@@ -246,6 +343,11 @@ pub struct SlotState {
     pub lag_bytes: Option<i64>,
     pub retained_wal_bytes: Option<i64>,
     pub wal_status: Option<String>,
+    /// PostgreSQL 17+: a failover slot (synchronized to standbys with `sync_replication_slots`).
+    pub failover: Option<bool>,
+    /// PostgreSQL 17+: the slot was synchronized from a primary (on a standby, or on a standby
+    /// promoted since).
+    pub synced: Option<bool>,
 }
 
 impl SlotState {
@@ -259,11 +361,16 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     let row = client
         .query_opt(
             "SELECT slot_name::text, plugin::text, slot_type, database::text, active, active_pid,
-                    confirmed_flush_lsn::text, restart_lsn::text, pg_current_wal_lsn()::text,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
-                    wal_status
-               FROM pg_replication_slots WHERE slot_name = $1",
+                    confirmed_flush_lsn::text, restart_lsn::text, w.lsn::text,
+                    pg_wal_lsn_diff(w.lsn, confirmed_flush_lsn)::bigint,
+                    pg_wal_lsn_diff(w.lsn, restart_lsn)::bigint,
+                    wal_status,
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool
+               FROM pg_replication_slots s,
+                    -- On a standby (status looks at them), the WAL it has replayed.
+                    LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                                         ELSE pg_current_wal_lsn() END AS lsn) w
+              WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -281,19 +388,36 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         lag_bytes: r.get(9),
         retained_wal_bytes: r.get(10),
         wal_status: r.get(11),
+        failover: r.get(12),
+        synced: r.get(13),
     }))
 }
 
 /// Checks that the slot exists, decodes with pgoutput, is not lost and is free; returns the
 /// position streaming resumes from.
 pub async fn preflight(client: &Client, slot: &str) -> Result<Lsn, PgError> {
-    let state = slot_state(client, slot).await?.ok_or_else(|| {
-        PgError::NotReady(format!(
+    let Some(state) = slot_state(client, slot).await? else {
+        if promoted(client).await? {
+            return Err(PgError::SlotNotSynced(format!(
+                "replication slot {slot:?} does not exist on this server, which was promoted \
+                 from a standby (its timeline is past 1): the slot was not synchronized to it \
+                 before the failover. On PostgreSQL 17+ a slot follows a failover when it was \
+                 created with failover (slot_failover = true, `outbox-relay setup`) and the \
+                 standby has sync_replication_slots = on, hot_standby_feedback = on and dbname \
+                 in primary_conninfo (`outbox-relay status` shows whether it is synced); on 15 \
+                 and 16 there are no failover slots. Events committed since the relay's last \
+                 checkpoint are only in the outbox table: set failover_recovery = true to have \
+                 the relay create the slot and re-ship them, or run `outbox-relay setup \
+                 --recreate-slot`, start the relay, then run the `outbox-relay replay \
+                 --from-lsn ...` setup printed (docs/operations.md, \"Failover\")"
+            )));
+        }
+        return Err(PgError::NotReady(format!(
             "replication slot {slot:?} does not exist: run `outbox-relay setup` to create it \
              (if it existed before, it was dropped and events committed since are only in the \
              outbox table: see docs/operations.md, \"Lost slot\")"
-        ))
-    })?;
+        )));
+    };
     if state.plugin.as_deref() != Some("pgoutput") {
         return Err(PgError::NotReady(format!(
             "replication slot {slot:?} uses plugin {:?}, not pgoutput: drop it or set RELAY_SLOT \
@@ -320,6 +444,62 @@ pub async fn preflight(client: &Client, slot: &str) -> Result<Lsn, PgError> {
             "replication slot {slot:?} has no confirmed_flush_lsn"
         ))
     })
+}
+
+/// Whether this server was promoted from a standby at some point: its current timeline (the
+/// first 8 hex digits of the current WAL file's name, right from the promotion on) is past 1.
+pub async fn promoted(client: &Client) -> Result<bool, PgError> {
+    client
+        .query_one(
+            "SELECT NOT pg_is_in_recovery() AND
+                    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int > 1",
+            &[],
+        )
+        .await
+        .map(|row| row.get(0))
+        .map_err(PgError::query("timeline query"))
+}
+
+/// The failover trap of PostgreSQL 17+: `synchronized_standby_slots` (copied to a standby by
+/// pg_basebackup) names physical slots that do not exist on this server, typically a standby
+/// just promoted. PostgreSQL then holds back the decoding of failover slots, waiting, without an
+/// error to the client: say so instead of hanging.
+pub async fn standby_slots_trap(
+    client: &Client,
+    slot: &str,
+    endpoint: &str,
+) -> Result<(), PgError> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN bool_or(slot_name = $1 AND (to_jsonb(s) ->> 'failover')::bool)
+                         THEN coalesce(current_setting('synchronized_standby_slots', true), '')
+                         ELSE '' END,
+                    coalesce(array_agg(slot_name::text) FILTER (WHERE slot_type = 'physical'),
+                             '{}')
+               FROM pg_replication_slots s",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::query("synchronized_standby_slots check"))?;
+    let (setting, physical): (String, Vec<String>) = (row.get(0), row.get(1));
+    let missing: Vec<&str> = setting
+        .split(',')
+        .map(|s| s.trim().trim_matches('"'))
+        .filter(|s| !s.is_empty() && !physical.iter().any(|p| p == s))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(PgError::Blocked(format!(
+        "synchronized_standby_slots on the primary {endpoint} names physical slot(s) {} that do \
+         not exist there, so PostgreSQL holds back the decoding of failover slot {slot:?} (typical right after a \
+         failover: pg_basebackup copied the old primary's setting to the standby). Either create \
+         them for this server's standbys (SELECT pg_create_physical_replication_slot('{}')) or \
+         clear the setting on it: ALTER SYSTEM SET synchronized_standby_slots = ''; SELECT \
+         pg_reload_conf(); the relay retries",
+        missing.join(", "),
+        missing[0]
+    )))
 }
 
 /// The identity of the outbox the relay streams, stored in ClickHouse's `source` column:

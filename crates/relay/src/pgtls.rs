@@ -184,7 +184,87 @@ impl Target {
     pub fn host(&self) -> String {
         host_of(&self.config)
     }
+
+    /// Whether `postgres_url` lists several hosts (a primary and its standbys).
+    pub fn is_multi_host(&self) -> bool {
+        self.config.get_hosts().len() > 1
+    }
+
+    /// How many hosts `postgres_url` lists (at least one: `localhost` by default).
+    pub fn host_count(&self) -> usize {
+        self.config.get_hosts().len().max(1)
+    }
+
+    /// `host:port` of the `i`th host, for messages.
+    pub fn endpoint(&self, i: usize) -> String {
+        let only = self.only(i);
+        let port = only.config.get_ports().first().copied().unwrap_or(5432);
+        format!("{}:{port}", only.host())
+    }
+
+    /// This target narrowed to its `i`th host (with that host's port and hostaddr, libpq's
+    /// pairing: one port for all hosts or one per host). Every other setting is kept but
+    /// `target_session_attrs`: the relay finds the primary itself ([`crate::pg::connect`]).
+    pub fn only(&self, i: usize) -> Target {
+        let from = &self.config;
+        if from.get_hosts().len() <= 1 {
+            return self.clone();
+        }
+        let mut to = tokio_postgres::Config::new();
+        match &from.get_hosts()[i.min(from.get_hosts().len() - 1)] {
+            tokio_postgres::config::Host::Tcp(h) => to.host(h.as_str()),
+            tokio_postgres::config::Host::Unix(p) => to.host_path(p),
+        };
+        if let Some(addr) = from.get_hostaddrs().get(i) {
+            to.hostaddr(*addr);
+        }
+        let ports = from.get_ports();
+        if let Some(port) = ports.get(i).or(ports.first()) {
+            to.port(*port);
+        }
+        if let Some(user) = from.get_user() {
+            to.user(user);
+        }
+        if let Some(password) = from.get_password() {
+            to.password(password);
+        }
+        if let Some(dbname) = from.get_dbname() {
+            to.dbname(dbname);
+        }
+        if let Some(options) = from.get_options() {
+            to.options(options);
+        }
+        if let Some(name) = from.get_application_name() {
+            to.application_name(name);
+        }
+        // A host that is down may not refuse at once (a dead machine): bound each attempt.
+        to.connect_timeout(
+            from.get_connect_timeout()
+                .copied()
+                .unwrap_or(MULTI_HOST_CONNECT_TIMEOUT),
+        );
+        if let Some(t) = from.get_tcp_user_timeout() {
+            to.tcp_user_timeout(*t);
+        }
+        to.keepalives(from.get_keepalives())
+            .keepalives_idle(from.get_keepalives_idle());
+        if let Some(t) = from.get_keepalives_interval() {
+            to.keepalives_interval(t);
+        }
+        if let Some(n) = from.get_keepalives_retries() {
+            to.keepalives_retries(n);
+        }
+        to.ssl_mode(from.get_ssl_mode())
+            .channel_binding(from.get_channel_binding());
+        Target {
+            config: to,
+            tls: self.tls.clone(),
+        }
+    }
 }
+
+/// Connect timeout per host of a multi-host `postgres_url` that sets none (`connect_timeout`).
+pub const MULTI_HOST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The first host of `config` (`localhost` when none is given).
 pub fn host_of(config: &tokio_postgres::Config) -> String {
@@ -868,6 +948,42 @@ mod tests {
 
     fn params(url: &str) -> (String, TlsParams) {
         split(url).unwrap()
+    }
+
+    #[test]
+    fn a_multi_host_url_narrows_to_each_host_with_its_port() {
+        let t = Target::parse(
+            "postgres://relay:pw@db1:5433,db2:5434/app?application_name=x&sslmode=disable\
+             &target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert!(t.is_multi_host());
+        assert_eq!(
+            (t.endpoint(0), t.endpoint(1)),
+            ("db1:5433".into(), "db2:5434".into())
+        );
+        let second = t.only(1);
+        assert!(!second.is_multi_host());
+        assert_eq!(second.host(), "db2");
+        assert_eq!(second.config.get_ports(), &[5434]);
+        assert_eq!(second.config.get_user(), Some("relay"));
+        assert_eq!(second.config.get_password(), Some(&b"pw"[..]));
+        assert_eq!(second.config.get_dbname(), Some("app"));
+        assert_eq!(second.config.get_application_name(), Some("x"));
+        assert_eq!(
+            second.config.get_connect_timeout(),
+            Some(&MULTI_HOST_CONNECT_TIMEOUT)
+        );
+        // One port for all hosts (libpq), key=value form.
+        let t = Target::parse("host=a,b port=6000 dbname=app user=u").unwrap();
+        assert_eq!(
+            (t.endpoint(0), t.endpoint(1)),
+            ("a:6000".into(), "b:6000".into())
+        );
+        assert_eq!(
+            crate::pg::describe("host=a,b port=6000 dbname=app"),
+            "a:6000,b:6000/app"
+        );
     }
 
     #[test]

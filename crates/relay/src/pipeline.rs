@@ -101,7 +101,9 @@ impl RelayError {
     /// Whether waiting and reconnecting can cure this error.
     pub fn is_transient(&self) -> bool {
         match self {
-            RelayError::Postgres(PgError::NotReady(_) | PgError::Tls { .. }) => false,
+            RelayError::Postgres(
+                PgError::NotReady(_) | PgError::Tls { .. } | PgError::SlotNotSynced(_),
+            ) => false,
             RelayError::Postgres(_) => true,
             RelayError::Replication { source, .. } => !matches!(source, PgWireError::Auth(_)),
             RelayError::ClickHouse(SinkError::Table { .. }) => false,
@@ -173,6 +175,11 @@ impl Relay {
                 }) if replay::is_unpublished_window(&message) => {
                     self.skip_unpublished_window(&message).await
                 }
+                Err(RelayError::Postgres(PgError::SlotNotSynced(why)))
+                    if self.config.failover_recovery =>
+                {
+                    self.recover_lost_slot(&why).await
+                }
                 other => other,
             };
             match result {
@@ -213,6 +220,22 @@ impl Relay {
              the slot was moved past it to {to}, and the next session re-ships the outbox's \
              events committed since the last checkpoint before it",
             self.config.publication
+        )))
+    }
+}
+
+impl Relay {
+    /// `failover_recovery`: the slot is missing on a promoted server. Creates it there behind a
+    /// marker checkpoint; the next session re-ships the events committed since the last
+    /// checkpoint from the outbox ([`replay::recover_lost_slot`]).
+    async fn recover_lost_slot(&self, why: &str) -> Result<(), RelayError> {
+        warn!(reason = %why, "failover_recovery: creating the slot on the promoted server");
+        let at = replay::recover_lost_slot(&self.config).await?;
+        Err(RelayError::Uncovered(format!(
+            "failover_recovery: slot {:?} created on the promoted server at {at}; the next \
+             session re-ships, from the outbox table, the events committed since the last \
+             checkpoint that ClickHouse lacks",
+            self.config.slot
         )))
     }
 }
@@ -340,8 +363,10 @@ impl<'a> Session<'a> {
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
-        let (sql, seen) = pg::connect_seen(&self.config.postgres_url).await?;
+        let primary = pg::connect_primary(&self.config.postgres_url).await?;
+        let (sql, seen, target) = (primary.client, primary.seen, primary.target);
         let start = pg::preflight(&sql, &self.config.slot).await?;
+        pg::standby_slots_trap(&sql, &self.config.slot, &primary.endpoint).await?;
         self.sink = self
             .sink
             .clone()
@@ -398,8 +423,10 @@ impl<'a> Session<'a> {
             info!(until_lsn = %until, "re-sending the rows of a failed insert in small inserts");
         }
         let feedback = Arc::new(Notify::new());
-        let mut client = self.connect(start, feedback.clone(), &seen).await?;
-        info!(slot = %self.config.slot, from_lsn = %start, "streaming");
+        let mut client = self
+            .connect(start, feedback.clone(), &target, &seen)
+            .await?;
+        info!(slot = %self.config.slot, from_lsn = %start, primary = %primary.endpoint, "streaming");
         self.metrics.replicating.store(true, Relaxed);
         self.metrics.confirmed_lsn.store(start.0, Relaxed);
         let mut stopping = *shutdown.borrow();
@@ -464,9 +491,10 @@ impl<'a> Session<'a> {
         &self,
         start: Lsn,
         feedback: Arc<Notify>,
+        target: &pgtls::Target,
         seen: &pgtls::Seen,
     ) -> Result<ReplicationClient, RelayError> {
-        let config = replication_config(self.config, start, feedback, seen)?;
+        let config = replication_config(self.config, target, start, feedback, seen);
         ReplicationClient::connect(config)
             .await
             .map_err(|source| self.replication_error(source))
@@ -1036,16 +1064,16 @@ fn replication_tls_problem(url: &str, source: &PgWireError) -> Option<String> {
     }
 }
 
-/// The replication connection's settings, from `postgres_url`; `seen` is what the session's SQL
-/// connection saw of TLS.
+/// The replication connection's settings: `target` is `postgres_url` narrowed to the primary the
+/// session's SQL connection found ([`pg::connect_primary`]); `seen` is what that connection saw
+/// of TLS.
 fn replication_config(
     config: &Config,
+    target: &pgtls::Target,
     start: Lsn,
     feedback: Arc<Notify>,
     seen: &pgtls::Seen,
-) -> Result<ReplicationConfig, RelayError> {
-    let target = pgtls::Target::parse(&config.postgres_url)
-        .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+) -> ReplicationConfig {
     let pg = &target.config;
     let host = target.host();
     let password = pg
@@ -1054,7 +1082,7 @@ fn replication_config(
         .unwrap_or_default();
     let tls = target.tls.replication(&host, seen);
     let start = pgwire_replication::Lsn::from_u64(start.0);
-    Ok(ReplicationConfig::new(
+    ReplicationConfig::new(
         host,
         pg.get_user().unwrap_or("postgres"),
         password,
@@ -1073,5 +1101,5 @@ fn replication_config(
     .with_application_name("outbox-relay")
     .with_status_interval(config.status_interval())
     .with_buffer_size(REPLICATION_BUFFER_EVENTS)
-    .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one())))
+    .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one()))
 }

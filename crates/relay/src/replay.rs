@@ -432,6 +432,53 @@ pub async fn skip_unpublished_window(config: &Config, tables: &[u32]) -> Result<
         .map_err(|_| PgError::NotReady(format!("slot advanced to {to:?}, not a WAL position")))
 }
 
+/// Recovery after a failover that lost the slot (opt-in, `failover_recovery`): records a marker
+/// checkpoint holding the snapshot of the newest checkpoint taken before the newest confirmed
+/// position (the checkpoints table came over with the physical standby; the lost slot had
+/// confirmed at least that far), then creates the slot on the promoted server. The next session sees
+/// the marker ([`coverage_gap`]) and re-ships, from the outbox, everything that snapshot does
+/// not see and ClickHouse lacks, which covers what the old slot had not confirmed and what was
+/// committed before the new slot. A crash between the two steps repeats both; the marker comes
+/// first so that a slot never exists without it.
+pub async fn recover_lost_slot(config: &Config) -> Result<Lsn, PgError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    let table = checkpoints_table(config);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
+                 SELECT $1, coalesce(b.confirmed_lsn, '0/0'), 0,
+                        coalesce(b.snapshot, '1:1:'::pg_snapshot), coalesce(b.snapshot_lsn, '0/0'),
+                        'failover-recovery'
+                   FROM (SELECT 1) one
+                   LEFT JOIN LATERAL (SELECT confirmed_lsn, snapshot, snapshot_lsn FROM {table}
+                                       WHERE slot = $1 AND snapshot_lsn <=
+                                             (SELECT max(confirmed_lsn) FROM {table}
+                                               WHERE slot = $1)
+                                       ORDER BY snapshot_lsn DESC LIMIT 1) b ON true"
+            ),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint insert"))?;
+    let created = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&config.slot],
+        )
+        .await;
+    let at: String = match created {
+        Ok(row) => row.get(0),
+        // Created meanwhile (another relay, an operator): the marker stands all the same.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
+            return pg::preflight(&client, &config.slot).await;
+        }
+        Err(e) => return Err(PgError::query("slot creation")(e)),
+    };
+    at.parse()
+        .map_err(|_| PgError::NotReady(format!("slot created at {at:?}, not a WAL position")))
+}
+
 /// Deletes checkpoints older than the outbox retention, keeping for each slot the newest one
 /// older than the retention (the outbox purge deletes what its snapshot sees committed) and
 /// every newer one.

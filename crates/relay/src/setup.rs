@@ -22,7 +22,19 @@ pub struct SetupReport {
     /// When the slot was created again after the relay had shipped from an earlier one: the
     /// LSN to replay from (the newest checkpoint's).
     pub replay_from: Option<String>,
+    /// Whether the slot is a failover slot (`None` before PostgreSQL 17).
+    pub failover: Option<bool>,
+    /// What standbys need for the slot to follow a failover, or why it will not.
+    pub failover_note: Option<String>,
 }
+
+/// What a standby needs so that the failover slot is synchronized to it (PostgreSQL 17+).
+pub const STANDBY_NEEDS: &str = "each standby needs sync_replication_slots = on, \
+    hot_standby_feedback = on, a physical slot on the primary (primary_slot_name) and dbname=... \
+    in its primary_conninfo; the primary needs that physical slot in synchronized_standby_slots \
+    (clear synchronized_standby_slots on the standby itself, or it blocks decoding once \
+    promoted); list every host in postgres_url; `outbox-relay status` shows whether each \
+    standby holds the slot synced";
 
 /// Applies the PostgreSQL DDL, creates the slot, then the ClickHouse database and table.
 ///
@@ -173,13 +185,22 @@ pub async fn setup_postgres(
             }
             report.replay_from = Some(lsn);
         }
-        match client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&config.slot],
-            )
-            .await
-        {
+        let created = if version >= 170_000 {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, $2)",
+                    &[&config.slot, &config.slot_failover],
+                )
+                .await
+        } else {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&config.slot],
+                )
+                .await
+        };
+        match created {
             Ok(_) => report.slot_created = true,
             // Another setup created it in between: fine.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
@@ -195,6 +216,29 @@ pub async fn setup_postgres(
     {
         crate::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
     }
+    report.failover = pg::slot_state(&client, &config.slot)
+        .await?
+        .and_then(|s| s.failover);
+    report.failover_note = Some(match (version >= 170_000, report.failover) {
+        (false, _) => format!(
+            "PostgreSQL {version} has no failover slots: after a failover the slot is missing on \
+             the promoted standby and the relay stops with the commands to run \
+             (docs/operations.md, \"Failover\")"
+        ),
+        (true, Some(true)) => format!("slot {:?} is a failover slot: {STANDBY_NEEDS}", config.slot),
+        (true, _) if config.slot_failover => format!(
+            "slot {:?} existed before and is not a failover slot, so it will not follow a \
+             failover: to make it one, stop the relay and run \
+             `ALTER_REPLICATION_SLOT {} (FAILOVER true)` on a replication connection \
+             (psql \"dbname=... replication=database\")",
+            config.slot, config.slot
+        ),
+        (true, _) => format!(
+            "slot {:?} is not a failover slot (slot_failover = false): it will not follow a \
+             failover",
+            config.slot
+        ),
+    });
     Ok(report)
 }
 

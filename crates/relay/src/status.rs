@@ -29,6 +29,127 @@ pub struct Status {
     /// The newest checkpoint's confirmed LSN and time.
     pub last_checkpoint_lsn: Option<String>,
     pub last_checkpoint_at: Option<String>,
+    /// `host:port` of the primary the relay streams from (the first host of `postgres_url` that
+    /// is not in recovery).
+    pub primary: String,
+    /// The other hosts of a multi-host `postgres_url`: whether each could take over.
+    pub standbys: Vec<StandbyStatus>,
+}
+
+/// A standby (another host of `postgres_url`) as seen from the relay: does it hold the slot,
+/// synced, and how far behind the primary's.
+#[derive(Debug, Clone, Serialize)]
+pub struct StandbyStatus {
+    pub host: String,
+    /// Why it could not be read (down, refused), if so.
+    pub error: Option<String>,
+    pub in_recovery: Option<bool>,
+    pub slot_exists: Option<bool>,
+    pub synced: Option<bool>,
+    pub failover: Option<bool>,
+    pub confirmed_flush_lsn: Option<String>,
+    /// Bytes of WAL between the primary's slot's confirmed position and this copy's: events the
+    /// relay would receive again after a failover (the restart check skips them).
+    pub behind_bytes: Option<i64>,
+    /// What keeps the slot from following a failover to this host (empty when nothing).
+    pub problems: Vec<String>,
+}
+
+async fn standby_status(
+    target: &crate::pgtls::Target,
+    host: String,
+    slot: &str,
+    primary_confirmed: Option<pgoutput::Lsn>,
+) -> StandbyStatus {
+    let mut s = StandbyStatus {
+        host,
+        error: None,
+        in_recovery: None,
+        slot_exists: None,
+        synced: None,
+        failover: None,
+        confirmed_flush_lsn: None,
+        behind_bytes: None,
+        problems: Vec::new(),
+    };
+    let client = match pg::connect_host(target).await {
+        Ok(c) => c,
+        Err(e) => {
+            s.error = Some(e.to_string());
+            return s;
+        }
+    };
+    let row = match client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,
+                    current_setting('sync_replication_slots', true),
+                    current_setting('hot_standby_feedback', true),
+                    current_setting('primary_conninfo', true)",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            s.error = Some(e.to_string());
+            return s;
+        }
+    };
+    let (in_recovery, version): (bool, i32) = (row.get(0), row.get(1));
+    let (sync, feedback, conninfo): (Option<String>, Option<String>, Option<String>) =
+        (row.get(2), row.get(3), row.get(4));
+    s.in_recovery = Some(in_recovery);
+    if !in_recovery {
+        s.problems.push(
+            "not in recovery: a second primary (split brain?) or the old primary after a failover"
+                .into(),
+        );
+    }
+    if version < 170_000 {
+        s.problems
+            .push("PostgreSQL before 17 has no failover slots: the slot will not follow".into());
+    }
+    if version >= 170_000 && sync.as_deref() != Some("on") {
+        s.problems
+            .push("sync_replication_slots is not on: the slot is not synchronized here".into());
+    }
+    if version >= 170_000 && feedback.as_deref() != Some("on") {
+        s.problems
+            .push("hot_standby_feedback is not on: slot sync needs it".into());
+    }
+    if let Some(conninfo) = &conninfo
+        && version >= 170_000
+        && !conninfo.contains("dbname=")
+    {
+        s.problems.push(
+            "primary_conninfo has no dbname=...: slot sync needs it (add it, then reload)".into(),
+        );
+    }
+    match pg::slot_state(&client, slot).await {
+        Ok(Some(state)) => {
+            s.slot_exists = Some(true);
+            s.synced = state.synced;
+            s.failover = state.failover;
+            s.confirmed_flush_lsn = state.confirmed_flush_lsn.clone();
+            if let (Some(p), Some(c)) = (primary_confirmed, state.confirmed_flush()) {
+                s.behind_bytes = Some(p.0 as i64 - c.0 as i64);
+            }
+            if state.synced == Some(false) {
+                s.problems.push(
+                    "the slot here was created on this server, not synchronized from the primary"
+                        .into(),
+                );
+            }
+        }
+        Ok(None) => {
+            s.slot_exists = Some(false);
+            s.problems.push(
+                "the slot is not here: after a failover to this host it would be missing".into(),
+            );
+        }
+        Err(e) => s.error = Some(e.to_string()),
+    }
+    s
 }
 
 /// `outbox-relay status` exits with this when the slot is missing or lost.
@@ -60,8 +181,21 @@ impl Status {
 }
 
 pub async fn status(config: &Config) -> Result<Status, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let primary = pg::connect_primary(&config.postgres_url).await?;
+    let client = primary.client;
     let state = pg::slot_state(&client, &config.slot).await?;
+    let all = crate::pgtls::Target::parse(&config.postgres_url)
+        .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+    let mut standbys = Vec::new();
+    if all.is_multi_host() {
+        let confirmed = state.as_ref().and_then(|s| s.confirmed_flush());
+        for i in 0..all.host_count() {
+            let host = all.endpoint(i);
+            if host != primary.endpoint {
+                standbys.push(standby_status(&all.only(i), host, &config.slot, confirmed).await);
+            }
+        }
+    }
     let sink = ClickHouseSink::from_config(config, &config.slot)
         .map_err(|e| PgError::NotReady(e.to_string()))?;
     let dead_letters = crate::deadletter::count(&client, config).await.ok();
@@ -95,5 +229,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         dead_letters,
         last_checkpoint_lsn: checkpoint.as_ref().map(|c| c.0.clone()),
         last_checkpoint_at: checkpoint.map(|c| c.1),
+        primary: primary.endpoint,
+        standbys,
     })
 }
