@@ -623,7 +623,18 @@ pub async fn replay_tables(
         .start()
         .await
         .map_err(PgError::query("replay snapshot"))?;
-    // The first statement takes the snapshot; the WAL position is read after it.
+    // A table rewrite (ALTER TABLE ... TYPE) is not MVCC-safe: committed after this snapshot,
+    // it would show the table empty to it. The lock, taken before the snapshot, keeps rewrites
+    // out until the replay is done (inserts go on).
+    if !names.is_empty() {
+        tx.batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE",
+            names.join(", ")
+        ))
+        .await
+        .map_err(PgError::query("replay lock on the outbox"))?;
+    }
+    // The first query takes the snapshot; the WAL position is read after it.
     report.fence_lsn = tx
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
