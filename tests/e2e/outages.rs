@@ -105,10 +105,11 @@ fn outage_under_load(v: PgVersion, server: Server) {
             // after a 20 s outage.
             ("RELAY_RETRY_INITIAL_MS", "500"),
             ("RELAY_RETRY_MAX_MS", "30000"),
-            // Batches end by time (each second) under the load, so a batch is open nearly all
-            // the time and the events committed right before the fault are not shipped yet.
+            // Batches end by time (every 500 ms, part of the 2 s allowed for the first batch)
+            // under the load, so a batch is open nearly all the time and the events committed
+            // right before the fault are usually not shipped yet.
             ("RELAY_BATCH_MAX_ROWS", "1000000"),
-            ("RELAY_BATCH_MAX_WAIT_MS", "1000"),
+            ("RELAY_BATCH_MAX_WAIT_MS", "500"),
         ],
     );
     let external = match server {
@@ -176,7 +177,7 @@ fn run_outage(f: &mut Fixture, relay: &RelayProcess, addr: &str, server: Server)
         Server::ClickHouse => "waiting_for_clickhouse",
         Server::Postgres => "waiting_for_postgres",
     };
-    // An event committed right before the fault (the open batch holds it for up to a second).
+    // An event committed right before the fault (the open batch holds it for up to 500 ms).
     f.sql("INSERT INTO event_outbox (event_type, event_context) VALUES ('before_fault', '{}')");
     let started = Instant::now();
     match server {
