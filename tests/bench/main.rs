@@ -43,6 +43,23 @@ fn main() -> Result<()> {
     };
     bench.pg.create_database("bench")?;
     bench.relay(&["setup"], &[])?;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("steady") {
+        // Only the steady-load CPU figure, merged into bench/results.json.
+        let cpu = median(
+            &(0..runs)
+                .map(|_| bench.steady())
+                .collect::<Result<Vec<_>>>()?,
+        );
+        println!("relay_cpu_s_per_million_events_steady_2000 {cpu:.2}");
+        let path = harness::workspace_root().join("bench/results.json");
+        let mut json: serde_json::Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_else(|| serde_json::json!({"results": {}}));
+        json["results"]["relay_cpu_s_per_million_events_steady_2000"] = cpu.into();
+        std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
+        return Ok(());
+    }
     // BENCH_DRAIN_ONLY=1: the drain figures of each run only, printed, results.json untouched
     // (for comparing two builds with BENCH_RELAY_BIN).
     let drain_only = std::env::var("BENCH_DRAIN_ONLY").is_ok_and(|v| v == "1");
@@ -94,6 +111,14 @@ fn main() -> Result<()> {
     for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"] {
         results.insert(key.into(), samples[key].iter().cloned().fold(0.0, f64::max));
     }
+    results.insert(
+        "relay_cpu_s_per_million_events_steady_2000".into(),
+        median(
+            &(0..runs)
+                .map(|_| bench.steady())
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    );
     for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))] {
         let (p50, p99, inserts) = bench.latency(wait_ms)?;
         results.insert(format!("latency_p50_ms{suffix}"), p50);
@@ -350,6 +375,83 @@ impl Bench {
             bail!("poller shipped {shipped} of {}", self.events);
         }
         Ok(self.events as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// The relay's CPU seconds per million events at a steady 2,000 events/s (20-event
+    /// transactions every 10 ms) for BENCH_STEADY_S seconds (default 60), default settings,
+    /// the HTTP endpoint on: per-batch, per-transaction and idle work, where a drain measures
+    /// per-event work. CPU is counted from the first shipped rows to the last.
+    fn steady(&self) -> Result<f64> {
+        const PER_TX: u64 = 20;
+        let seconds: u64 = env_or("BENCH_STEADY_S", 60);
+        let txs = seconds * 100;
+        self.sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots; TRUNCATE event_outbox;
+             SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');"
+        ))?;
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = self
+            .relay_command(&["run"], &[("RELAY_METRICS_ADDR", &addr)])
+            .stderr(Stdio::null())
+            .spawn()?;
+        let url = self.pg.url("bench");
+        let publisher = std::thread::spawn(move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                let sql = format!(
+                    "INSERT INTO event_outbox (event_type, event_context)
+                     SELECT 'steady', json_build_object('n', g) FROM generate_series(1, {PER_TX}) g"
+                );
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                for _ in 0..txs {
+                    tick.tick().await;
+                    client.execute(&sql, &[]).await?;
+                }
+                anyhow::Ok(())
+            })
+        });
+        let total = PER_TX * txs;
+        let count = || -> Result<u64> {
+            Ok(self
+                .ch
+                .query("SELECT count() FROM bench.event_log")?
+                .trim()
+                .parse()?)
+        };
+        let deadline = Instant::now() + Duration::from_secs(seconds + 120);
+        let mut first: Option<(u64, f64)> = None;
+        let last = loop {
+            let n = count()?;
+            let cpu = cpu_seconds(child.id()).context("relay CPU")?;
+            if first.is_none() && n > 0 {
+                first = Some((n, cpu));
+            }
+            if n >= total {
+                break (n, cpu);
+            }
+            if Instant::now() > deadline {
+                bail!("steady run: {n} of {total} events arrived");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        publisher.join().expect("publisher thread")?;
+        stop(&mut child);
+        let (n0, c0) = first.context("no event arrived")?;
+        let per_million = (last.1 - c0) / ((last.0 - n0) as f64 / 1e6);
+        eprintln!(
+            "bench: steady 2,000 events/s: {:.2} CPU s over {} events: {per_million:.2} s per million",
+            last.1 - c0,
+            last.0 - n0
+        );
+        Ok(per_million)
     }
 
     /// Commit-to-visible latency at a steady 10,000 events/s (100-event transactions every

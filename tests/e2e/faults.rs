@@ -171,10 +171,17 @@ fn clickhouse_killed_and_restarted(v: PgVersion) {
     f.wait_for_rows(1, LONG, Some(&relay));
     f.ch.kill().expect("kill ClickHouse");
     publish_random(&f, 20_000, 100, "while_down");
+    // The relay fails once, then waits for ClickHouse (probing it) and never confirms what
+    // ClickHouse does not have.
+    let retried = wait_until(LONG, || relay.log().contains("retrying"));
+    assert!(retried, "no failure logged\n{}", relay.log());
     let confirmed = f.confirmed_lsn();
-    // The relay keeps failing, backing off, and never confirms what ClickHouse does not have.
-    let retried = wait_until(LONG, || relay.log().matches("retrying").count() >= 3);
-    assert!(retried, "no retries logged\n{}", relay.log());
+    let moved = wait_until(Duration::from_secs(3), || f.confirmed_lsn() != confirmed);
+    assert!(
+        !moved,
+        "confirmed while ClickHouse was down\n{}",
+        relay.log()
+    );
     assert!(f.confirmed_lsn() <= f.current_lsn());
     f.ch.restart().expect("restart ClickHouse");
     publish_random(&f, 10_000, 100, "after");
@@ -309,27 +316,19 @@ fn sigterm_while_clickhouse_hangs_is_bounded(v: PgVersion) {
     assert_exactly_once(&f, &relay);
 }
 
-/// With the port closed and events waiting, the relay retries with backoff and confirms
+/// With the port closed and events waiting, the relay fails, waits for ClickHouse and confirms
 /// nothing ClickHouse does not have.
 fn port_closed_for_a_while(f: &Fixture, relay: &RelayProcess) {
-    publish_random(f, 2_000, 100, "while_closed");
     let retries = || relay.log().matches("retrying").count();
     let base = retries();
-    assert!(
-        wait_until(LONG, || retries() >= base + 2),
-        "{}",
-        relay.log()
-    );
+    publish_random(f, 2_000, 100, "while_closed");
+    assert!(wait_until(LONG, || retries() > base), "{}", relay.log());
     let confirmed = f.confirmed_lsn();
+    let moved = wait_until(Duration::from_secs(3), || f.confirmed_lsn() != confirmed);
     assert!(
-        wait_until(LONG, || retries() >= base + 4),
-        "{}",
+        !moved,
+        "confirmed while ClickHouse was cut off\n{}",
         relay.log()
-    );
-    assert_eq!(
-        f.confirmed_lsn(),
-        confirmed,
-        "confirmed while ClickHouse was cut off"
     );
 }
 

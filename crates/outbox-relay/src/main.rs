@@ -516,6 +516,8 @@ fn print_status(s: &relay::status::Status) {
 
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
         eprintln!(
             "outbox-relay: log_level {:?} is not a valid filter ({e}); using info",
@@ -524,14 +526,28 @@ fn init_logging(config: &Config) {
         EnvFilter::new("info")
     });
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry =
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::filter::filter_fn(|m| {
+                !is_replication_library_error(m)
+            }));
     match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
+        LogFormat::Pretty => registry.with(fmt).init(),
     }
+}
+
+/// The replication library logs its own ERROR ("replication worker terminated with error") for
+/// every cut connection, a PostgreSQL restart included; the same error reaches the relay, which
+/// logs it once at the right level ("relay session failed ... retrying", or the error it stops
+/// on). The library's line is left out so that a routine event is one line.
+fn is_replication_library_error(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.target().starts_with("pgwire_replication")
+        && *metadata.level() == tracing::Level::ERROR
 }
 
 fn init_sentry(config: &Config) -> Option<sentry::ClientInitGuard> {

@@ -52,7 +52,8 @@ pub struct Config {
     pub batch_max_wait_ms: u64,
     /// How often the relay reports its confirmed position to PostgreSQL at most.
     pub status_interval_ms: u64,
-    /// First delay before reconnecting after an error; doubles up to `retry_max_ms`, with jitter.
+    /// First delay before reconnecting after an error; doubles up to `retry_max_ms`, each wait
+    /// drawn from [¾, 1] of that (while the failed server does not answer, the relay waits for it).
     pub retry_initial_ms: u64,
     /// Longest delay between reconnect attempts.
     pub retry_max_ms: u64,

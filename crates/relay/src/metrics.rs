@@ -4,11 +4,54 @@
 
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// ClickHouse failures, by kind, as counted in `outbox_relay_clickhouse_errors_total`.
 pub const CLICKHOUSE_ERROR_KINDS: [&str; 4] = ["network", "timeout", "server", "other"];
+
+/// Why the relay is (not) shipping, as `outbox_relay_state{state="..."}` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Before the first session streams.
+    Starting = 0,
+    /// A replication session streams and ships.
+    Streaming = 1,
+    /// ClickHouse failed; waiting for it to answer again.
+    WaitingForClickHouse = 2,
+    /// PostgreSQL (or the replication connection) failed; waiting for it to answer again.
+    WaitingForPostgres = 3,
+    /// The publication does not (or no longer) cover the outbox table; waiting for a fix.
+    WaitingForPublication = 4,
+    /// A permanent error stopped the relay.
+    StoppedOnError = 5,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Starting,
+        State::Streaming,
+        State::WaitingForClickHouse,
+        State::WaitingForPostgres,
+        State::WaitingForPublication,
+        State::StoppedOnError,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Streaming => "streaming",
+            State::WaitingForClickHouse => "waiting_for_clickhouse",
+            State::WaitingForPostgres => "waiting_for_postgres",
+            State::WaitingForPublication => "waiting_for_publication",
+            State::StoppedOnError => "stopped_on_error",
+        }
+    }
+}
+
+/// The slot's `wal_status` values, as `outbox_relay_slot_wal_status{wal_status="..."}` shows them.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 /// A histogram with fixed upper bounds.
 pub struct Histogram {
@@ -66,8 +109,21 @@ pub struct Metrics {
     pub confirmed_lsn: AtomicU64,
     /// Highest WAL position the server reported.
     pub server_wal_lsn: AtomicU64,
-    /// Commit time (Unix µs) of the oldest transaction not yet confirmed; 0 when none.
+    /// Commit time (Unix µs) of the oldest committed event not yet in ClickHouse; 0 when none.
+    /// Kept across failed sessions; while no session streams, the PostgreSQL watcher fills it
+    /// from the outbox table (see `pipeline::watch_postgres`).
     pub pending_since_us: AtomicI64,
+    /// Commit time (Unix µs) of the last transaction shipped; 0 before the first.
+    pub last_shipped_commit_us: AtomicI64,
+    /// WAL bytes between PostgreSQL's current position and the slot's confirmed one, as
+    /// PostgreSQL last said; -1 before it first answered.
+    pub slot_lag_bytes: AtomicI64,
+    /// The slot's `wal_status` as PostgreSQL last said (index into [`WAL_STATUSES`]; 255: unknown).
+    pub slot_wal_status: AtomicU8,
+    /// The last query of the PostgreSQL watcher succeeded.
+    pub postgres_up: AtomicBool,
+    /// [`State`] as a number.
+    state: AtomicU8,
     /// A replication session is streaming.
     pub replicating: AtomicBool,
     /// Rows in the dead-letter table (always 0 until dead letters exist).
@@ -100,6 +156,11 @@ impl Default for Metrics {
             confirmed_lsn: AtomicU64::new(0),
             server_wal_lsn: AtomicU64::new(0),
             pending_since_us: AtomicI64::new(0),
+            last_shipped_commit_us: AtomicI64::new(0),
+            slot_lag_bytes: AtomicI64::new(-1),
+            slot_wal_status: AtomicU8::new(u8::MAX),
+            postgres_up: AtomicBool::new(false),
+            state: AtomicU8::new(State::Starting as u8),
             replicating: AtomicBool::new(false),
             dead_letters: AtomicU64::new(0),
             clickhouse_ok_at_us: AtomicI64::new(0),
@@ -111,6 +172,36 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn set_state(&self, state: State) {
+        self.state.store(state as u8, Relaxed);
+    }
+
+    pub fn state(&self) -> State {
+        let n = self.state.load(Relaxed);
+        State::ALL
+            .into_iter()
+            .find(|s| *s as u8 == n)
+            .unwrap_or(State::Starting)
+    }
+
+    /// Records the slot as PostgreSQL describes it.
+    pub fn slot_seen(&self, lag_bytes: Option<i64>, wal_status: Option<&str>) {
+        self.slot_lag_bytes
+            .store(lag_bytes.unwrap_or(0).max(0), Relaxed);
+        let status = wal_status
+            .and_then(|w| WAL_STATUSES.iter().position(|s| *s == w))
+            .map_or(u8::MAX, |i| i as u8);
+        self.slot_wal_status.store(status, Relaxed);
+    }
+
+    /// Notes that the events up to a commit at `commit_time_us` (Unix µs) are not in
+    /// ClickHouse yet; the oldest such commit is kept.
+    pub fn pending(&self, commit_time_us: i64) {
+        let _ = self
+            .pending_since_us
+            .compare_exchange(0, commit_time_us, Relaxed, Relaxed);
+    }
+
     /// Records a shipped batch: its rows, RowBinary bytes and the time ClickHouse took.
     pub fn batch_shipped(&self, rows: u64, bytes: u64, flush: Duration) {
         self.events_shipped.fetch_add(rows, Relaxed);
@@ -206,16 +297,21 @@ impl Metrics {
             "WAL position last confirmed to the slot, as a number.",
             confirmed.to_string(),
         );
+        let slot_lag = self.slot_lag_bytes.load(Relaxed);
         gauge(
             "outbox_relay_lag_bytes",
             "gauge",
-            "WAL bytes between the server's reported position and the confirmed one.",
-            server.saturating_sub(confirmed).to_string(),
+            "WAL bytes between PostgreSQL's current position and the slot's confirmed one.",
+            if slot_lag >= 0 {
+                slot_lag.to_string()
+            } else {
+                server.saturating_sub(confirmed).to_string()
+            },
         );
         gauge(
             "outbox_relay_lag_seconds",
             "gauge",
-            "Age of the oldest committed transaction not yet in ClickHouse (0 when none).",
+            "Age of the oldest committed event not yet in ClickHouse (0 when none).",
             if pending == 0 {
                 "0".into()
             } else {
@@ -227,6 +323,12 @@ impl Metrics {
             "gauge",
             "1 while a replication session streams from the slot.",
             u8::from(self.replicating.load(Relaxed)).to_string(),
+        );
+        gauge(
+            "outbox_relay_postgres_up",
+            "gauge",
+            "1 while PostgreSQL answers the relay's periodic slot query.",
+            u8::from(self.postgres_up.load(Relaxed)).to_string(),
         );
         gauge(
             "outbox_relay_dead_letters",
@@ -263,6 +365,35 @@ impl Metrics {
                 "outbox_relay_clickhouse_errors_total{{kind=\"{kind}\"}} {}",
                 n.load(Relaxed)
             );
+        }
+        let state = self.state();
+        let _ = writeln!(
+            out,
+            "# HELP outbox_relay_state Why the relay is (not) shipping: 1 for the current state.\n\
+             # TYPE outbox_relay_state gauge"
+        );
+        for s in State::ALL {
+            let _ = writeln!(
+                out,
+                "outbox_relay_state{{state=\"{}\"}} {}",
+                s.name(),
+                u8::from(s == state)
+            );
+        }
+        let wal_status = self.slot_wal_status.load(Relaxed) as usize;
+        if wal_status < WAL_STATUSES.len() {
+            let _ = writeln!(
+                out,
+                "# HELP outbox_relay_slot_wal_status The slot's wal_status in PostgreSQL: 1 for the current one.\n\
+                 # TYPE outbox_relay_slot_wal_status gauge"
+            );
+            for (i, s) in WAL_STATUSES.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "outbox_relay_slot_wal_status{{wal_status=\"{s}\"}} {}",
+                    u8::from(i == wal_status)
+                );
+            }
         }
         self.batch_rows.render(
             &mut out,
@@ -306,6 +437,30 @@ mod tests {
             "outbox_relay_batch_rows_bucket{le=\"1000\"} 2",
             "outbox_relay_batch_rows_bucket{le=\"+Inf\"} 2",
             "outbox_relay_batch_flush_seconds_sum 0.033",
+            "outbox_relay_state{state=\"starting\"} 1",
+            "outbox_relay_state{state=\"streaming\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn lag_and_state_from_postgres_view() {
+        let m = Metrics::default();
+        m.confirmed_lsn.store(100, Relaxed);
+        m.server_wal_lsn.store(160, Relaxed);
+        m.slot_seen(Some(18_000_000), Some("extended"));
+        m.pending(5_000_000);
+        m.pending(7_000_000); // the oldest stays
+        m.set_state(State::WaitingForClickHouse);
+        let text = m.render(25_000_000);
+        for line in [
+            "outbox_relay_lag_bytes 18000000",
+            "outbox_relay_lag_seconds 20.000",
+            "outbox_relay_state{state=\"waiting_for_clickhouse\"} 1",
+            "outbox_relay_state{state=\"streaming\"} 0",
+            "outbox_relay_slot_wal_status{wal_status=\"extended\"} 1",
+            "outbox_relay_slot_wal_status{wal_status=\"reserved\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -29,11 +29,11 @@ use pgwire_replication::{
     FeedbackObserver, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
 use tokio::sync::{Notify, watch};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
 use crate::deadletter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, State};
 use crate::outbox::{OutboxLayout, RowError, SchemaError};
 use crate::pg::{self, PgError};
 use crate::pgtls;
@@ -98,6 +98,17 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// What the relay waits for after this (transient) error.
+    pub fn waiting_state(&self) -> State {
+        match self {
+            RelayError::ClickHouse(_) => State::WaitingForClickHouse,
+            RelayError::Uncovered(_) | RelayError::CoverageReplay(_) => {
+                State::WaitingForPublication
+            }
+            _ => State::WaitingForPostgres,
+        }
+    }
+
     /// Whether waiting and reconnecting can cure this error.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -146,18 +157,32 @@ impl Relay {
     }
 
     /// Streams until `shutdown` turns true (then flushes and returns `Ok`) or a permanent error.
-    /// Transient errors (a server down, a connection cut) are retried with exponential backoff.
+    /// Transient errors (a server down, a connection cut) are retried when the server that
+    /// failed answers again, or after a [`Backoff`] wait when it answers all along
+    /// ([`Relay::wait_for`]).
+    /// Beside the sessions, [`watch_postgres`] keeps the lag metrics true from PostgreSQL's view.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), RelayError> {
+        let _watcher = AbortOnDrop(tokio::spawn(watch_postgres(
+            self.config.clone(),
+            self.metrics.clone(),
+        )));
+        let result = self.sessions(&mut shutdown).await;
+        if result.is_err() {
+            self.metrics.set_state(State::StoppedOnError);
+        }
+        result
+    }
+
+    async fn sessions(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(&self.config);
         let mut careful_until = None;
         loop {
             let started = Instant::now();
             let mut session = Session::new(&self.config, self.sink.clone(), &self.metrics);
             session.careful_until = careful_until;
-            let result = session.run(&mut shutdown).await;
+            let result = session.run(shutdown).await;
             careful_until = session.careful_until;
             self.metrics.replicating.store(false, Relaxed);
-            self.metrics.pending_since_us.store(0, Relaxed);
             match &result {
                 Err(RelayError::ClickHouse(e)) => {
                     self.metrics.clickhouse_error(e.kind());
@@ -189,10 +214,17 @@ impl Relay {
                         backoff.reset();
                     }
                     let delay = backoff.next();
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "relay session failed; nothing was confirmed past ClickHouse, retrying");
+                    let state = e.waiting_state();
+                    self.metrics.set_state(state);
+                    warn!(error = %e, state = state.name(), retry_in_ms = delay.as_millis() as u64,
+                        "relay session failed; nothing was confirmed past ClickHouse, retrying \
+                         (once the server answers again if it is down)");
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        back = self.wait_for(state, delay) => {
+                            if back {
+                                info!(state = state.name(), "the server answers again: reconnecting");
+                            }
+                        }
                         _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                     }
                 }
@@ -200,6 +232,109 @@ impl Relay {
             }
         }
     }
+
+    /// The wait after a failure of the server `state` names: while that server does not answer
+    /// a probe (every [`PROBE_INTERVAL`]), until it does: returns `true` then, so a session
+    /// starts within about that long of its return and no session fails meanwhile. When it
+    /// answers the first probe (the failure was not about its availability) or `state` names no
+    /// server: the backoff `delay`, returning `false`.
+    async fn wait_for(&self, state: State, delay: Duration) -> bool {
+        let started = tokio::time::Instant::now();
+        let mut seen_down = false;
+        loop {
+            let up = match state {
+                State::WaitingForClickHouse => {
+                    matches!(
+                        tokio::time::timeout(PROBE_TIMEOUT, self.sink.ping()).await,
+                        Ok(Ok(()))
+                    )
+                }
+                State::WaitingForPostgres => matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, pg::connect(&self.config.postgres_url))
+                        .await,
+                    Ok(Ok(_))
+                ),
+                _ => true,
+            };
+            match (up, seen_down) {
+                (true, true) => return true,
+                (true, false) => {
+                    tokio::time::sleep_until(started + delay).await;
+                    return false;
+                }
+                (false, _) => seen_down = true,
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+}
+
+/// How often a failed server is probed while the relay waits for it (ClickHouse `SELECT 1`, a
+/// PostgreSQL connection), so that shipping resumes within about this long of its return.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A probe not answered within this time counts as a failure.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often [`watch_postgres`] asks PostgreSQL for the slot's lag.
+pub const LAG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps `outbox_relay_lag_bytes`, `outbox_relay_slot_wal_status` and
+/// `outbox_relay_postgres_up` true from PostgreSQL's own view, on a SQL connection of its own,
+/// whatever the sessions are doing: one query on `pg_replication_slots` every
+/// [`LAG_CHECK_INTERVAL`]. While no session streams and the relay knows of no unshipped event,
+/// it also reads the oldest outbox event newer than the last one shipped (the outbox's
+/// `event_date_time` index), so that `outbox_relay_lag_seconds` grows during an outage too.
+pub async fn watch_postgres(config: Config, metrics: Arc<Metrics>) {
+    let mut sql: Option<tokio_postgres::Client> = None;
+    let mut tick = tokio::time::interval(LAG_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if sql.as_ref().is_none_or(|c| c.is_closed()) {
+            sql = tokio::time::timeout(PROBE_TIMEOUT, pg::connect(&config.postgres_url))
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(client) = &sql else {
+            metrics.postgres_up.store(false, Relaxed);
+            continue;
+        };
+        match tokio::time::timeout(LAG_CHECK_INTERVAL, check_lag(client, &config, &metrics)).await {
+            Ok(Ok(())) => metrics.postgres_up.store(true, Relaxed),
+            Ok(Err(e)) => {
+                debug!(error = %e, "lag check failed");
+                metrics.postgres_up.store(false, Relaxed);
+                sql = None;
+            }
+            Err(_) => {
+                metrics.postgres_up.store(false, Relaxed);
+                sql = None;
+            }
+        }
+    }
+}
+
+async fn check_lag(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(), PgError> {
+    let Some(slot) = pg::slot_state(client, &config.slot).await? else {
+        return Ok(());
+    };
+    metrics.slot_seen(slot.lag_bytes, slot.wal_status.as_deref());
+    if metrics.state() != State::Streaming
+        && metrics.pending_since_us.load(Relaxed) == 0
+        && slot.lag_bytes.unwrap_or(0) > 0
+        && let Some(oldest) =
+            replay::oldest_unshipped(client, config, metrics.last_shipped_commit_us.load(Relaxed))
+                .await?
+    {
+        metrics.pending(oldest);
+    }
+    Ok(())
 }
 
 impl Relay {
@@ -240,7 +375,9 @@ impl Relay {
     }
 }
 
-/// Exponential backoff with jitter (each delay is 50-100% of the nominal one).
+/// Exponential backoff with jitter: the n-th wait in a row is drawn uniformly from
+/// [¾·d, d], d = `retry_initial_ms` · 2^(n-1) capped at `retry_max_ms` (so each wait is
+/// 1.5 to 2.7 times the one before until the cap).
 struct Backoff {
     initial: Duration,
     max: Duration,
@@ -266,9 +403,12 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.max);
         self.attempt += 1;
-        nominal.mul_f64(rand::random_range(0.5..=1.0))
+        nominal.mul_f64(rand::random_range(JITTER..=1.0))
     }
 }
+
+/// The shortest wait, as a fraction of the nominal one.
+const JITTER: f64 = 0.75;
 
 /// The transaction being received.
 struct Tx {
@@ -428,6 +568,7 @@ impl<'a> Session<'a> {
             .await?;
         info!(slot = %self.config.slot, from_lsn = %start, primary = %primary.endpoint, "streaming");
         self.metrics.replicating.store(true, Relaxed);
+        self.metrics.set_state(State::Streaming);
         self.metrics.confirmed_lsn.store(start.0, Relaxed);
         let mut stopping = *shutdown.borrow();
         let mut coverage_check = tokio::time::interval_at(
@@ -475,12 +616,32 @@ impl<'a> Session<'a> {
                     // Under load, take the messages already received without going back
                     // through the select (its timer and shutdown futures cost more than a
                     // message); the batch's deadline is still checked at every commit.
+                    let mut taken = 1;
                     for _ in 0..READY_BURST {
                         let Some(event) = ready_now(client.recv()) else {
                             break;
                         };
                         let event = event.map_err(|source| self.replication_error(source))?;
                         self.handle(&client, event.ok_or(RelayError::StreamEnded)?).await?;
+                        taken += 1;
+                    }
+                    // At moderate rates the walsender sends a transaction's messages one by one
+                    // as it decodes them, and each would wake the relay (a context switch and
+                    // the runtime's timers per message dominated its CPU at 2,000 events/s).
+                    // After a small take, let more arrive and read it in one go: the rest of
+                    // the transaction in hand, or, while a batch waits for its deadline anyway,
+                    // the next transactions. Under load the takes are large and nothing waits.
+                    if taken < LINGER_BELOW {
+                        let linger = if self.tx.is_some() {
+                            LINGER
+                        } else if self.batch.is_some() {
+                            BATCH_LINGER.min(self.config.batch_max_wait() / 10)
+                        } else {
+                            Duration::ZERO
+                        };
+                        if !linger.is_zero() {
+                            std::thread::sleep(linger);
+                        }
                     }
                 }
             }
@@ -662,9 +823,7 @@ impl<'a> Session<'a> {
                 let batch = match &mut self.batch {
                     Some(batch) => batch,
                     None => {
-                        self.metrics
-                            .pending_since_us
-                            .store(tx.commit_time_us + PG_EPOCH_UNIX_US, Relaxed);
+                        self.metrics.pending(tx.commit_time_us + PG_EPOCH_UNIX_US);
                         self.batch.insert(open_batch(
                             &self.sink,
                             self.config.batch_max_wait(),
@@ -727,7 +886,9 @@ impl<'a> Session<'a> {
         let insert_time = started.elapsed();
         let insert_ms = insert_time.as_millis() as u64;
         self.metrics.batch_shipped(rows, bytes, insert_time);
-        self.metrics.pending_since_us.store(0, Relaxed);
+        self.metrics
+            .last_shipped_commit_us
+            .store(batch.last_commit_time_us + PG_EPOCH_UNIX_US, Relaxed);
         if let Some(span) = insert_span {
             span.finish();
         }
@@ -891,6 +1052,11 @@ impl<'a> Session<'a> {
         match replay::record_checkpoint(sql, self.config, confirmed, rows, &self.coverage).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.coverage_changed()),
+            // PostgreSQL going away: the session's failure says so, once.
+            Err(e) if sql.is_closed() => {
+                debug!(error = %e, "cannot record a checkpoint; shipping goes on");
+                Ok(())
+            }
             Err(e) => {
                 warn!(error = %e, "cannot record a checkpoint; shipping goes on");
                 Ok(())
@@ -926,6 +1092,10 @@ impl<'a> Session<'a> {
     }
 
     fn confirm(&mut self, client: &ReplicationClient, lsn: Lsn) {
+        if self.batch.is_none() && self.careful.is_empty() {
+            // Everything received up to `lsn` is in ClickHouse.
+            self.metrics.pending_since_us.store(0, Relaxed);
+        }
         if lsn > self.confirmed {
             self.confirmed = lsn;
             self.metrics.confirmed_lsn.store(lsn.0, Relaxed);
@@ -1018,6 +1188,18 @@ async fn replay_done<T>(task: &mut Option<AbortOnDrop<T>>) -> Result<T, tokio::t
 /// shutdown signal and the batch deadline).
 const READY_BURST: usize = 256;
 
+/// A take of fewer messages than this in the middle of a transaction makes the relay wait
+/// [`LINGER`] for the rest of it.
+const LINGER_BELOW: usize = 8;
+
+/// How long the relay's thread waits for the rest of a transaction after a small take: the
+/// walsender writes its messages within microseconds; the socket holds them meanwhile.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// How long the relay's thread waits for more transactions after a small take while a batch is
+/// open (at most a tenth of `batch_max_wait_ms`): the batch ships at its deadline anyway.
+const BATCH_LINGER: Duration = Duration::from_millis(20);
+
 /// The future's output if it is ready right now, without waiting.
 fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
@@ -1102,4 +1284,52 @@ fn replication_config(
     .with_status_interval(config.status_interval())
     .with_buffer_size(REPLICATION_BUFFER_EVENTS)
     .with_feedback_observer(FeedbackObserver::new(move |_| feedback.notify_one()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let config = Config {
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
+            ..Config::default()
+        };
+        for _ in 0..200 {
+            let mut backoff = Backoff::new(&config);
+            let mut previous: Option<Duration> = None;
+            for n in 0..12u32 {
+                let nominal = Duration::from_millis((500u64 << n).min(60_000));
+                let wait = backoff.next();
+                assert!(
+                    wait >= nominal.mul_f64(JITTER) && wait <= nominal,
+                    "wait {n}: {wait:?} outside [3/4, 1] x {nominal:?}"
+                );
+                if let Some(previous) = previous
+                    && nominal < Duration::from_millis(60_000)
+                {
+                    let ratio = wait.as_secs_f64() / previous.as_secs_f64();
+                    assert!(
+                        (1.5..=2.67).contains(&ratio),
+                        "wait {n}: {ratio}x the one before"
+                    );
+                }
+                previous = Some(wait);
+            }
+            backoff.reset();
+            assert!(backoff.next() <= Duration::from_millis(500));
+        }
+    }
+
+    #[test]
+    fn errors_say_what_the_relay_waits_for() {
+        let e = RelayError::Uncovered("gone".into());
+        assert_eq!(e.waiting_state(), State::WaitingForPublication);
+        assert_eq!(
+            RelayError::StreamEnded.waiting_state(),
+            State::WaitingForPostgres
+        );
+    }
 }

@@ -550,6 +550,35 @@ pub async fn last_checkpoint(
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
+/// The insert time (Unix µs) of the oldest outbox event newer than `after_us` (the commit time
+/// of the last event shipped, Unix µs; 0 when unknown: then newer than the slot's newest
+/// checkpoint), for the lag while no session streams. An event inserted before the last
+/// shipped commit but committed after it (a long transaction) is not seen.
+pub async fn oldest_unshipped(
+    client: &Client,
+    config: &Config,
+    after_us: i64,
+) -> Result<Option<i64>, PgError> {
+    let after = (after_us > 0).then_some(after_us);
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (extract(epoch FROM min(event_date_time)) * 1000000)::bigint FROM {outbox}
+                  WHERE event_date_time > coalesce(
+                        to_timestamp($1::bigint / 1000000.0),
+                        (SELECT recorded_at FROM {checkpoints} WHERE slot = $2
+                          ORDER BY snapshot_lsn DESC LIMIT 1),
+                        '-infinity')",
+                outbox = outbox_table(config),
+                checkpoints = checkpoints_table(config)
+            ),
+            &[&after, &config.slot],
+        )
+        .await
+        .map_err(PgError::query("oldest unshipped event"))?;
+    Ok(row.get(0))
+}
+
 /// Re-ships every outbox row committed after `from` that ClickHouse does not hold.
 pub async fn replay(
     config: &Config,
