@@ -550,6 +550,15 @@ fn print_status(s: &relay::status::Status) {
         "dead_letters         {}",
         s.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash)
     );
+    match &s.verify {
+        None => println!(
+            "verified_through     - (no running relay's verifier answered at metrics_addr)"
+        ),
+        Some(v) => println!(
+            "verified_through     {} ({} missing, {} extra events)",
+            v.verified_through, v.missing_events, v.extra_events
+        ),
+    }
     match &s.clickhouse_error {
         None => println!("clickhouse           reachable"),
         Some(e) => println!("clickhouse           UNREACHABLE: {e}"),
