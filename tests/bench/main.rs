@@ -43,8 +43,16 @@ fn main() -> Result<()> {
 
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut push = |key: String, value: f64| samples.entry(key).or_default().push(value);
+    // BENCH_ONLY=verify: only the verifier's figures (bench/README.md).
+    let only_verify = std::env::var("BENCH_ONLY").as_deref() == Ok("verify");
     for run in 0..runs {
         eprintln!("bench: run {}/{runs}", run + 1);
+        if only_verify {
+            let (overhead, full) = bench.verify_figures()?;
+            push("verify_overhead".into(), overhead);
+            push("verify_full_seconds".into(), full);
+            continue;
+        }
         for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
             let d = bench.drain(per_tx)?;
             push(format!("wal_limit_events_per_s{shape}"), d.wal);
@@ -70,16 +78,25 @@ fn main() -> Result<()> {
             "polling_outbox_events_per_s".into(),
             bench.polling_outbox()?,
         );
+        let (overhead, full) = bench.verify_figures()?;
+        push("verify_overhead".into(), overhead);
+        push("verify_full_seconds".into(), full);
     }
     let mut results: BTreeMap<String, f64> = samples
         .iter()
         .map(|(k, v)| (k.clone(), median(v)))
         .collect();
     // Peak memory: the worst run, not the median.
-    for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"] {
+    for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"]
+        .into_iter()
+        .filter(|k| samples.contains_key(*k))
+    {
         results.insert(key.into(), samples[key].iter().cloned().fold(0.0, f64::max));
     }
-    for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))] {
+    for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))]
+        .into_iter()
+        .filter(|_| !only_verify)
+    {
         let (p50, p99, inserts) = bench.latency(wait_ms)?;
         results.insert(format!("latency_p50_ms{suffix}"), p50);
         results.insert(format!("latency_p99_ms{suffix}"), p99);
@@ -257,6 +274,61 @@ impl Bench {
             walsender_wal: walsender_wal.shares(),
             walsender_relay: walsender_relay.shares(),
         })
+    }
+
+    /// `verify_overhead`: the share of the relay's drain rate (1,000-event transactions) lost
+    /// to a background verifier checking every second with no grace period, against the same
+    /// drain with the verifier off. `verify_full_seconds`: then, with the table complete, a full
+    /// `outbox-relay verify` of the whole outbox beside the running relay.
+    fn verify_figures(&self) -> Result<(f64, f64)> {
+        let (off, mut relay) = self.drain_rate(&[("RELAY_VERIFY_INTERVAL_S", "0")])?;
+        stop(&mut relay);
+        let (on, mut relay) = self.drain_rate(&[
+            ("RELAY_VERIFY_INTERVAL_S", "1"),
+            ("RELAY_VERIFY_GRACE_S", "0"),
+        ])?;
+        let started = Instant::now();
+        let out = self
+            .relay_command(&["verify", "--json", "--wait-s", "120"], &[])
+            .output()?;
+        let full = started.elapsed().as_secs_f64();
+        stop(&mut relay);
+        if out.status.code() != Some(0) {
+            bail!(
+                "verify of a complete table did not exit 0 ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(((off - on) / off, full))
+    }
+
+    /// A fresh backlog of 1,000-event transactions drained by `outbox-relay run` with `extra`
+    /// settings: (events/s, the relay, still running).
+    fn drain_rate(&self, extra: &[(&str, &str)]) -> Result<(f64, Child)> {
+        let end = self.prepare_backlog(1_000)?;
+        let started = Instant::now();
+        let mut env = vec![("RELAY_STATUS_INTERVAL_MS", "100")];
+        env.extend_from_slice(extra);
+        let mut child = self
+            .relay_command(&["run"], &env)
+            .stderr(Stdio::null())
+            .spawn()?;
+        loop {
+            let confirmed = self.sql(&format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+            ))?;
+            if parse_lsn(confirmed.trim()) >= end {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                stop(&mut child);
+                bail!("relay did not drain the backlog in 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((self.events as f64 / started.elapsed().as_secs_f64(), child))
     }
 
     /// The same kind of rows sent to ClickHouse by the simplest code: batches of 100,000.
