@@ -141,6 +141,23 @@ fn in_list(ids: &[String]) -> String {
         .join(",")
 }
 
+/// Deletes these ids' rows in ClickHouse and waits until the delete shows.
+fn delete_in_clickhouse(f: &Fixture, ids: &[String]) {
+    f.ch(&format!(
+        "DELETE FROM {{db}}.event_log WHERE event_id IN ({})",
+        in_list(ids)
+    ));
+    let gone = wait_until(Duration::from_secs(30), || {
+        f.ch(&format!(
+            "SELECT count() FROM {{db}}.event_log WHERE event_id IN ({})",
+            in_list(ids)
+        ))
+        .trim()
+            == "0"
+    });
+    assert!(gone, "the DELETE in ClickHouse did not take effect");
+}
+
 /// Publishes `n` events whose event_date_time is spread over the last `minutes` minutes.
 fn publish_spread(f: &Fixture, n: u64, minutes: u64, tag: &str) {
     f.sql(&format!(
@@ -205,10 +222,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
 
     // 1. Rows deleted in ClickHouse.
     let deleted = some_ids(&f, 7, 100);
-    f.ch(&format!(
-        "DELETE FROM {{db}}.event_log WHERE event_id IN ({})",
-        in_list(&deleted)
-    ));
+    delete_in_clickhouse(&f, &deleted);
     let (code, report) = verify(&f, &[]);
     assert_eq!(code, 1);
     assert_eq!(missing(&report), deleted.iter().cloned().collect());
@@ -220,6 +234,8 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     // `skip_unpublished_window` advanced it) and no coverage change was recorded.
     relay.kill_now();
     let before = f.pg_ids();
+    let lsn = f.confirmed_lsn();
+    let from_lsn = format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff);
     publish_spread(&f, 40, 30, "lost");
     f.sql(&format!(
         "SELECT pg_replication_slot_advance('{}', pg_current_wal_lsn())",
@@ -234,6 +250,10 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     assert_eq!(code, 1);
     let expected: BTreeSet<String> = lost.iter().chain(&deleted).cloned().collect();
     assert_eq!(missing(&report), expected, "deleted + lost window");
+    // --from-lsn: the windows holding events committed after that position hold the lost ones.
+    let (code, report) = verify(&f, &["--from-lsn", &from_lsn]);
+    assert_eq!(code, 1);
+    assert!(missing(&report).is_superset(&lost), "{report}");
     wait_for_gauges(&addr, &relay, 47, 0);
 
     // 3. Rows of another source in the same table, and rows without a source (counted as
@@ -301,13 +321,31 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     assert_eq!(mine.len(), outbox.len() + doubled.len() + strays.len());
     wait_for_gauges(&addr, &relay, 0, 8);
 
+    // Same count, other ids: one row deleted and an unknown one with the same event_date_time
+    // added in its window. Only the checksum tells.
+    let swapped = some_ids(&f, 1, 4_000).remove(0);
+    f.ch(&format!(
+        "INSERT INTO {{db}}.event_log (event_id, event_type, event_date_time, source)
+         SELECT generateUUIDv4(), 'swap', event_date_time, source FROM {{db}}.event_log
+          WHERE event_id = '{swapped}'"
+    ));
+    delete_in_clickhouse(&f, std::slice::from_ref(&swapped));
+    let swap_in = f
+        .ch("SELECT toString(event_id) FROM {db}.event_log WHERE event_type = 'swap'")
+        .trim()
+        .to_string();
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(missing(&report), BTreeSet::from([swapped]), "{report}");
+    assert!(
+        extra(&report).contains(&(swap_in, "unknown".to_string())),
+        "{report}"
+    );
+
     // Automatic repair: rows deleted again are re-shipped by the relay itself.
     drop(relay);
     let again = some_ids(&f, 4, 3_000);
-    f.ch(&format!(
-        "DELETE FROM {{db}}.event_log WHERE event_id IN ({})",
-        in_list(&again)
-    ));
+    delete_in_clickhouse(&f, &again);
     let relay = f.spawn_relay_with(&[("RELAY_VERIFY_REPAIR", "true")]);
     let restored = wait_until(Duration::from_secs(GRACE_S + INTERVAL_S + 30), || {
         f.ch(&format!(
@@ -316,13 +354,23 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
         ))
         .trim()
             == "4"
+            && relay.log().contains("missing events re-shipped")
     });
     assert!(
         restored,
         "verify_repair re-shipped nothing\n{}",
         relay.log()
     );
-    assert!(relay.log().contains("window differs"), "{}", relay.log());
+    let shipped_by = f.ch(&format!(
+        "SELECT toString(event_id), commit_lsn, tx_seq, source, _part FROM {{db}}.event_log
+          WHERE event_id IN ({}) FORMAT TSV",
+        in_list(&again)
+    ));
+    assert!(
+        relay.log().contains("window differs"),
+        "{shipped_by}\n{}",
+        relay.log()
+    );
     let (_, report) = verify(&f, &[]);
     assert!(missing(&report).is_empty(), "{report}");
 }

@@ -702,13 +702,25 @@ pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>
         every.tick().await;
         let gauges = &gauges.verify;
         match verify_pass(&config, &mut sink).await {
-            Ok(report) => {
+            Ok(mut report) => {
                 for w in &report.differing_windows {
                     warn!(
                         from = %w.from, until = %w.until, missing = w.missing, extra = w.extra,
                         outbox_events = w.outbox_events, clickhouse_rows = w.clickhouse_rows,
                         "verify: window differs between the outbox and ClickHouse; see `outbox-relay verify`"
                     );
+                }
+                // Repaired after the differing windows are logged, so the log shows the loss
+                // before its repair.
+                if config.verify_repair
+                    && !report.missing.is_empty()
+                    && let Some(sink) = &sink
+                {
+                    let wait = Duration::from_secs(config.verify_grace_s.max(30));
+                    match replay::reship_ids(&config, sink, &report.missing, wait).await {
+                        Ok(r) => report.repair = Some(r),
+                        Err(e) => warn!(error = %e, "verify: repair failed; will try again"),
+                    }
                 }
                 gauges
                     .verified_through_us
@@ -765,7 +777,8 @@ async fn verify_pass(
         },
         window_us,
         wait: Duration::from_secs(config.verify_grace_s.max(30)),
-        repair: config.verify_repair,
+        // verify_forever repairs after logging.
+        repair: false,
     };
     verify(config, sink, &options).await
 }
