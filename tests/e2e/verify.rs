@@ -374,3 +374,25 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     let (_, report) = verify(&f, &[]);
     assert!(missing(&report).is_empty(), "{report}");
 }
+
+/// The acceptance figure: a full `verify` of a complete table of 1,000,000 events (or
+/// RELAY_TEST_VERIFY_EVENTS). Slow (the relay ships them first): run it with
+/// `cargo nextest run -p relay-tests --run-ignored only -E 'test(verify_a_million)'`.
+#[test]
+#[ignore]
+fn verify_a_million_events() {
+    let n: u64 = std::env::var("RELAY_TEST_VERIFY_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let f = Fixture::start(PgVersion::V15, &[("RELAY_VERIFY_INTERVAL_S", "0")]);
+    let relay = f.spawn_relay();
+    f.publish(n, 10_000, "million");
+    f.wait_for_rows(n, Duration::from_secs(1_800), Some(&relay));
+    let started = std::time::Instant::now();
+    let out = f.relay(&["verify", "--wait-s", "120"]);
+    let took = started.elapsed().as_secs_f64();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    println!("full verify of {n} events: {took:.2} s");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
