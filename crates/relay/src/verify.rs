@@ -33,9 +33,9 @@ use crate::schema::{dead_letters_table, outbox_table};
 use crate::sink::{ClickHouseSink, SinkError, quote_ch_ident, quote_ch_literal};
 
 /// A window with at most this many rows (both sides together) is compared id by id; a larger
-/// differing one is split into [`SPLIT`] parts first.
+/// differing one is grouped by id hash buckets first (at most 2^[`MAX_BUCKET_BITS`]).
 const NARROW_ROWS: u64 = 20_000;
-const SPLIT: i64 = 16;
+const MAX_BUCKET_BITS: u32 = 16;
 /// Ids read per query when comparing id by id.
 const ID_PAGE: usize = 5_000;
 
@@ -313,22 +313,85 @@ impl Checker<'_> {
         Ok(rows.into_iter().map(|(w, n, s)| (w, (n, s))).collect())
     }
 
-    async fn pg_ids(&self, tx: &Transaction<'_>, range: Range) -> Result<HashSet<String>, PgError> {
+    /// `(bucket, count, hash sum)` per bucket of the ids' top `bits` hash bits in `range`.
+    async fn pg_buckets(
+        &self,
+        tx: &Transaction<'_>,
+        range: Range,
+        bits: u32,
+    ) -> Result<Sums, PgError> {
         let sql = format!(
-            "SELECT o.event_id::text FROM {} o WHERE {}",
+            "SELECT {}, count(*)::int8, sum({PG_HASH})::text FROM {} o WHERE {} GROUP BY 1",
+            pg_bucket(bits),
             outbox_table(self.config),
             self.outbox_where()
         );
         let rows = tx
             .query(&sql, &[&range.from_us, &range.until_us])
             .await
-            .map_err(PgError::query("verify outbox ids"))?;
+            .map_err(PgError::query("verify outbox buckets"))?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let (b, n, sum): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
+                let wrapped = sum.parse::<i128>().map(|v| v as i64).unwrap_or_default();
+                (b, (n as u64, wrapped))
+            })
+            .collect())
+    }
+
+    async fn ch_buckets(&self, range: Range, bits: u32) -> Result<Sums, SinkError> {
+        let sql = format!(
+            "SELECT {}, count(), sum({CH_HASH}) FROM {} WHERE {} GROUP BY 1",
+            ch_bucket(bits),
+            self.table,
+            self.ch_where(range)
+        );
+        let rows: Vec<(i64, u64, i64)> = self.sink.fetch_all(&sql).await?;
+        Ok(rows.into_iter().map(|(b, n, s)| (b, (n, s))).collect())
+    }
+
+    /// The outbox ids in `range` (in these buckets of `bits` bits, when given).
+    async fn pg_ids(
+        &self,
+        tx: &Transaction<'_>,
+        range: Range,
+        bits: u32,
+        buckets: Option<&[i64]>,
+    ) -> Result<HashSet<String>, PgError> {
+        let filter = match buckets {
+            Some(_) => format!(" AND {} = ANY($3::int8[])", pg_bucket(bits)),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT o.event_id::text FROM {} o WHERE {}{filter}",
+            outbox_table(self.config),
+            self.outbox_where()
+        );
+        let rows = match buckets {
+            Some(b) => tx.query(&sql, &[&range.from_us, &range.until_us, &b]).await,
+            None => tx.query(&sql, &[&range.from_us, &range.until_us]).await,
+        }
+        .map_err(PgError::query("verify outbox ids"))?;
         Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     }
 
-    async fn ch_ids(&self, range: Range) -> Result<HashMap<String, u64>, SinkError> {
+    async fn ch_ids(
+        &self,
+        range: Range,
+        bits: u32,
+        buckets: Option<&[i64]>,
+    ) -> Result<HashMap<String, u64>, SinkError> {
+        let filter = match buckets {
+            Some(b) => format!(
+                " AND {} IN ({})",
+                ch_bucket(bits),
+                b.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            ),
+            None => String::new(),
+        };
         let sql = format!(
-            "SELECT toString(event_id), count() FROM {} WHERE {} GROUP BY event_id",
+            "SELECT toString(event_id), count() FROM {} WHERE {}{filter} GROUP BY event_id",
             self.table,
             self.ch_where(range)
         );
@@ -336,7 +399,10 @@ impl Checker<'_> {
         Ok(rows.into_iter().collect())
     }
 
-    /// The missing and extra ids of a differing range: split until small, then id by id.
+    /// The missing and extra ids of a differing window. A large window is first grouped by the
+    /// top bits of the id hash (uniform whatever the times, so one pass finds the differing
+    /// buckets of about `NARROW_ROWS / 4` rows); then the ids of the window, or of its
+    /// differing buckets, are compared one by one.
     async fn narrow(
         &self,
         tx: &Transaction<'_>,
@@ -344,36 +410,54 @@ impl Checker<'_> {
         rows: u64,
         found: &mut (Vec<String>, Vec<(String, u64)>),
     ) -> Result<(), VerifyError> {
-        let span = range.until_us - range.from_us;
-        if rows <= NARROW_ROWS || span <= SPLIT {
-            let pg = self.pg_ids(tx, range).await?;
-            let ch = self.ch_ids(range).await?;
-            found
-                .0
-                .extend(pg.iter().filter(|id| !ch.contains_key(*id)).cloned());
-            found
-                .1
-                .extend(ch.into_iter().filter(|(id, n)| *n > 1 || !pg.contains(id)));
-            return Ok(());
-        }
-        let width = (span + SPLIT - 1) / SPLIT;
-        let pg = self.pg_sums(tx, range, width).await?;
-        let ch = self.ch_sums(range, width).await?;
-        for w in 0..SPLIT {
-            let (p, c) = (pg.get(&w).copied(), ch.get(&w).copied());
-            if p.unwrap_or_default() == c.unwrap_or_default() {
-                continue;
+        let bits = if rows <= NARROW_ROWS {
+            0
+        } else {
+            rows.div_ceil(NARROW_ROWS / 4)
+                .next_power_of_two()
+                .trailing_zeros()
+                .min(MAX_BUCKET_BITS)
+        };
+        let buckets = if bits == 0 {
+            None
+        } else {
+            let pg = self.pg_buckets(tx, range, bits).await?;
+            let ch = self.ch_buckets(range, bits).await?;
+            let mut keys: Vec<i64> = pg.keys().chain(ch.keys()).copied().collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.retain(|k| {
+                pg.get(k).copied().unwrap_or_default() != ch.get(k).copied().unwrap_or_default()
+            });
+            if keys.is_empty() {
+                return Ok(());
             }
-            let from_us = range.from_us + w * width;
-            let part = Range {
-                from_us,
-                until_us: (from_us + width).min(range.until_us),
-            };
-            let rows = p.map_or(0, |p| p.0) + c.map_or(0, |c| c.0);
-            Box::pin(self.narrow(tx, part, rows, found)).await?;
-        }
+            Some(keys)
+        };
+        let pg = self.pg_ids(tx, range, bits, buckets.as_deref()).await?;
+        let ch = self.ch_ids(range, bits, buckets.as_deref()).await?;
+        found
+            .0
+            .extend(pg.iter().filter(|id| !ch.contains_key(*id)).cloned());
+        found
+            .1
+            .extend(ch.into_iter().filter(|(id, n)| *n > 1 || !pg.contains(id)));
         Ok(())
     }
+}
+
+/// The top `bits` bits of [`id_hash`] as a number, in PostgreSQL (arithmetic shift, masked).
+fn pg_bucket(bits: u32) -> String {
+    format!("(({PG_HASH} >> {}) & {})", 64 - bits, (1i64 << bits) - 1)
+}
+
+/// The same in ClickHouse (logical shift of the unsigned hash).
+fn ch_bucket(bits: u32) -> String {
+    format!(
+        "toInt64(bitAnd(bitShiftRight(reinterpretAsUInt64(reverse(substring(MD5(toString(event_id)), 1, 8))), {}), {}))",
+        64 - bits,
+        (1u64 << bits) - 1
+    )
 }
 
 /// Waits until the slot's confirmed position passes `fence`.
