@@ -287,8 +287,9 @@ impl Bench {
     fn verify_figures(&self) -> Result<(f64, f64)> {
         let (off, mut relay) = self.chunked_rate(&[("RELAY_VERIFY_INTERVAL_S", "0")])?;
         stop(&mut relay);
+        let interval = std::env::var("BENCH_VERIFY_INTERVAL_S").unwrap_or_else(|_| "1".into());
         let (on, mut relay) = self.chunked_rate(&[
-            ("RELAY_VERIFY_INTERVAL_S", "1"),
+            ("RELAY_VERIFY_INTERVAL_S", &interval),
             ("RELAY_VERIFY_GRACE_S", "0"),
         ])?;
         let started = Instant::now();
