@@ -66,8 +66,16 @@ fn main() -> Result<()> {
 
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut push = |key: String, value: f64| samples.entry(key).or_default().push(value);
+    // BENCH_ONLY=verify: only the verifier's figures (bench/README.md).
+    let only_verify = std::env::var("BENCH_ONLY").as_deref() == Ok("verify");
     for run in 0..runs {
         eprintln!("bench: run {}/{runs}", run + 1);
+        if only_verify {
+            let (overhead, full) = bench.verify_figures()?;
+            push("verify_overhead".into(), overhead);
+            push("verify_full_seconds".into(), full);
+            continue;
+        }
         for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
             let d = bench.drain(per_tx)?;
             push(format!("wal_limit_events_per_s{shape}"), d.wal);
@@ -96,6 +104,9 @@ fn main() -> Result<()> {
             "polling_outbox_events_per_s".into(),
             bench.polling_outbox()?,
         );
+        let (overhead, full) = bench.verify_figures()?;
+        push("verify_overhead".into(), overhead);
+        push("verify_full_seconds".into(), full);
     }
     let mut results: BTreeMap<String, f64> = samples
         .iter()
@@ -108,18 +119,26 @@ fn main() -> Result<()> {
         return Ok(());
     }
     // Peak memory: the worst run, not the median.
-    for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"] {
+    for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"]
+        .into_iter()
+        .filter(|k| samples.contains_key(*k))
+    {
         results.insert(key.into(), samples[key].iter().cloned().fold(0.0, f64::max));
     }
-    results.insert(
-        "relay_cpu_s_per_million_events_steady_2000".into(),
-        median(
-            &(0..runs)
-                .map(|_| bench.steady())
-                .collect::<Result<Vec<_>>>()?,
-        ),
-    );
-    for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))] {
+    if !only_verify {
+        results.insert(
+            "relay_cpu_s_per_million_events_steady_2000".into(),
+            median(
+                &(0..runs)
+                    .map(|_| bench.steady())
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        );
+    }
+    for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))]
+        .into_iter()
+        .filter(|_| !only_verify)
+    {
         let (p50, p99, inserts) = bench.latency(wait_ms)?;
         results.insert(format!("latency_p50_ms{suffix}"), p50);
         results.insert(format!("latency_p99_ms{suffix}"), p99);
@@ -302,6 +321,82 @@ impl Bench {
             walsender_wal: walsender_wal.shares(),
             walsender_relay: walsender_relay.shares(),
         })
+    }
+
+    /// `verify_overhead`: the share of the relay's rate lost to a background verifier checking
+    /// every second with no grace period, against the same run with the verifier off. The
+    /// verifier only compares what the relay has passed (it waits for the slot to pass its
+    /// snapshot), so a backlog written up front would keep it idle until the end: here the
+    /// events arrive in 10 chunks (1,000-event transactions), each published once the relay
+    /// confirmed the previous one, so verifier passes over the growing table run while later
+    /// chunks are published and shipped. `verify_full_seconds`: then, with the table complete, a
+    /// full `outbox-relay verify` of the whole outbox beside the running relay.
+    fn verify_figures(&self) -> Result<(f64, f64)> {
+        let (off, mut relay) = self.chunked_rate(&[("RELAY_VERIFY_INTERVAL_S", "0")])?;
+        stop(&mut relay);
+        let interval = std::env::var("BENCH_VERIFY_INTERVAL_S").unwrap_or_else(|_| "1".into());
+        let (on, mut relay) = self.chunked_rate(&[
+            ("RELAY_VERIFY_INTERVAL_S", &interval),
+            ("RELAY_VERIFY_GRACE_S", "0"),
+        ])?;
+        let started = Instant::now();
+        let out = self
+            .relay_command(&["verify", "--json", "--wait-s", "120"], &[])
+            .output()?;
+        let full = started.elapsed().as_secs_f64();
+        stop(&mut relay);
+        if out.status.code() != Some(0) {
+            bail!(
+                "verify of a complete table did not exit 0 ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        eprintln!(
+            "bench: verify: {off:.0} ev/s without the verifier, {on:.0} with it, full verify {full:.2} s"
+        );
+        Ok(((off - on) / off, full))
+    }
+
+    /// `events` events published in 10 chunks, each once `outbox-relay run` (with `extra`
+    /// settings) confirmed the previous one: (events/s from the first publish to the last
+    /// confirmation, the relay, still running).
+    fn chunked_rate(&self, extra: &[(&str, &str)]) -> Result<(f64, Child)> {
+        self.sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
+             TRUNCATE event_outbox;
+             SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');"
+        ))?;
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        let mut env = vec![("RELAY_STATUS_INTERVAL_MS", "100")];
+        env.extend_from_slice(extra);
+        let mut child = self
+            .relay_command(&["run"], &env)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        for _ in 0..10 {
+            self.publish(self.events / 10, 1_000)?;
+            let end = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()")?.trim());
+            loop {
+                let confirmed = self.sql(&format!(
+                    "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+                ))?;
+                if parse_lsn(confirmed.trim()) >= end {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(900) {
+                    stop(&mut child);
+                    bail!("relay did not ship the chunks in 900 s");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok((
+            (self.events / 10 * 10) as f64 / started.elapsed().as_secs_f64(),
+            child,
+        ))
     }
 
     /// The same kind of rows sent to ClickHouse by the simplest code: batches of 100,000.

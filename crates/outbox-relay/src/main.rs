@@ -66,6 +66,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prove that ClickHouse holds every outbox event exactly once (for this outbox's source),
+    /// window by window, and list the exact missing and extra event ids.
+    ///
+    /// Exit codes: 0 complete, 1 differences found (after --repair: found, missing ones
+    /// re-shipped; run again to confirm), 2 could not check (a server, the configuration, the
+    /// relay not passing the snapshot within --wait-s).
+    Verify {
+        /// Start of the range (event_date_time): RFC 3339 or an age like 6h; default: the
+        /// retained outbox (one window past the purge horizon).
+        #[arg(long, conflicts_with = "from_lsn")]
+        since: Option<String>,
+        /// Verify the windows holding events committed after this WAL position (as `replay
+        /// --from-lsn` chooses them).
+        #[arg(long)]
+        from_lsn: Option<pgoutput::Lsn>,
+        /// End of the range (exclusive): RFC 3339 or an age; default: no end.
+        #[arg(long)]
+        until: Option<String>,
+        /// Window width in seconds (default: verify_window_s).
+        #[arg(long)]
+        window_s: Option<u64>,
+        /// Re-ship the missing events through the replay path (exactly once); extras are only
+        /// reported, never deleted.
+        #[arg(long)]
+        repair: bool,
+        /// How long to wait for the live relay to pass verify's snapshot.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Events ClickHouse refused, kept in PostgreSQL with the error.
     DeadLetters {
         #[command(subcommand)]
@@ -122,6 +154,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Verify { .. } = &cli.command {
+        return match runtime.block_on(verify(cli.command, config)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                let message = error_chain(&e);
+                tracing::error!(error = message, "verify could not check");
+                eprintln!("outbox-relay: verify could not check: {message}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let code = match runtime.block_on(execute(cli.command, config)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -243,7 +287,104 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::DeadLetters { action } => dead_letters(&config, action).await.map(|()| 0),
+        Command::Verify { .. } => anyhow::bail!("verify is run by main"),
     }
+}
+
+/// `outbox-relay verify`: Ok(true) when complete, Ok(false) when differences were found.
+async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
+    use relay::verify::{self, Options, Range};
+    let Command::Verify {
+        since,
+        from_lsn,
+        until,
+        window_s,
+        repair,
+        wait_s,
+        json,
+    } = command
+    else {
+        anyhow::bail!("not a verify command");
+    };
+    let now = relay::http::unix_now_us();
+    let window_s = window_s.unwrap_or(config.verify_window_s);
+    anyhow::ensure!(window_s >= 1, "--window-s must be at least 1");
+    let window_us = window_s as i64 * 1_000_000;
+    let mut range = verify::default_range(&config, now, window_us);
+    if let Some(since) = &since {
+        range.from_us =
+            verify::parse_time(since, now).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    }
+    if let Some(lsn) = from_lsn {
+        match verify::range_from_lsn(&config, lsn).await? {
+            Some(from) => range.from_us = from.div_euclid(window_us) * window_us,
+            None => {
+                println!("no outbox event was committed after {lsn}: nothing to verify");
+                return Ok(true);
+            }
+        }
+    }
+    if let Some(until) = &until {
+        range.until_us =
+            verify::parse_time(until, now).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
+    }
+    if since.is_none() && from_lsn.is_none() && config.outbox_retention_hours == 0 {
+        // The whole outbox: verify starts at its oldest row.
+        range.from_us = i64::MIN / 4;
+    }
+    let sink = clickhouse_sink(&config).await?;
+    let options = Options {
+        range: Range { ..range },
+        window_us,
+        wait: std::time::Duration::from_secs(wait_s),
+        repair,
+    };
+    let started = std::time::Instant::now();
+    let report = verify::verify(&config, &sink, &options).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "source {}: {} to {} in {} windows of {} s: {} outbox events, {} ClickHouse rows, \
+             {} missing, {} extra ({:.1} s)",
+            report.source,
+            report.from,
+            report.until,
+            report.windows,
+            report.window_seconds,
+            report.outbox_events,
+            report.clickhouse_rows,
+            report.missing.len(),
+            report.extra.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for w in &report.differing_windows {
+            println!(
+                "window {} .. {}: {} outbox events, {} ClickHouse rows: {} missing, {} extra",
+                w.from, w.until, w.outbox_events, w.clickhouse_rows, w.missing, w.extra
+            );
+        }
+        for id in &report.missing {
+            println!("missing {id}");
+        }
+        for e in &report.extra {
+            println!("extra {} ({} rows, {})", e.event_id, e.rows, e.kind);
+        }
+        for (source, rows) in &report.other_sources {
+            println!("other source {source:?}: {rows} rows (not checked here)");
+        }
+        if let Some(r) = &report.repair {
+            println!(
+                "repair: {} missing events re-shipped, {} were there already, {} dead letters; \
+                 extras are not deleted",
+                r.shipped, r.already_there, r.dead_letters
+            );
+        }
+        if report.complete() {
+            println!("complete: every outbox event is in ClickHouse exactly once");
+        }
+    }
+    Ok(report.complete())
 }
 
 /// The sink of `replay` and `dead-letters retry`: rows marked with (and checks limited to) this
@@ -315,6 +456,10 @@ async fn run(config: Config) -> anyhow::Result<u8> {
         relay.metrics(),
         relay.sink().clone(),
     ));
+    let verifier = tokio::spawn(relay::verify::verify_forever(
+        config.clone(),
+        relay.metrics(),
+    ));
     let grace = config.shutdown_timeout();
     let purge = tokio::spawn(relay::purge::purge_forever(config));
     // A graceful stop gets `shutdown_timeout_ms` from the signal on; past it the session is
@@ -331,6 +476,7 @@ async fn run(config: Config) -> anyhow::Result<u8> {
         () = bound => None,
     };
     purge.abort();
+    verifier.abort();
     check.abort();
     if let Some(http) = http {
         http.abort();
@@ -487,6 +633,15 @@ fn print_status(s: &relay::status::Status) {
         "dead_letters         {}",
         s.dead_letters.map(|n| n.to_string()).unwrap_or_else(dash)
     );
+    match &s.verify {
+        None => println!(
+            "verified_through     - (no running relay's verifier answered at metrics_addr)"
+        ),
+        Some(v) => println!(
+            "verified_through     {} ({} missing, {} extra events)",
+            v.verified_through, v.missing_events, v.extra_events
+        ),
+    }
     match &s.clickhouse_error {
         None => println!("clickhouse           reachable"),
         Some(e) => println!("clickhouse           UNREACHABLE: {e}"),

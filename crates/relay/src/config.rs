@@ -74,6 +74,17 @@ pub struct Config {
     /// Longest a graceful stop (SIGTERM/SIGINT) may take to flush; past it the relay exits
     /// without confirming what ClickHouse has not accepted (the next start ships it).
     pub shutdown_timeout_ms: u64,
+    /// How often the background verifier compares the outbox with ClickHouse; 0 turns it off.
+    pub verify_interval_s: u64,
+    /// A window is verified once it ended at least this long ago (events in flight are not
+    /// counted as missing).
+    pub verify_grace_s: u64,
+    /// Width of the `event_date_time` windows compared by count and checksum.
+    pub verify_window_s: u64,
+    /// How far back each background pass looks (bounded by the outbox retention).
+    pub verify_lookback_hours: u64,
+    /// Re-ship missing events found by the background verifier (extras are only reported).
+    pub verify_repair: bool,
     /// `pretty` (for people) or `json` (for log pipelines).
     pub log_format: LogFormat,
     /// A tracing filter: `info`, `relay=debug,info`, ...
@@ -121,6 +132,11 @@ impl Default for Config {
             outbox_retention_hours: 72,
             purge_interval_s: 60,
             shutdown_timeout_ms: 10_000,
+            verify_interval_s: 300,
+            verify_grace_s: 60,
+            verify_window_s: 3600,
+            verify_lookback_hours: 24,
+            verify_repair: false,
             log_format: LogFormat::Pretty,
             log_level: "info".into(),
             metrics_addr: "127.0.0.1:9898".into(),
@@ -157,6 +173,11 @@ pub const SETTINGS: &[&str] = &[
     "outbox_retention_hours",
     "purge_interval_s",
     "shutdown_timeout_ms",
+    "verify_interval_s",
+    "verify_grace_s",
+    "verify_window_s",
+    "verify_lookback_hours",
+    "verify_repair",
     "log_format",
     "log_level",
     "metrics_addr",
@@ -336,6 +357,8 @@ impl Config {
             ("clickhouse_timeout_ms", self.clickhouse_timeout_ms, 100),
             ("purge_interval_s", self.purge_interval_s, 1),
             ("shutdown_timeout_ms", self.shutdown_timeout_ms, 100),
+            ("verify_window_s", self.verify_window_s, 1),
+            ("verify_lookback_hours", self.verify_lookback_hours, 1),
         ] {
             if value < min {
                 return Err(invalid(

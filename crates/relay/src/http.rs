@@ -167,7 +167,7 @@ pub async fn check_clickhouse(metrics: Arc<Metrics>, sink: ClickHouseSink) {
     }
 }
 
-pub(crate) fn unix_now_us() -> i64 {
+pub fn unix_now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

@@ -22,6 +22,7 @@ pub mod schema;
 pub mod setup;
 pub mod sink;
 pub mod status;
+pub mod verify;
 
 pub use config::Config;
 pub use pipeline::{Relay, RelayError};

@@ -136,6 +136,8 @@ pub struct Metrics {
     pub http_refused: AtomicU64,
     /// Failed accepts on the HTTP endpoint (e.g. out of file descriptors).
     pub http_accept_errors: AtomicU64,
+    /// The background verifier's findings (crates/relay/src/verify.rs).
+    pub verify: crate::verify::VerifyGauges,
 }
 
 impl Default for Metrics {
@@ -167,6 +169,7 @@ impl Default for Metrics {
             clickhouse_failure: Mutex::new(None),
             http_refused: AtomicU64::new(0),
             http_accept_errors: AtomicU64::new(0),
+            verify: Default::default(),
         }
     }
 }
@@ -410,6 +413,7 @@ impl Metrics {
             "outbox_relay_batch_flush_seconds",
             "Time ClickHouse took to accept a batch.",
         );
+        self.verify.render(&mut out);
         out
     }
 }

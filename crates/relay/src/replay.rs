@@ -727,8 +727,71 @@ pub async fn replay_tables(
     Ok(report)
 }
 
+/// Re-ships the outbox rows with these event ids that ClickHouse does not hold, exactly once,
+/// as `replay` does: under replay's lock, read in a snapshot the live relay has passed (so it
+/// never ships them again), each chunk checked against ClickHouse first and inserted with a
+/// content-derived deduplication token. Used by `verify --repair` and `verify_repair`.
+pub async fn reship_ids(
+    config: &Config,
+    sink: &ClickHouseSink,
+    ids: &[String],
+    wait: Duration,
+) -> Result<ReplayReport, ReplayError> {
+    let control = pg::connect(&config.postgres_url).await?;
+    let locked: bool = control
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("replay lock"))?
+        .get(0);
+    if !locked {
+        return Err(ReplayError::Busy(config.slot.clone()));
+    }
+    let mut report = ReplayReport::default();
+    let mut reader = pg::connect(&config.postgres_url).await?;
+    let layout = SqlLayout::read(&reader, config).await?;
+    let tx = reader
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(PgError::query("repair snapshot"))?;
+    report.fence_lsn = tx
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(PgError::query("repair snapshot"))?
+        .get(0);
+    wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
+    let sql = format!(
+        "SELECT {} FROM {} o WHERE o.event_id::text = ANY($1)",
+        layout.select,
+        outbox_table(config)
+    );
+    for chunk in ids.chunks(CHUNK as usize) {
+        let rows = tx
+            .query(&sql, &[&chunk])
+            .await
+            .map_err(PgError::query("repair read"))?;
+        report.candidates += rows.len() as u64;
+        let events = rows
+            .iter()
+            .filter_map(|row| layout.event(row).ok())
+            .collect::<Vec<_>>();
+        ship_chunk(config, sink, &control, events, false, &mut report).await?;
+    }
+    info!(
+        candidates = report.candidates,
+        shipped = report.shipped,
+        "repair re-shipped missing events"
+    );
+    Ok(report)
+}
+
 /// The newest checkpoint whose snapshot predates `from`: (snapshot, snapshot_lsn).
-async fn base_snapshot(
+pub(crate) async fn base_snapshot(
     client: &Client,
     config: &Config,
     from: Lsn,
@@ -800,6 +863,9 @@ async fn wait_for_fence(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The outbox row `o`'s xmin as an xid8 (see [`ROW_XID8`]).
+pub(crate) const XID8: &str = ROW_XID8;
 
 /// Outbox rows the base snapshot ($1, NULL for all) does not see, minus dead letters.
 fn candidates_sql(config: &Config, outbox: &str, select: &str) -> String {

@@ -890,6 +890,15 @@ impl ClickHouseSink {
         self.bounded(&named, request).await
     }
 
+    /// Runs a query and reads all its rows, within the timeout.
+    pub async fn fetch_all<T>(&self, query: &str) -> Result<Vec<T>, SinkError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let request = self.client.query(query).fetch_all::<T>();
+        self.bounded(query, request).await
+    }
+
     /// Runs a statement that returns nothing (DDL).
     pub async fn execute(&self, query: &str) -> Result<(), SinkError> {
         self.bounded(query, self.client.query(query).execute())

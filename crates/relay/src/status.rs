@@ -34,6 +34,9 @@ pub struct Status {
     pub primary: String,
     /// The other hosts of a multi-host `postgres_url`: whether each could take over.
     pub standbys: Vec<StandbyStatus>,
+    /// The running relay's background verifier (read from its /metrics at metrics_addr; None
+    /// when no relay answers there or the verifier has not finished a pass).
+    pub verify: Option<VerifyStatus>,
 }
 
 /// A standby (another host of `postgres_url`) as seen from the relay: does it hold the slot,
@@ -180,6 +183,53 @@ impl Status {
     }
 }
 
+/// What the background verifier last found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyStatus {
+    /// Up to where every event is proven in ClickHouse exactly once (RFC 3339).
+    pub verified_through: String,
+    pub missing_events: u64,
+    pub extra_events: u64,
+}
+
+/// The verifier's gauges from a running relay's `/metrics`.
+async fn verify_status(config: &Config) -> Option<VerifyStatus> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = config.metrics_addr()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let body = tokio::time::timeout(std::time::Duration::from_secs(3), fetch)
+        .await
+        .ok()??;
+    let value = |name: &str| -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let through = value("outbox_relay_verified_through_seconds")?;
+    if through <= 0.0 {
+        return None;
+    }
+    Some(VerifyStatus {
+        verified_through: crate::verify::format_us((through * 1e6) as i64),
+        missing_events: value("outbox_relay_missing_events")? as u64,
+        extra_events: value("outbox_relay_extra_events")? as u64,
+    })
+}
+
 pub async fn status(config: &Config) -> Result<Status, PgError> {
     let primary = pg::connect_primary(&config.postgres_url).await?;
     let client = primary.client;
@@ -212,6 +262,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         .await
         .ok()
         .flatten();
+    let verify = verify_status(config).await;
     Ok(Status {
         slot: config.slot.clone(),
         exists: state.is_some(),
@@ -231,5 +282,6 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         last_checkpoint_at: checkpoint.map(|c| c.1),
         primary: primary.endpoint,
         standbys,
+        verify,
     })
 }

@@ -1,0 +1,408 @@
+//! Completeness you can prove (issue 13): `outbox-relay verify` and the background verifier find
+//! every way ClickHouse can stop holding the outbox exactly once, with the exact event ids, and
+//! `--repair` (or `verify_repair`) restores exact set equality without touching other sources.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{Fixture, RelayProcess, http_get, metric, stderr, wait_until};
+use harness::PgVersion;
+
+/// One test function per PostgreSQL version for each scenario.
+macro_rules! on_each_postgres {
+    ($($name:ident),* $(,)?) => {
+        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
+        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
+    };
+}
+
+on_each_postgres!(verify_finds_and_repairs_every_kind_of_difference);
+
+const GRACE_S: u64 = 1;
+const INTERVAL_S: u64 = 2;
+
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify --json printed no JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+fn missing(report: &serde_json::Value) -> BTreeSet<String> {
+    report["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// (event id, kind) of each extra.
+fn extra(report: &serde_json::Value) -> BTreeSet<(String, String)> {
+    report["extra"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["event_id"].as_str().unwrap().to_string(),
+                v["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `verify --json ARGS`: (exit code, report).
+fn verify(f: &Fixture, args: &[&str]) -> (i32, serde_json::Value) {
+    let mut all = vec!["verify", "--json", "--wait-s", "30"];
+    all.extend_from_slice(args);
+    let out = f.relay(&all);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 1,
+        "verify could not check: {}",
+        stderr(&out)
+    );
+    (code, json(&out))
+}
+
+/// The background verifier's gauges, once they show `missing` and `extra`; panics with the log
+/// after grace + interval (+ slack for the pass itself).
+fn wait_for_gauges(addr: &str, relay: &RelayProcess, missing: u64, extra: u64) {
+    // Grace + one interval, and a few seconds for the pass itself on a busy machine.
+    let deadline = Duration::from_secs(GRACE_S + INTERVAL_S + 5);
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    let ok = wait_until(deadline, || {
+        let (_, body) = http_get(addr, "/metrics");
+        last = body;
+        last.contains("outbox_relay_missing_events")
+            && metric(&last, "outbox_relay_missing_events") == missing as f64
+            && metric(&last, "outbox_relay_extra_events") == extra as f64
+            && metric(&last, "outbox_relay_verified_through_seconds") > 0.0
+    });
+    assert!(
+        ok,
+        "background verifier did not report missing={missing} extra={extra} within {deadline:?}\n\
+         {last}\nrelay log:\n{}",
+        relay.log()
+    );
+    println!(
+        "background verifier: missing={missing} extra={extra} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Our source's ids (with how many rows) and the other sources' rows in ClickHouse.
+fn ch_ids_by_source(f: &Fixture, ours: &str) -> (Vec<String>, Vec<String>) {
+    let (mut mine, mut others) = (Vec::new(), Vec::new());
+    for line in f
+        .ch("SELECT source, toString(event_id) FROM {db}.event_log ORDER BY event_id FORMAT TSV")
+        .lines()
+    {
+        let (source, id) = line.split_once('\t').unwrap();
+        if source == ours || source.is_empty() {
+            mine.push(id.to_string());
+        } else {
+            others.push(format!("{source} {id}"));
+        }
+    }
+    (mine, others)
+}
+
+fn some_ids(f: &Fixture, n: usize, offset: usize) -> Vec<String> {
+    f.sql(&format!(
+        "SELECT event_id FROM event_outbox ORDER BY event_id LIMIT {n} OFFSET {offset}"
+    ))
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn in_list(ids: &[String]) -> String {
+    ids.iter()
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Deletes these ids' rows in ClickHouse and waits until the delete shows.
+fn delete_in_clickhouse(f: &Fixture, ids: &[String]) {
+    f.ch(&format!(
+        "DELETE FROM {{db}}.event_log WHERE event_id IN ({})",
+        in_list(ids)
+    ));
+    let gone = wait_until(Duration::from_secs(30), || {
+        f.ch(&format!(
+            "SELECT count() FROM {{db}}.event_log WHERE event_id IN ({})",
+            in_list(ids)
+        ))
+        .trim()
+            == "0"
+    });
+    assert!(gone, "the DELETE in ClickHouse did not take effect");
+}
+
+/// Publishes `n` events whose event_date_time is spread over the last `minutes` minutes.
+fn publish_spread(f: &Fixture, n: u64, minutes: u64, tag: &str) {
+    f.sql(&format!(
+        "INSERT INTO event_outbox (event_type, event_date_time, event_context)
+         SELECT '{tag}', now() - make_interval(secs => {minutes} * 60.0 * g / {n}) - interval '5 seconds',
+                json_build_object('n', g)
+           FROM generate_series(1, {n}) g"
+    ));
+}
+
+fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
+    let addr = free_addr();
+    let verifier = [
+        ("RELAY_METRICS_ADDR", addr.as_str()),
+        ("RELAY_VERIFY_INTERVAL_S", "2"),
+        ("RELAY_VERIFY_GRACE_S", "1"),
+        ("RELAY_VERIFY_WINDOW_S", "600"),
+    ];
+    let f = Fixture::start(v, &verifier);
+    let mut relay = f.spawn_relay();
+    publish_spread(&f, 5_000, 120, "spread");
+    f.wait_for_rows(5_000, Duration::from_secs(60), Some(&relay));
+
+    // PostgreSQL, ClickHouse and id_hash compute the same hash for every id.
+    let pg_hashes: Vec<(String, i64)> = f
+        .sql(&format!(
+            "SELECT o.event_id, {} FROM event_outbox o ORDER BY 1",
+            relay::verify::PG_HASH
+        ))
+        .lines()
+        .map(|l| {
+            let (id, h) = l.split_once('|').unwrap();
+            (id.to_string(), h.parse().unwrap())
+        })
+        .collect();
+    let ch_hashes: Vec<(String, i64)> = f
+        .ch(&format!(
+            "SELECT toString(event_id), {} FROM {{db}}.event_log ORDER BY 1 FORMAT TSV",
+            relay::verify::CH_HASH
+        ))
+        .lines()
+        .map(|l| {
+            let (id, h) = l.split_once('\t').unwrap();
+            (id.to_string(), h.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(pg_hashes.len(), 5_000);
+    assert_eq!(
+        pg_hashes, ch_hashes,
+        "PostgreSQL and ClickHouse hash ids alike"
+    );
+    for (id, h) in &pg_hashes {
+        assert_eq!(relay::verify::id_hash(id), *h, "id_hash({id})");
+    }
+
+    // Complete: exit 0, and the background verifier says so.
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["outbox_events"], 5_000);
+    wait_for_gauges(&addr, &relay, 0, 0);
+    let source = report["source"].as_str().unwrap().to_string();
+
+    // 1. Rows deleted in ClickHouse.
+    let deleted = some_ids(&f, 7, 100);
+    delete_in_clickhouse(&f, &deleted);
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(missing(&report), deleted.iter().cloned().collect());
+    assert!(extra(&report).is_empty(), "{report}");
+    wait_for_gauges(&addr, &relay, 7, 0);
+
+    // 2. A window lost without the relay noticing: the slot moved past WAL it never decoded, as
+    // when PostgreSQL 18 skips WAL written while the outbox was out of the publication (or
+    // `skip_unpublished_window` advanced it) and no coverage change was recorded.
+    relay.kill_now();
+    let before = f.pg_ids();
+    let lsn = f.confirmed_lsn();
+    let from_lsn = format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff);
+    publish_spread(&f, 40, 30, "lost");
+    f.sql(&format!(
+        "SELECT pg_replication_slot_advance('{}', pg_current_wal_lsn())",
+        f.slot
+    ));
+    let lost: BTreeSet<String> = f.pg_ids().difference(&before).cloned().collect();
+    let relay = f.spawn_relay();
+    // The relay streams on (a new event arrives) and has not re-shipped the lost window.
+    publish_spread(&f, 1, 1, "after");
+    f.wait_for_rows(5_000 - 7 + 1, Duration::from_secs(60), Some(&relay));
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1);
+    let expected: BTreeSet<String> = lost.iter().chain(&deleted).cloned().collect();
+    assert_eq!(missing(&report), expected, "deleted + lost window");
+    // --from-lsn: the windows holding events committed after that position hold the lost ones.
+    let (code, report) = verify(&f, &["--from-lsn", &from_lsn]);
+    assert_eq!(code, 1);
+    assert!(missing(&report).is_superset(&lost), "{report}");
+    wait_for_gauges(&addr, &relay, 47, 0);
+
+    // 3. Rows of another source in the same table, and rows without a source (counted as
+    // ours) that the outbox does not hold.
+    f.ch(
+        "INSERT INTO {db}.event_log (event_id, event_type, event_date_time, source)
+         SELECT generateUUIDv4(), 'foreign', now64(6) - 60, 'pg:other/db/public.event_outbox'
+           FROM numbers(25)",
+    );
+    f.ch(
+        "INSERT INTO {db}.event_log (event_id, event_type, event_date_time, source)
+         SELECT generateUUIDv4(), 'stray', now64(6) - 60, '' FROM numbers(3)",
+    );
+    let strays: BTreeSet<(String, String)> = f
+        .ch("SELECT toString(event_id) FROM {db}.event_log WHERE event_type = 'stray'")
+        .lines()
+        .map(|id| (id.to_string(), "unknown".to_string()))
+        .collect();
+
+    // 4. A batch inserted twice with deduplication off.
+    let doubled = some_ids(&f, 5, 2_000);
+    f.ch(&format!(
+        "INSERT INTO {{db}}.event_log SELECT * FROM {{db}}.event_log WHERE event_id IN ({})
+         SETTINGS insert_deduplicate = 0",
+        in_list(&doubled)
+    ));
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(missing(&report), expected);
+    let mut expected_extra = strays.clone();
+    expected_extra.extend(doubled.iter().map(|id| (id.clone(), "duplicate".into())));
+    assert_eq!(extra(&report), expected_extra, "{report}");
+    let others = report["other_sources"].as_array().unwrap();
+    assert_eq!(others.len(), 1, "{report}");
+    assert_eq!(others[0][1], 25);
+    wait_for_gauges(&addr, &relay, 47, 8);
+    let status = f.status();
+    assert_eq!(status["verify"]["missing_events"], 47, "{status}");
+    assert_eq!(status["verify"]["extra_events"], 8, "{status}");
+
+    // Repair: the missing events re-shipped exactly once; extras reported, not deleted; the
+    // other source's rows untouched.
+    let (_, others_before) = ch_ids_by_source(&f, &source);
+    let (code, report) = verify(&f, &["--repair"]);
+    assert_eq!(code, 1);
+    assert_eq!(report["repair"]["shipped"], 47, "{report}");
+    let (code, report) = verify(&f, &["--repair"]);
+    assert_eq!(code, 1, "extras remain");
+    assert!(missing(&report).is_empty(), "{report}");
+    assert_eq!(extra(&report), expected_extra);
+    let (mine, others_after) = ch_ids_by_source(&f, &source);
+    assert_eq!(others_after, others_before, "other sources untouched");
+    let outbox: HashSet<String> = f.pg_ids();
+    let mine_set: HashSet<String> = mine.iter().cloned().collect();
+    let strays_ids: HashSet<String> = strays.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        mine_set
+            .difference(&strays_ids)
+            .cloned()
+            .collect::<HashSet<_>>(),
+        outbox,
+        "exact set equality"
+    );
+    // Each outbox id once, except the duplicated batch (reported, never deleted).
+    assert_eq!(mine.len(), outbox.len() + doubled.len() + strays.len());
+    wait_for_gauges(&addr, &relay, 0, 8);
+
+    // Same count, other ids: one row deleted and an unknown one with the same event_date_time
+    // added in its window. Only the checksum tells.
+    let swapped = some_ids(&f, 1, 4_000).remove(0);
+    f.ch(&format!(
+        "INSERT INTO {{db}}.event_log (event_id, event_type, event_date_time, source)
+         SELECT generateUUIDv4(), 'swap', event_date_time, source FROM {{db}}.event_log
+          WHERE event_id = '{swapped}'"
+    ));
+    delete_in_clickhouse(&f, std::slice::from_ref(&swapped));
+    let swap_in = f
+        .ch("SELECT toString(event_id) FROM {db}.event_log WHERE event_type = 'swap'")
+        .trim()
+        .to_string();
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(missing(&report), BTreeSet::from([swapped]), "{report}");
+    assert!(
+        extra(&report).contains(&(swap_in, "unknown".to_string())),
+        "{report}"
+    );
+
+    // Automatic repair: rows deleted again are re-shipped by the relay itself.
+    drop(relay);
+    let again = some_ids(&f, 4, 3_000);
+    delete_in_clickhouse(&f, &again);
+    let relay = f.spawn_relay_with(&[("RELAY_VERIFY_REPAIR", "true")]);
+    let restored = wait_until(Duration::from_secs(GRACE_S + INTERVAL_S + 30), || {
+        f.ch(&format!(
+            "SELECT count() FROM {{db}}.event_log WHERE event_id IN ({})",
+            in_list(&again)
+        ))
+        .trim()
+            == "4"
+            && relay.log().contains("missing events re-shipped")
+    });
+    assert!(
+        restored,
+        "verify_repair re-shipped nothing\n{}",
+        relay.log()
+    );
+    let shipped_by = f.ch(&format!(
+        "SELECT toString(event_id), commit_lsn, tx_seq, source, _part FROM {{db}}.event_log
+          WHERE event_id IN ({}) FORMAT TSV",
+        in_list(&again)
+    ));
+    assert!(
+        relay.log().contains("window differs"),
+        "{shipped_by}\n{}",
+        relay.log()
+    );
+    let (_, report) = verify(&f, &[]);
+    assert!(missing(&report).is_empty(), "{report}");
+}
+
+/// The acceptance figure: a full `verify` of a complete table of 1,000,000 events (or
+/// RELAY_TEST_VERIFY_EVENTS). Slow (the relay ships them first): run it with
+/// `cargo nextest run -p relay-tests --run-ignored only -E 'test(verify_a_million)'`.
+#[test]
+#[ignore]
+fn verify_a_million_events() {
+    let n: u64 = std::env::var("RELAY_TEST_VERIFY_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let f = Fixture::start(PgVersion::V15, &[("RELAY_VERIFY_INTERVAL_S", "0")]);
+    let relay = f.spawn_relay();
+    f.publish(n, 10_000, "million");
+    f.wait_for_rows(n, Duration::from_secs(1_800), Some(&relay));
+    let started = std::time::Instant::now();
+    let out = f.relay(&["verify", "--wait-s", "120"]);
+    let took = started.elapsed().as_secs_f64();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    println!("full verify of {n} events: {took:.2} s");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // Narrowing in a window of a million rows: three deleted rows, found by id.
+    let deleted = some_ids(&f, 3, n as usize / 2);
+    delete_in_clickhouse(&f, &deleted);
+    let started = std::time::Instant::now();
+    let (code, report) = verify(&f, &[]);
+    let took = started.elapsed().as_secs_f64();
+    println!("verify finding 3 missing among {n} events: {took:.2} s");
+    assert_eq!(code, 1);
+    assert_eq!(missing(&report), deleted.into_iter().collect());
+}
