@@ -166,7 +166,7 @@ fn publish_corpus_and_check(f: &Fixture) {
             continue;
         }
         let back = f.ch(&format!(
-            "SELECT event_context FROM {{db}}.event_log WHERE event_id = toUUID('{id}') FORMAT RawBLOB"
+            "SELECT toString(event_context) FROM {{db}}.event_log WHERE event_id = toUUID('{id}') FORMAT RawBLOB"
         ));
         if &back != pg_text {
             let at = back
