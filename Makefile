@@ -6,7 +6,7 @@ CARGO ?= cargo
 TEST_FILTER ?= all()
 VENV_BIN := .venv/bin
 
-.PHONY: demo test lint fmt bootstrap build fuzz bench deny
+.PHONY: demo test lint fmt bootstrap build fuzz bench bench-json deny
 
 bootstrap:
 	bash tools/bootstrap.sh
@@ -41,6 +41,11 @@ bench: bootstrap
 	$(CARGO) build --release -p outbox-relay
 	$(CARGO) build --release -p relay-tests --bin bench
 	target/release/bench
+
+# event_context layouts in ClickHouse (docs/design.md): bench/json_layouts.json, ~5 minutes.
+bench-json: bootstrap
+	$(CARGO) build --release -p relay-tests --bin json-bench
+	target/release/json-bench
 
 # Licenses, bans and sources (advisories need the RustSec database from GitHub: CI runs them).
 deny:

@@ -203,13 +203,16 @@ pub fn clickhouse_ddl(config: &Config) -> String {
 -- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL; trace_id is the
 -- publisher's trace (empty when none was recorded); source names the outbox (PostgreSQL system
 -- identifier, database, schema.table), so several relays can write into one table.
+-- event_context is the published text, byte for byte (docs/design.md): query it with JSON
+-- functions (JSONExtractString(event_context, 'user', 'id')), or add a typed MATERIALIZED
+-- column for a path you filter on often (docs/publishing.md).
 CREATE TABLE IF NOT EXISTS {table}
 (
     event_id         UUID,
     event_type       LowCardinality(String),
     event_date_time  DateTime64(6, 'UTC'),
     environment      LowCardinality(String),
-    event_context    JSON,
+    event_context    String CODEC(ZSTD(3)),
     metadata_version UInt64,
     commit_lsn       UInt64,
     tx_seq           UInt32,
@@ -227,6 +230,12 @@ ALTER TABLE {table} ADD INDEX IF NOT EXISTS commit_lsn_minmax commit_lsn TYPE mi
 
 -- Tables made before 0.2 lack the source column; their rows keep '' (one relay wrote them).
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT '';
+
+-- Tables made before 0.2 hold event_context as JSON, which loses text (null values, empty
+-- objects, dotted keys, big numbers) and refuses some documents. This turns the column into the
+-- text (a mutation that rewrites the column of existing parts: their rows read back as ClickHouse
+-- rendered them, the exact text of those is gone); on a String column it changes nothing.
+ALTER TABLE {table} MODIFY COLUMN event_context String CODEC(ZSTD(3));
 "#
     )
 }

@@ -25,7 +25,7 @@ pub const COLUMN_TYPES: &[(&str, &[&str])] = &[
         &["DateTime64(6, 'UTC')", "DateTime64(6)", "DateTime64(6, *)"],
     ),
     ("environment", &["LowCardinality(String)", "String"]),
-    ("event_context", &["JSON", "JSON(*)", "String"]),
+    ("event_context", &["String", "JSON", "JSON(*)"]),
     ("metadata_version", &["UInt64"]),
     ("commit_lsn", &["UInt64"]),
     ("tx_seq", &["UInt32"]),
@@ -672,8 +672,10 @@ impl SinkError {
 /// CANNOT_PARSE_INPUT_ASSERTION_FAILED (27), CANNOT_PARSE_DATE (38), CANNOT_PARSE_DATETIME (41),
 /// TYPE_MISMATCH (53), ARGUMENT_OUT_OF_BOUND (69), CANNOT_CONVERT_TYPE (70),
 /// CANNOT_PARSE_NUMBER (72), INCORRECT_DATA (117), TOO_LARGE_STRING_SIZE (131),
-/// VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321), TOO_DEEP_RECURSION (306), CANNOT_PARSE_UUID (376).
-pub const REJECTED_DATA_CODES: &[u32] = &[6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 306, 321, 376];
+/// VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321), TOO_DEEP_RECURSION (306), CANNOT_PARSE_UUID (376),
+/// VIOLATED_CONSTRAINT (469: a `CONSTRAINT ... CHECK` the team added to the table refuses a row).
+pub const REJECTED_DATA_CODES: &[u32] =
+    &[6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 306, 321, 376, 469];
 
 /// How long a step of an insert or a query may take unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -737,6 +739,19 @@ impl ClickHouseSink {
             });
         }
         let problems = table_mismatches(&columns);
+        if let Some((_, found)) = columns
+            .iter()
+            .find(|(name, found)| name == "event_context" && found.starts_with("JSON"))
+        {
+            tracing::warn!(
+                table = %self.table,
+                column_type = %found,
+                "event_context is a {found} column: ClickHouse keeps its reading of each \
+                 document, not the published text, and refuses some valid documents (they \
+                 become dead letters); run `outbox-relay setup` to make it String \
+                 (docs/operations.md, upgrading from 0.1)"
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -794,6 +809,8 @@ impl ClickHouseSink {
     /// Opens the insert of a new batch. Nothing is visible in ClickHouse until
     /// [`BatchInsert::commit`]; dropping the batch aborts it.
     pub fn begin(&self) -> BatchInsert {
+        // event_context is written as a RowBinary string: a String column (0.2) keeps it byte
+        // for byte; the setting lets a 0.1 table's JSON column parse it.
         let insert = self
             .client
             .insert_formatted_with(self.insert_sql())
