@@ -327,7 +327,7 @@ fn fail_over(s: &mut Setup, ch: &ClickHouseServer, log: &dyn Fn() -> String) -> 
     let failures = failed(&log());
     s.pair.primary.kill().expect("kill -9 the primary");
     assert!(
-        wait_until(Duration::from_secs(60), || failed(&log()) > failures),
+        wait_until(Duration::from_secs(180), || failed(&log()) > failures),
         "the relay did not notice the primary's death\nrelay log:\n{}",
         log()
     );
@@ -385,21 +385,21 @@ fn kill9_primary_under_publishers() {
         let publishers = Publishers::start(4, s.url_for_publishers());
         // Something shipped, then the slot synced to the standby.
         assert!(
-            wait_until(Duration::from_secs(60), || s.ch_count(&ch) > 0),
+            wait_until(Duration::from_secs(180), || s.ch_count(&ch) > 0),
             "nothing shipped before the failover\n{}",
             log()
         );
         s.wait_synced();
         // A random moment: after a random number of further acknowledged rows.
         let at = publishers.acked_count() + rng.random_range(50..3_000);
-        assert!(wait_until(Duration::from_secs(60), || publishers
+        assert!(wait_until(Duration::from_secs(180), || publishers
             .acked_count()
             >= at));
         let (before, promoted) = fail_over(&mut s, &ch, &log);
         // The first batch shipped from the new primary: ClickHouse grows past what it held.
         assert!(
-            wait_until(Duration::from_secs(60), || s.ch_count(&ch) > before),
-            "nothing shipped from the promoted standby within 60 s\nrelay log:\n{}",
+            wait_until(Duration::from_secs(180), || s.ch_count(&ch) > before),
+            "nothing shipped from the promoted standby within 180 s\nrelay log:\n{}",
             log()
         );
         let took = promoted.elapsed();
@@ -407,7 +407,7 @@ fn kill9_primary_under_publishers() {
         // Publishers go on against the new primary for a while.
         let after = publishers.acked_count() + 500;
         assert!(
-            wait_until(Duration::from_secs(60), || publishers.acked_count()
+            wait_until(Duration::from_secs(180), || publishers.acked_count()
                 >= after),
             "publishers did not reach the new primary"
         );
@@ -450,7 +450,7 @@ fn failover_in_the_middle_of_a_200k_row_transaction() {
              SELECT 'small', json_build_object('n', g) FROM generate_series(1, 100) g",
         )
         .expect("small transaction");
-    assert!(wait_until(Duration::from_secs(60), || s.ch_count(&ch) >= 100));
+    assert!(wait_until(Duration::from_secs(180), || s.ch_count(&ch) >= 100));
     s.wait_synced();
     s.pair
         .primary
@@ -504,7 +504,7 @@ fn promoted_standby_waiting_for_a_missing_standby_slot_is_named() {
             "INSERT INTO event_outbox (event_type, event_context) VALUES ('one', '{}')",
         )
         .expect("insert");
-    assert!(wait_until(Duration::from_secs(60), || s.ch_count(&ch) >= 1));
+    assert!(wait_until(Duration::from_secs(180), || s.ch_count(&ch) >= 1));
     s.wait_synced();
     fail_over(&mut s, &ch, &log);
     s.pair
@@ -515,7 +515,7 @@ fn promoted_standby_waiting_for_a_missing_standby_slot_is_named() {
         )
         .expect("insert on the new primary");
     assert!(
-        wait_until(Duration::from_secs(60), || log().contains(
+        wait_until(Duration::from_secs(180), || log().contains(
             "names physical slot(s) relay_test_standby that do not exist"
         )),
         "the relay should name the missing standby slot\nrelay log:\n{}",
@@ -563,14 +563,14 @@ fn slot_missing_after_failover_stops(version: PgVersion, env: &[(&str, &str)]) {
             "INSERT INTO event_outbox (event_type, event_context) VALUES ('one', '{}')",
         )
         .expect("insert");
-    assert!(wait_until(Duration::from_secs(60), || s.ch_count(&ch) >= 1));
+    assert!(wait_until(Duration::from_secs(180), || s.ch_count(&ch) >= 1));
     let status = String::from_utf8_lossy(&s.relay(&["status"]).stdout).into_owned();
     assert!(
         status.contains("slot MISSING"),
         "status should show the slot missing on the standby:\n{status}"
     );
     fail_over(&mut s, &ch, &log);
-    let exited = wait_until(Duration::from_secs(60), || {
+    let exited = wait_until(Duration::from_secs(180), || {
         relay.try_wait().ok().flatten().is_some()
     });
     let log = log();
@@ -599,23 +599,23 @@ fn pg15_failover_with_recovery_under_publishers_is_exact() {
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let publishers = Publishers::start(4, s.url_for_publishers());
     assert!(
-        wait_until(Duration::from_secs(60), || s.ch_count(&ch) > 0),
+        wait_until(Duration::from_secs(180), || s.ch_count(&ch) > 0),
         "nothing shipped before the failover\n{}",
         log()
     );
     let at = publishers.acked_count() + rng.random_range(50..3_000);
-    assert!(wait_until(Duration::from_secs(60), || publishers
+    assert!(wait_until(Duration::from_secs(180), || publishers
         .acked_count()
         >= at));
     let (before, _) = fail_over(&mut s, &ch, &log);
     assert!(
-        wait_until(Duration::from_secs(60), || s.ch_count(&ch) > before),
-        "nothing shipped from the promoted standby within 60 s\nrelay log:\n{}",
+        wait_until(Duration::from_secs(180), || s.ch_count(&ch) > before),
+        "nothing shipped from the promoted standby within 180 s\nrelay log:\n{}",
         log()
     );
     let after = publishers.acked_count() + 500;
     assert!(
-        wait_until(Duration::from_secs(60), || publishers.acked_count()
+        wait_until(Duration::from_secs(180), || publishers.acked_count()
             >= after),
         "publishers did not reach the new primary"
     );
