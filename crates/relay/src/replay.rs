@@ -874,7 +874,8 @@ fn candidates_sql(config: &Config, outbox: &str, select: &str) -> String {
         "SELECT {select}
            FROM {outbox} o
           WHERE ($1::text IS NULL OR NOT pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot))
-            AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.event_id::text = to_jsonb(o) ->> 'event_id')",
+            AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.event_id::text = to_jsonb(o) ->> 'event_id'
+                                AND d.shipped_at IS NULL)",
         dead = dead_letters_table(config),
     )
 }

@@ -258,7 +258,8 @@ impl Checker<'_> {
     fn outbox_where(&self) -> String {
         format!(
             "o.event_date_time >= {} AND o.event_date_time < {}
-             AND NOT EXISTS (SELECT 1 FROM {} d WHERE d.event_id::text = o.event_id::text)",
+             AND NOT EXISTS (SELECT 1 FROM {} d WHERE d.event_id::text = o.event_id::text
+                                AND d.shipped_at IS NULL)",
             pg_time(1),
             pg_time(2),
             dead_letters_table(self.config)
