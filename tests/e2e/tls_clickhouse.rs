@@ -61,7 +61,13 @@ fn ships_over_https_with_a_private_ca() {
     assert_eq!(status["clickhouse_reachable"], true, "{status}");
     // The system trust store as curl users set it: SSL_CERT_FILE instead of clickhouse_ca_file.
     f.set_env("RELAY_CLICKHOUSE_CA_FILE", "");
-    let status = f.status();
+    let out = f.relay(&["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "status exits 4 when ClickHouse does not answer"
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
     assert_eq!(status["clickhouse_reachable"], false, "{status}");
     f.set_env("SSL_CERT_FILE", ca.cert().to_str().unwrap());
     let status = f.status();
