@@ -168,10 +168,28 @@ impl Setup {
             .unwrap_or(0)
     }
 
+    /// The ids ClickHouse holds and its row count, read in pages (one response is read into
+    /// memory whole, and a fast machine publishes hundreds of thousands of rows per round).
     fn ch_ids(&self, ch: &ClickHouseServer) -> (HashSet<String>, u64) {
-        let body = self.ch(ch, "SELECT toString(event_id) FROM {db}.event_log");
-        let rows = body.lines().count() as u64;
-        (body.lines().map(str::to_string).collect(), rows)
+        const PAGE: usize = 100_000;
+        let (mut ids, mut rows) = (HashSet::new(), 0);
+        for page in 0.. {
+            let body = self.ch(
+                ch,
+                &format!(
+                    "SELECT toString(event_id) FROM {{db}}.event_log
+                      ORDER BY event_id, commit_lsn, tx_seq LIMIT {PAGE} OFFSET {}",
+                    page * PAGE
+                ),
+            );
+            let n = body.lines().count();
+            rows += n as u64;
+            ids.extend(body.lines().map(str::to_string));
+            if n < PAGE {
+                break;
+            }
+        }
+        (ids, rows)
     }
 
     fn pg_ids(&self, pg: &PgServer) -> HashSet<String> {
