@@ -223,6 +223,26 @@ pub async fn record_checkpoint(
     Ok(recorded == 1)
 }
 
+/// The slot's newest checkpoint by recording time (a pending marker copies an older snapshot):
+/// its `snapshot_lsn` and coverage.
+async fn newest_checkpoint(
+    client: &Client,
+    config: &Config,
+) -> Result<Option<(String, Option<String>)>, PgError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT snapshot_lsn::text, coverage FROM {} WHERE slot = $1
+                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1",
+                checkpoints_table(config)
+            ),
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("checkpoint read"))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// A window the publication may not have covered, and where its rows are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoverageGap {
@@ -259,21 +279,10 @@ pub async fn coverage_gap(
     coverage: &str,
     confirmed: Lsn,
 ) -> Result<Option<CoverageGap>, PgError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT snapshot_lsn::text, coverage FROM {} WHERE slot = $1
-                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1",
-                checkpoints_table(config)
-            ),
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("checkpoint read"))?;
-    let Some(row) = row else {
+    let row = newest_checkpoint(client, config).await?;
+    let Some((lsn, recorded)) = row else {
         return Ok(None);
     };
-    let (lsn, recorded): (String, Option<String>) = (row.get(0), row.get(1));
     let recorded = match recorded {
         // Recorded before coverage was (an upgraded relay), or the same coverage.
         None => return Ok(None),
@@ -331,22 +340,11 @@ pub async fn record_baseline(
 
 /// The start of a window recorded as pending (the newest checkpoint is a pending marker), if any.
 pub async fn pending_window(client: &Client, config: &Config) -> Result<Option<String>, PgError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT snapshot_lsn::text, coverage FROM {} WHERE slot = $1
-                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1",
-                checkpoints_table(config)
-            ),
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("checkpoint read"))?;
-    Ok(row.and_then(|r| {
-        let coverage: Option<String> = r.get(1);
+    let row = newest_checkpoint(client, config).await?;
+    Ok(row.and_then(|(lsn, coverage)| {
         coverage
             .is_some_and(|c| c.starts_with("pending:"))
-            .then(|| r.get(0))
+            .then_some(lsn)
     }))
 }
 
@@ -363,17 +361,9 @@ pub async fn record_pending(
 ) -> Result<(), PgError> {
     let table = checkpoints_table(config);
     // A pending window not yet re-shipped stays on the list.
-    let newest: Option<String> = client
-        .query_opt(
-            &format!(
-                "SELECT coverage FROM {table} WHERE slot = $1
-                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1"
-            ),
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("checkpoint read"))?
-        .and_then(|r| r.get(0));
+    let newest = newest_checkpoint(client, config)
+        .await?
+        .and_then(|(_, coverage)| coverage);
     let mut tables = tables.to_vec();
     if let Some(pending) = newest.filter(|c| c.starts_with("pending:")) {
         tables.extend(coverage_tables(&pending));
@@ -829,7 +819,7 @@ pub(crate) async fn base_snapshot(
     })
 }
 
-async fn wait_for_fence(
+pub(crate) async fn wait_for_fence(
     client: &Client,
     config: &Config,
     fence: &str,

@@ -461,39 +461,29 @@ fn ch_bucket(bits: u32) -> String {
     )
 }
 
-/// Waits until the slot's confirmed position passes `fence`.
+/// Waits until the slot's confirmed position passes `fence` (replay's wait, with verify's own
+/// message when it times out).
 async fn wait_for_fence(
     client: &Client,
     config: &Config,
     fence: &str,
     wait: Duration,
 ) -> Result<(), VerifyError> {
-    let started = std::time::Instant::now();
-    loop {
-        let row = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn
-                   FROM pg_replication_slots WHERE slot_name = $1",
-                &[&config.slot, &fence],
-            )
-            .await
-            .map_err(PgError::query("slot query"))?;
-        let (confirmed, passed): (Option<String>, Option<bool>) = match &row {
-            Some(r) => (r.get(0), r.get(1)),
-            None => (None, None),
-        };
-        if passed == Some(true) {
-            return Ok(());
-        }
-        if started.elapsed() >= wait {
-            return Err(VerifyError::FenceTimeout {
-                fence: fence.into(),
-                slot: config.slot.clone(),
-                confirmed: confirmed.unwrap_or_else(|| "missing".into()),
-                waited_s: wait.as_secs(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    match crate::replay::wait_for_fence(client, config, fence, wait).await {
+        Err(ReplayError::FenceTimeout {
+            fence,
+            slot,
+            confirmed,
+            waited_s,
+        }) => Err(VerifyError::FenceTimeout {
+            fence,
+            slot,
+            confirmed,
+            waited_s,
+        }),
+        Err(ReplayError::Postgres(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+        Ok(()) => Ok(()),
     }
 }
 
