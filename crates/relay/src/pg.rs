@@ -527,14 +527,32 @@ pub async fn source_identity(
     ))
 }
 
+/// Whether the coverage watch's event trigger exists and fires (docs/guarantees.md).
+pub async fn coverage_watch_installed(
+    client: &Client,
+    config: &crate::config::Config,
+) -> Result<bool, PgError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = $1 AND evtenabled <> 'D')",
+            &[&crate::schema::coverage_watch_trigger(config)],
+        )
+        .await
+        .map_err(PgError::query("coverage watch check"))?
+        .get(0))
+}
+
 /// Whether the publication streams the outbox table's inserts, and under which identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Coverage {
-    /// Streamed. The fingerprint (`publication oid/table oid/membership oid`) changes when the
-    /// publication is created again, the table is swapped or taken out and put back.
+    /// Streamed. The fingerprint (`publication oid/table oid/membership oid/watch log id`)
+    /// changes when the publication is created again, the table is swapped or taken out and put
+    /// back (the coverage watch's log id: even when undone before this check).
     Covered { fingerprint: String },
-    /// Not streamed: PostgreSQL skips the outbox's inserts; the text says why and what to do.
-    Uncovered(String),
+    /// Not streamed: PostgreSQL skips the outbox's inserts; `why` says why and what to do.
+    /// `table`: the oid of the table that has the outbox's name, when there is one (its inserts
+    /// are the ones skipped).
+    Uncovered { why: String, table: Option<u32> },
 }
 
 /// Checks that the publication exists, publishes inserts and contains the outbox table (the one
@@ -545,17 +563,21 @@ pub async fn coverage(
 ) -> Result<Coverage, PgError> {
     let row = client
         .query_opt(
-            "SELECT p.oid::text, p.pubinsert, p.puballtables,
-                    t.oid::text,
-                    (SELECT r.oid::text FROM pg_publication_rel r
-                      WHERE r.prpubid = p.oid AND r.prrelid = t.oid),
-                    (SELECT pn.oid::text FROM pg_publication_namespace pn
-                      WHERE pn.pnpubid = p.oid AND pn.pnnspid = t.relnamespace)
-               FROM pg_publication p
-               LEFT JOIN (SELECT c.oid, c.relnamespace FROM pg_class c
-                            JOIN pg_namespace n ON n.oid = c.relnamespace
-                           WHERE n.nspname = $2 AND c.relname = $3) t ON true
-              WHERE p.pubname = $1",
+            &format!(
+                "SELECT p.oid::text, p.pubinsert, p.puballtables,
+                        t.oid::text,
+                        (SELECT r.oid::text FROM pg_publication_rel r
+                          WHERE r.prpubid = p.oid AND r.prrelid = t.oid),
+                        (SELECT pn.oid::text FROM pg_publication_namespace pn
+                          WHERE pn.pnpubid = p.oid AND pn.pnnspid = t.relnamespace),
+                        {}
+                   FROM pg_publication p
+                   LEFT JOIN (SELECT c.oid, c.relnamespace FROM pg_class c
+                                JOIN pg_namespace n ON n.oid = c.relnamespace
+                               WHERE n.nspname = $2 AND c.relname = $3) t ON true
+                  WHERE p.pubname = $1",
+                crate::replay::watch_id_sql(config)
+            ),
             &[
                 &config.publication,
                 &config.outbox_schema,
@@ -569,42 +591,54 @@ pub async fn coverage(
         config.publication, config.outbox_schema, config.outbox_table
     );
     let Some(row) = row else {
-        return Ok(Coverage::Uncovered(format!(
-            "publication {:?} does not exist, so PostgreSQL skips every outbox insert: create it \
-             with `outbox-relay setup`; the relay then re-ships what was committed meanwhile \
-             from the outbox table",
-            config.publication
-        )));
+        return Ok(Coverage::Uncovered {
+            why: format!(
+                "publication {:?} does not exist, so PostgreSQL skips every outbox insert: \
+                 create it with `outbox-relay setup`; the relay then re-ships what was committed \
+                 meanwhile from the outbox table",
+                config.publication
+            ),
+            table: None,
+        });
     };
     let (publication, inserts, all_tables): (String, bool, bool) =
         (row.get(0), row.get(1), row.get(2));
     let table: Option<String> = row.get(3);
     let member: Option<String> = row.get::<_, Option<String>>(4).or(row.get(5));
     let Some(table) = table else {
-        return Ok(Coverage::Uncovered(format!(
-            "{names}: the outbox table does not exist: run `outbox-relay setup`"
-        )));
+        return Ok(Coverage::Uncovered {
+            why: format!("{names}: the outbox table does not exist: run `outbox-relay setup`"),
+            table: None,
+        });
     };
+    let table_oid = table.parse().ok();
     if !inserts {
-        return Ok(Coverage::Uncovered(format!(
-            "{names}: the publication does not publish inserts, so PostgreSQL skips the outbox's \
-             events: ALTER PUBLICATION ... SET (publish = 'insert'); the relay then re-ships \
-             what was committed meanwhile"
-        )));
+        return Ok(Coverage::Uncovered {
+            why: format!(
+                "{names}: the publication does not publish inserts, so PostgreSQL skips the \
+                 outbox's events: ALTER PUBLICATION ... SET (publish = 'insert'); the relay then \
+                 re-ships what was committed meanwhile"
+            ),
+            table: table_oid,
+        });
     }
     let member = match (member, all_tables) {
         (Some(member), _) => member,
         (None, true) => "all".to_string(),
         (None, false) => {
-            return Ok(Coverage::Uncovered(format!(
-                "{names}: the outbox table (oid {table}) is not in the publication (was it \
-                 replaced by another table of that name?), so PostgreSQL skips its inserts: \
-                 ALTER PUBLICATION ... ADD TABLE ..., or run `outbox-relay setup` on a new \
-                 publication; the relay then re-ships what was committed meanwhile"
-            )));
+            return Ok(Coverage::Uncovered {
+                why: format!(
+                    "{names}: the outbox table (oid {table}) is not in the publication (was it \
+                     replaced by another table of that name?), so PostgreSQL skips its inserts: \
+                     ALTER PUBLICATION ... ADD TABLE ..., or run `outbox-relay setup` on a new \
+                     publication; the relay then re-ships what was committed meanwhile"
+                ),
+                table: table_oid,
+            });
         }
     };
+    let watched: String = row.get(6);
     Ok(Coverage::Covered {
-        fingerprint: format!("{publication}/{table}/{member}"),
+        fingerprint: format!("{publication}/{table}/{member}/{watched}"),
     })
 }

@@ -345,7 +345,7 @@ impl Relay {
     async fn skip_unpublished_window(&self, message: &str) -> Result<(), RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
         let fingerprint = match pg::coverage(&sql, &self.config).await? {
-            pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
+            pg::Coverage::Uncovered { why, .. } => return Err(RelayError::Uncovered(why)),
             pg::Coverage::Covered { fingerprint } => fingerprint,
         };
         let tables = replay::coverage_tables(&fingerprint);
@@ -454,6 +454,10 @@ struct Session<'a> {
     /// The publication's coverage of the outbox table when the session started
     /// ([`pg::coverage`]); checked again periodically and with every checkpoint.
     coverage: String,
+    /// The tables (by oid) that were the outbox table in this session's view: the covered one
+    /// and those a coverage replay re-ships from. A Relation message of another table with the
+    /// outbox's name means a table was swapped in and published between two checks.
+    outbox_tables: Vec<u32>,
     /// Re-shipping a window the publication did not cover, beside the stream; no checkpoint is
     /// recorded until it is done, so that a crash meanwhile makes the next session do it again.
     coverage_replay: Option<AbortOnDrop<Result<replay::ReplayReport, replay::ReplayError>>>,
@@ -486,6 +490,7 @@ impl<'a> Session<'a> {
             config,
             sink,
             coverage: String::new(),
+            outbox_tables: Vec::new(),
             coverage_replay: None,
             metrics,
             outbox_relation: None,
@@ -514,9 +519,16 @@ impl<'a> Session<'a> {
         self.sink.check_table().await?;
         self.coverage = match pg::coverage(&sql, self.config).await? {
             pg::Coverage::Covered { fingerprint } => fingerprint,
-            pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
+            pg::Coverage::Uncovered { why, table } => {
+                let tables: Vec<u32> = table.into_iter().collect();
+                return Err(uncovered(&sql, self.config, start, &tables, why).await?);
+            }
         };
         let gap = replay::coverage_gap(&sql, self.config, &self.coverage, start).await?;
+        self.outbox_tables = replay::coverage_tables(&self.coverage);
+        if let Some(gap) = &gap {
+            self.outbox_tables.extend(&gap.tables);
+        }
         if gap.is_none() {
             replay::record_baseline(&sql, self.config, start, &self.coverage).await?;
         }
@@ -755,6 +767,9 @@ impl<'a> Session<'a> {
                 if relation.namespace().map_err(decode)? == self.config.outbox_schema
                     && relation.name().map_err(decode)? == self.config.outbox_table
                 {
+                    if !self.outbox_tables.contains(&relation.id) {
+                        return Err(self.unseen_outbox_table(relation.id, lsn).await?);
+                    }
                     let layout = OutboxLayout::from_relation(&relation);
                     if let Err(e) = &layout {
                         warn!(
@@ -1073,8 +1088,32 @@ impl<'a> Session<'a> {
         match pg::coverage(sql, self.config).await? {
             pg::Coverage::Covered { fingerprint } if fingerprint == self.coverage => Ok(()),
             pg::Coverage::Covered { .. } => Err(self.coverage_changed()),
-            pg::Coverage::Uncovered(why) => Err(RelayError::Uncovered(why)),
+            pg::Coverage::Uncovered { why, table } => {
+                let mut tables = self.outbox_tables.clone();
+                tables.extend(table);
+                Err(uncovered(sql, self.config, self.confirmed, &tables, why).await?)
+            }
         }
+    }
+
+    /// A table of the outbox's name that this session did not see covered appears in the stream
+    /// (swapped in, then published, perhaps swapped out again, all between two checks): its rows
+    /// written before it was published were skipped by PostgreSQL. Records the window as pending
+    /// with that table on the list and ends the session, whose successor re-ships it.
+    async fn unseen_outbox_table(&self, table: u32, lsn: Lsn) -> Result<RelayError, RelayError> {
+        let Some(sql) = &self.sql else {
+            return Ok(self.coverage_changed());
+        };
+        let mut tables = self.outbox_tables.clone();
+        tables.push(table);
+        replay::record_pending(sql, self.config, self.confirmed, &tables).await?;
+        warn!(
+            table_oid = table, wal_lsn = %lsn, from_lsn = %self.confirmed,
+            "another table of the outbox's name appears in the stream (swapped in and published \
+             between two coverage checks): its rows written before it was published were \
+             skipped by PostgreSQL; the next session re-ships them from that table"
+        );
+        Ok(self.coverage_changed())
     }
 
     fn coverage_changed(&self) -> RelayError {
@@ -1118,6 +1157,21 @@ impl<'a> Session<'a> {
         info!(confirmed_lsn = %self.confirmed, "stopped");
         Ok(())
     }
+}
+
+/// The outbox is not covered: PostgreSQL skips its inserts from now until it is again. Records
+/// the window from `from` as pending with `tables` (the tables of the outbox's name seen so far,
+/// [`replay::record_pending`] adds the newest checkpoint's), so that whatever coverage comes
+/// back (even the same one, after a table swapped in and out again) re-ships what was skipped.
+async fn uncovered(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+    from: Lsn,
+    tables: &[u32],
+    why: String,
+) -> Result<RelayError, RelayError> {
+    replay::record_pending(sql, config, from, tables).await?;
+    Ok(RelayError::Uncovered(why))
 }
 
 /// Opens a batch; with Sentry on, its transaction continues the first event's publisher trace

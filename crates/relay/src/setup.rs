@@ -26,6 +26,8 @@ pub struct SetupReport {
     pub failover: Option<bool>,
     /// What standbys need for the slot to follow a failover, or why it will not.
     pub failover_note: Option<String>,
+    /// Whether the coverage watch (an event trigger, docs/guarantees.md) is installed.
+    pub coverage_watch: bool,
 }
 
 /// What a standby needs so that the failover slot is synchronized to it (PostgreSQL 17+).
@@ -92,6 +94,7 @@ async fn prepared_by_another_role(
         (schema::dead_letters_table(config), "raw"),
         (schema::dead_letters_table(config), "shipped_at"),
         (schema::outbox_table(config), "event_context"),
+        (schema::coverage_log_table(config), "table_oid"),
     ];
     let mut missing = Vec::new();
     for (table, column) in &needed {
@@ -109,7 +112,7 @@ async fn prepared_by_another_role(
             missing.push(format!("{table}.{column}"));
         }
     }
-    if let pg::Coverage::Uncovered(why) = pg::coverage(client, config).await? {
+    if let pg::Coverage::Uncovered { why, .. } = pg::coverage(client, config).await? {
         missing.push(why);
     }
     if !missing.is_empty() {
@@ -169,6 +172,7 @@ pub async fn setup_postgres(
             .await
             .map_err(PgError::query("outbox DDL"))?;
     }
+    report.coverage_watch = pg::coverage_watch_installed(&client, config).await?;
     if pg::slot_state(&client, &config.slot).await?.is_none() {
         // A slot the relay shipped from before is gone: a new one starts at the current WAL
         // position, so what was committed in between would be skipped without a replay.
