@@ -193,6 +193,9 @@ pub fn base_fingerprint_sql(publication: &str, schema: &str, table: &str) -> Str
                      (SELECT pn.oid::text FROM pg_publication_namespace pn
                        WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
                      CASE WHEN p.puballtables THEN 'all' END)
+                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
+                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
+                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
                      FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                     WHERE p.pubname = {publication} AND n.nspname = {schema}
                       AND c.relname = {table} AND p.pubinsert), 'none')"
