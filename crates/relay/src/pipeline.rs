@@ -521,7 +521,7 @@ impl<'a> Session<'a> {
             pg::Coverage::Covered { fingerprint } => fingerprint,
             pg::Coverage::Uncovered { why, table } => {
                 let tables: Vec<u32> = table.into_iter().collect();
-                return Err(uncovered(&sql, self.config, start, &tables, why).await?);
+                return Err(uncovered(&sql, self.config, start, &tables, why).await);
             }
         };
         let gap = replay::coverage_gap(&sql, self.config, &self.coverage, start).await?;
@@ -1091,7 +1091,7 @@ impl<'a> Session<'a> {
             pg::Coverage::Uncovered { why, table } => {
                 let mut tables = self.outbox_tables.clone();
                 tables.extend(table);
-                Err(uncovered(sql, self.config, self.confirmed, &tables, why).await?)
+                Err(uncovered(sql, self.config, self.confirmed, &tables, why).await)
             }
         }
     }
@@ -1169,9 +1169,14 @@ async fn uncovered(
     from: Lsn,
     tables: &[u32],
     why: String,
-) -> Result<RelayError, RelayError> {
-    replay::record_pending(sql, config, from, tables).await?;
-    Ok(RelayError::Uncovered(why))
+) -> RelayError {
+    match replay::record_pending(sql, config, from, tables).await {
+        Ok(()) => RelayError::Uncovered(why),
+        // Still not covered, which is what the operator must fix first; recorded next time.
+        Err(e) => {
+            RelayError::Uncovered(format!("{why} (the window could not be recorded yet: {e})"))
+        }
+    }
 }
 
 /// Opens a batch; with Sentry on, its transaction continues the first event's publisher trace
