@@ -407,14 +407,68 @@ fn wait_for(f: &Fixture, o: &Outbox, source: &str, ctx: &str) {
             .entry(o.labels.get(id).cloned().unwrap_or_default())
             .or_default() += 1;
     }
-    assert!(
-        ok,
-        "{ctx}: {} has {} of {} events; missing by step: {missing:?}\n{}",
-        o.table,
-        got.len(),
-        o.expected.len(),
-        o.relay.as_ref().map(RelayProcess::log).unwrap_or_default()
-    );
+    if !ok {
+        // Where each missing event is now: which table holds it (by oid, also a table that had
+        // the outbox's name), its dead letter, and whether ClickHouse has it under any source.
+        let mut whereabouts = Vec::new();
+        for id in o.expected.difference(&got).take(5) {
+            let tables = f.sql(&format!(
+                "SELECT string_agg(c.oid::text || ' ' || c.relname, ', ') FROM pg_class c
+                  WHERE c.relkind = 'r' AND c.relname LIKE '{}%'
+                    AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
+                                 AND a.attname = 'event_id' AND NOT a.attisdropped)",
+                o.table
+            ));
+            let holders: Vec<String> = tables
+                .trim()
+                .split(", ")
+                .filter(|t| !t.is_empty())
+                .filter(|t| {
+                    let name = t.split_once(' ').map(|(_, n)| n).unwrap_or(t);
+                    f.sql(&format!(
+                        "SELECT count(*) FROM {name} WHERE event_id = '{id}'"
+                    ))
+                    .trim()
+                        != "0"
+                })
+                .map(str::to_string)
+                .collect();
+            let letter = f.sql(&format!(
+                "SELECT commit_lsn::text || ' ' || tx_seq || ' shipped_at=' || coalesce(shipped_at::text, '-')
+                   || ' raw=' || (raw IS NOT NULL) || ' error=' || left(error, 80)
+                   FROM {}_dead_letters WHERE event_id = '{id}'",
+                o.table
+            ));
+            let anywhere = f.ch(&format!(
+                "SELECT source, commit_lsn, tx_seq FROM {{db}}.event_log WHERE event_id = '{id}' FORMAT TSV"
+            ));
+            whereabouts.push(format!(
+                "{id}: in {holders:?}; dead letter: {}; ClickHouse: {}",
+                letter.trim(),
+                anywhere.trim()
+            ));
+        }
+        let log = f.sql(&format!(
+            "SELECT string_agg(id || ' ' || coverage || ' ' || coalesce(table_oid::text, '-'), '; ' ORDER BY id)
+               FROM {}_coverage_log",
+            o.table
+        ));
+        let checkpoints = f.sql(&format!(
+            "SELECT string_agg(confirmed_lsn::text || ' ' || snapshot_lsn::text || ' ' || coalesce(coverage, '-'), '; ' ORDER BY recorded_at)
+               FROM (SELECT * FROM {}_checkpoints ORDER BY recorded_at DESC LIMIT 12) c",
+            o.table
+        ));
+        panic!(
+            "{ctx}: {} has {} of {} events; missing by step: {missing:?}\n{}\ncoverage log: {}\nnewest checkpoints: {}\n{}",
+            o.table,
+            got.len(),
+            o.expected.len(),
+            whereabouts.join("\n"),
+            log.trim(),
+            checkpoints.trim(),
+            o.relay.as_ref().map(RelayProcess::log).unwrap_or_default()
+        );
+    }
 }
 
 fn by_source(f: &Fixture) -> HashMap<String, (u64, HashSet<String>)> {
