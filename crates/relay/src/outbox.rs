@@ -20,9 +20,6 @@ mod oid {
     pub const TIMESTAMPTZ: u32 = 1184;
 }
 
-/// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
-const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
-
 /// The outbox table's layout does not fit the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -344,7 +341,7 @@ fn timestamp(v: Value<'_>) -> Result<i64, RowError> {
             return Err(problem(v.column, "is infinity"));
         }
         return us
-            .checked_add(PG_EPOCH_UNIX_US)
+            .checked_add(pgoutput::PG_EPOCH_UNIX_MICROS)
             .ok_or_else(|| problem(v.column, "is out of range"));
     }
     parse_text_timestamp(v.bytes).ok_or_else(|| {
@@ -420,7 +417,7 @@ mod tests {
         assert_eq!(parse_text_timestamp(b"1970-01-01 00:00:00+00"), Some(0));
         assert_eq!(
             parse_text_timestamp(b"2000-01-01 00:00:00.5+00"),
-            Some(PG_EPOCH_UNIX_US + 500_000)
+            Some(pgoutput::PG_EPOCH_UNIX_MICROS + 500_000)
         );
         assert_eq!(
             parse_text_timestamp(b"2026-11-25 03:23:21.123456+00"),

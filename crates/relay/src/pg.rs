@@ -94,12 +94,7 @@ fn describe_config(config: &tokio_postgres::Config) -> String {
     let hosts: Vec<String> = (0..config.get_hosts().len().max(1))
         .map(|i| {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let host = match config.get_hosts().get(i) {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                None => "localhost".into(),
-            };
-            format!("{host}:{port}")
+            format!("{}:{port}", pgtls::nth_host(config, i))
         })
         .collect();
     format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or("?"))
