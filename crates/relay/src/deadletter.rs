@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::pg::{self, PgError};
 use crate::schema::dead_letters_table;
+use crate::sink::resend::Resend;
 use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -251,18 +252,13 @@ pub async fn retry(
             report.already_there += 1;
         } else {
             let token = format!("dead-letter:{id}:{:016x}", fnv1a(&row.event_context));
-            match sink
-                .insert_rows(std::slice::from_ref(&row), Some(&token))
-                .await
-            {
-                Ok(()) => report.shipped += 1,
-                Err(e) if e.is_rejected_data() => {
-                    report.refused += 1;
-                    refused_again(&client, &table, &id, &e.to_string()).await?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            let mut resend = Resend::new(std::slice::from_ref(&row));
+            if let Some((_, e)) = resend.next_refused(sink, |_| Some(token.clone())).await? {
+                report.refused += 1;
+                refused_again(&client, &table, &id, &e.to_string()).await?;
+                continue;
             }
+            report.shipped += 1;
         }
         client
             .execute(

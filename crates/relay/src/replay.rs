@@ -25,6 +25,7 @@ use crate::deadletter::{self, fnv1a, parse_uuid};
 use crate::outbox::OutboxLayout;
 use crate::pg::{self, PgError};
 use crate::schema::{checkpoints_table, dead_letters_table, outbox_table, quote_pg_ident};
+use crate::sink::resend::Resend;
 use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
 
 /// The outbox table's columns as `pg_attribute` lists them, for reading its rows with SQL and
@@ -895,29 +896,17 @@ async fn ship_chunk(
     }
     let token = |rows: &[OwnedEventRow]| {
         let ids = rows.iter().flat_map(|r| r.event_id).collect::<Vec<_>>();
-        format!("replay:{:016x}:{}", fnv1a(&ids), rows.len())
+        Some(format!("replay:{:016x}:{}", fnv1a(&ids), rows.len()))
     };
-    match sink.insert_rows(&missing, Some(&token(&missing))).await {
-        Ok(()) => report.shipped += missing.len() as u64,
-        Err(e) if e.is_rejected_data() => {
-            for row in &missing {
-                match sink
-                    .insert_rows(
-                        std::slice::from_ref(row),
-                        Some(&token(std::slice::from_ref(row))),
-                    )
-                    .await
-                {
-                    Ok(()) => report.shipped += 1,
-                    Err(e) if e.is_rejected_data() => {
-                        deadletter::record(pg, config, row, &e.to_string()).await?;
-                        report.dead_letters += 1;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+    let mut resend = Resend::new(&missing);
+    let result = async {
+        while let Some((row, e)) = resend.next_refused(sink, token).await? {
+            deadletter::record(pg, config, row, &e.to_string()).await?;
         }
-        Err(e) => return Err(e.into()),
+        Ok::<(), ReplayError>(())
     }
-    Ok(())
+    .await;
+    report.shipped += resend.shipped;
+    report.dead_letters += resend.refused;
+    result
 }

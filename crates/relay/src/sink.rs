@@ -9,6 +9,112 @@ use clickhouse::insert_formatted::BufInsertFormatted;
 
 use crate::config::{Config, ConfigError};
 
+#[cfg(test)]
+pub mod memory;
+pub mod resend;
+
+/// Where the relay writes events: the boundary between the relay loop and ClickHouse.
+///
+/// The live path streams each batch into one open insert ([`Sink::begin`], rows encoded into it
+/// as they are decoded, no owned batch); exactly once comes from the fence
+/// ([`Sink::stop_inflight`]) and the presence check ([`Sink::present`]) a session runs before
+/// streaming. Re-sends (refused rows, replay, dead-letter retry) insert rows held in memory
+/// ([`Sink::insert_rows`]), with a deduplication token where the same insert may be repeated.
+/// [`ClickHouseSink`] is the implementation; `sink::memory` (tests) another, with faults.
+pub trait Sink: Clone + Send + Sync + 'static {
+    /// An open insert: rows written into it are visible all together once it commits.
+    type Insert: Insert;
+
+    /// Opens the insert of a new batch. Nothing is visible until [`Insert::commit`]; dropping
+    /// the insert aborts it.
+    fn begin(&self) -> Self::Insert;
+
+    /// Inserts rows held in memory in one all-or-nothing insert. With a `token` (derived from
+    /// the rows' content), a repeat of the same insert is dropped.
+    fn insert_rows(
+        &self,
+        rows: &[OwnedEventRow],
+        token: Option<&str>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// The fence: stops the inserts an earlier session of this writer may have left running
+    /// and waits until they are gone.
+    fn stop_inflight(&self) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// Which events from commit LSN `from` on the sink already holds.
+    fn present(
+        &self,
+        from: u64,
+    ) -> impl std::future::Future<Output = Result<Present, SinkError>> + Send;
+
+    /// Which of `ids` (UUID text) the sink holds.
+    fn existing_ids(
+        &self,
+        ids: &[String],
+    ) -> impl std::future::Future<Output = Result<Vec<String>, SinkError>> + Send;
+}
+
+/// One batch's open insert (see [`Sink::begin`]).
+pub trait Insert: Send {
+    /// Adds a row.
+    fn write(
+        &mut self,
+        row: &EventRow<'_>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+    /// Rows written so far.
+    fn rows(&self) -> u64;
+    /// RowBinary bytes written so far (before compression).
+    fn bytes(&self) -> u64;
+    /// Ends the insert and waits for the sink to accept it.
+    fn commit(self) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+}
+
+impl Sink for ClickHouseSink {
+    type Insert = BatchInsert;
+
+    fn begin(&self) -> BatchInsert {
+        ClickHouseSink::begin(self)
+    }
+
+    async fn insert_rows(
+        &self,
+        rows: &[OwnedEventRow],
+        token: Option<&str>,
+    ) -> Result<(), SinkError> {
+        ClickHouseSink::insert_rows(self, rows, token).await
+    }
+
+    async fn stop_inflight(&self) -> Result<(), SinkError> {
+        ClickHouseSink::stop_inflight(self).await
+    }
+
+    async fn present(&self, from: u64) -> Result<Present, SinkError> {
+        ClickHouseSink::present(self, from).await
+    }
+
+    async fn existing_ids(&self, ids: &[String]) -> Result<Vec<String>, SinkError> {
+        ClickHouseSink::existing_ids(self, ids).await
+    }
+}
+
+impl Insert for BatchInsert {
+    async fn write(&mut self, row: &EventRow<'_>) -> Result<(), SinkError> {
+        BatchInsert::write(self, row).await
+    }
+
+    fn rows(&self) -> u64 {
+        BatchInsert::rows(self)
+    }
+
+    fn bytes(&self) -> u64 {
+        BatchInsert::bytes(self)
+    }
+
+    async fn commit(self) -> Result<(), SinkError> {
+        BatchInsert::commit(self).await
+    }
+}
+
 /// The ClickHouse columns the relay writes, in RowBinary order.
 pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
                            metadata_version, commit_lsn, tx_seq, trace_id, source";
