@@ -603,3 +603,13 @@ pub async fn coverage(
         fingerprint: format!("{publication}/{table}/{member}"),
     })
 }
+
+/// `"name"` with inner quotes doubled, for PostgreSQL identifiers.
+pub fn quote_pg_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'` with inner quotes doubled, for PostgreSQL string literals.
+pub fn quote_pg_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

@@ -4,7 +4,7 @@
 //! it up against PostgreSQL and ClickHouse); the session (`pipeline/session.rs`) reads
 //! [`SourceEvent`]s from a [`Source`] ([`PgSource`]: the replication connection),
 //! [`pgoutput::decode`]s each change, turns outbox inserts into
-//! [`EventRow`](crate::sink::EventRow)s through the [`OutboxLayout`](crate::outbox::OutboxLayout),
+//! [`EventRow`](crate::event::EventRow)s through the [`OutboxLayout`](crate::outbox::OutboxLayout),
 //! writes them into the open insert of a [`Sink`](crate::sink::Sink), and confirms to the source
 //! what [`Progress`] settles once the sink accepted the batch. [`Mode`] says whether rows stream
 //! or, after a failed insert, are re-sent ([`crate::sink::resend`]); [`Store`] keeps checkpoints
@@ -41,12 +41,12 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::deadletter;
 use crate::metrics::{Metrics, State};
+use crate::ops::replay;
 use crate::outbox::{RowError, SchemaError};
 use crate::pg::{self, PgError};
-use crate::replay;
 use crate::sink::{ClickHouseSink, SinkError};
+use crate::store::deadletter;
 
 pub use mode::Mode;
 pub use progress::{Progress, Settled};

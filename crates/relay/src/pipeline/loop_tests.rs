@@ -17,10 +17,10 @@ use super::session::Session;
 use super::source::{Source, SourceEvent};
 use super::store::Store;
 use crate::config::Config;
+use crate::event::{OwnedEventRow, uuid_text};
 use crate::metrics::Metrics;
 use crate::pg::PgError;
 use crate::sink::memory::{Fault, MemorySink, Step};
-use crate::sink::{OwnedEventRow, uuid_text};
 
 const RELATION_ID: u32 = 16_384;
 

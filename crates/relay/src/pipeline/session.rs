@@ -14,11 +14,12 @@ use super::source::{Source, SourceEvent};
 use super::store::Store;
 use super::{AbortOnDrop, RelayError};
 use crate::config::Config;
+use crate::event::OwnedEventRow;
 use crate::metrics::Metrics;
+use crate::ops::replay;
 use crate::outbox::OutboxLayout;
-use crate::replay;
 use crate::sink::resend::Resend;
-use crate::sink::{Insert, OwnedEventRow, Present, Sink, SinkError};
+use crate::sink::{Insert, Present, Sink, SinkError};
 
 /// Rows per insert while re-sending the rows of a failed batch (each insert is one block, so
 /// all or nothing).
@@ -459,7 +460,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             span.finish();
         }
         self.shipped_batches += 1;
-        let lag_ms = (crate::http::unix_now_us() - batch.last_commit_time_us) / 1000;
+        let lag_ms = (crate::metrics::unix_now_us() - batch.last_commit_time_us) / 1000;
         info!(
             rows,
             bytes,
@@ -539,7 +540,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
         why: String,
     ) -> Result<(), RelayError> {
         // Read again after a restart, a row a `dead-letters retry` already shipped stays shipped.
-        let id_text = crate::sink::uuid_text(&id);
+        let id_text = crate::event::uuid_text(&id);
         if !self
             .sink
             .existing_ids(std::slice::from_ref(&id_text))

@@ -201,7 +201,7 @@ fn replication_config(
         config.slot.clone(),
         // Quoted: START_REPLICATION reads publication_names as a list of identifiers, so an
         // unquoted `UpPub` would be folded to `uppub` (and a quote or comma would not parse).
-        crate::schema::quote_pg_ident(&config.publication),
+        crate::pg::quote_pg_ident(&config.publication),
     )
     .with_port(pg.get_ports().first().copied().unwrap_or(5432))
     .with_tls(tls)

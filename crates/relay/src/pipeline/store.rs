@@ -7,10 +7,10 @@ use tracing::{debug, warn};
 
 use super::RelayError;
 use crate::config::Config;
-use crate::deadletter;
+use crate::event::OwnedEventRow;
+use crate::ops::replay;
 use crate::pg::{self, PgError};
-use crate::replay;
-use crate::sink::OwnedEventRow;
+use crate::store::deadletter;
 
 /// The PostgreSQL-side tables of the relay loop.
 pub trait Store: Send + Sync {

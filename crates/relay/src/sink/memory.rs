@@ -1,5 +1,5 @@
 //! A [`Sink`] in memory, with faults on demand: the relay loop's guarantees are tested against it
-//! in-process (crates/relay/src/pipeline/tests.rs), beside the real-server suite.
+//! in-process (crates/relay/src/pipeline/loop_tests.rs), beside the real-server suite.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};

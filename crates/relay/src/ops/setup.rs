@@ -1,9 +1,10 @@
 //! `outbox-relay setup`: creates, idempotently, everything the relay needs on both servers.
 
+use crate::config::ClickHouseTarget;
 use crate::config::Config;
 use crate::pg::{self, PgError};
-use crate::schema;
-use crate::sink::{self, ClickHouseTarget, SinkError};
+use crate::sink::{self, SinkError};
+use crate::store::schema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -172,7 +173,7 @@ pub async fn setup_postgres(
     if pg::slot_state(&client, &config.slot).await?.is_none() {
         // A slot the relay shipped from before is gone: a new one starts at the current WAL
         // position, so what was committed in between would be skipped without a replay.
-        if let Some((lsn, at)) = crate::replay::last_checkpoint(&client, config).await? {
+        if let Some((lsn, at)) = crate::ops::replay::last_checkpoint(&client, config).await? {
             if !recreate_slot {
                 return Err(SetupError::Unsupported(format!(
                     "replication slot {:?} is gone, but the relay shipped from it up to {lsn} \
@@ -214,7 +215,7 @@ pub async fn setup_postgres(
         .and_then(|s| s.confirmed_flush())
         && let pg::Coverage::Covered { fingerprint } = pg::coverage(&client, config).await?
     {
-        crate::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
+        crate::ops::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
     }
     report.failover = pg::slot_state(&client, &config.slot)
         .await?

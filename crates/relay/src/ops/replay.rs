@@ -21,104 +21,13 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::deadletter::{self, fnv1a, parse_uuid};
-use crate::outbox::OutboxLayout;
+use crate::event::{OwnedEventRow, fnv1a};
+use crate::outbox::SqlLayout;
 use crate::pg::{self, PgError};
-use crate::schema::{checkpoints_table, dead_letters_table, outbox_table, quote_pg_ident};
 use crate::sink::resend::Resend;
-use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
-
-/// The outbox table's columns as `pg_attribute` lists them, for reading its rows with SQL and
-/// turning them into event rows through the same [`OutboxLayout`] as the live stream: every
-/// column is read as text (with `TimeZone` UTC and `DateStyle` ISO, as on the replication
-/// connection), so a column type the live path accepts is read the same way here.
-pub struct SqlLayout {
-    layout: Result<OutboxLayout, crate::outbox::SchemaError>,
-    columns: Vec<(String, u32)>,
-    /// `o."col"::text, ...` in column order.
-    pub select: String,
-}
-
-impl SqlLayout {
-    /// Reads the outbox table's columns and sets the connection's `TimeZone` and `DateStyle`.
-    pub async fn read(client: &Client, config: &Config) -> Result<SqlLayout, PgError> {
-        Self::read_table(client, &outbox_table(config)).await
-    }
-
-    /// [`SqlLayout::read`] for the table `table` (a quoted, qualified name).
-    pub async fn read_table(client: &Client, table: &str) -> Result<SqlLayout, PgError> {
-        client
-            .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
-            .await
-            .map_err(PgError::query("session settings"))?;
-        let rows = client
-            .query(
-                "SELECT attname::text, atttypid::int8 FROM pg_attribute
-                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
-                  ORDER BY attnum",
-                &[&table],
-            )
-            .await
-            .map_err(PgError::query("outbox columns"))?;
-        let columns: Vec<(String, u32)> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
-            .collect();
-        let named: Vec<(&str, u32)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        let layout = OutboxLayout::from_columns(table, &named);
-        let select = columns
-            .iter()
-            .map(|(n, _)| format!("o.{}::text", quote_pg_ident(n)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Ok(SqlLayout {
-            layout,
-            columns,
-            select,
-        })
-    }
-
-    /// One row selected with [`SqlLayout::select`] as an event row, or why it cannot be one
-    /// with its values by column name.
-    pub fn event(
-        &self,
-        row: &tokio_postgres::Row,
-    ) -> Result<OwnedEventRow, (String, serde_json::Value)> {
-        let columns = (0..self.columns.len())
-            .map(|i| match row.try_get::<_, Option<String>>(i) {
-                Ok(Some(text)) => pgoutput::Column::Text(text.into()),
-                _ => pgoutput::Column::Null,
-            })
-            .collect();
-        let tuple = pgoutput::TupleData { columns };
-        let mapped = match &self.layout {
-            Ok(layout) => layout
-                .row(&tuple, 0, 0)
-                .map(|r| OwnedEventRow::new(&r))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        mapped.map_err(|why| (why, crate::outbox::raw_values(&self.columns, &tuple)))
-    }
-
-    /// The id an unmappable row is kept under: its event_id when readable, else one derived
-    /// from its values.
-    pub fn fallback_id(&self, raw: &serde_json::Value) -> [u8; 16] {
-        if let Some(id) = raw
-            .get("event_id")
-            .and_then(|v| v.as_str())
-            .and_then(parse_uuid)
-        {
-            return id;
-        }
-        let text = raw.to_string();
-        let (a, b) = (fnv1a(text.as_bytes()), fnv1a(format!("{text}#").as_bytes()));
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&a.to_be_bytes());
-        id[8..].copy_from_slice(&b.to_be_bytes());
-        id
-    }
-}
+use crate::sink::{ClickHouseSink, SinkError};
+use crate::store::deadletter;
+use crate::store::schema::{checkpoints_table, dead_letters_table, outbox_table};
 
 /// Rows checked and sent per ClickHouse round trip.
 const CHUNK: i32 = 2_000;
@@ -742,7 +651,7 @@ pub async fn reship_ids(
     }
     let mut report = ReplayReport::default();
     let mut reader = pg::connect(&config.postgres_url).await?;
-    let layout = SqlLayout::read(&reader, config).await?;
+    let layout = SqlLayout::read_table(&reader, &outbox_table(config)).await?;
     let tx = reader
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)

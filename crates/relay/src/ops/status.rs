@@ -224,7 +224,7 @@ async fn verify_status(config: &Config) -> Option<VerifyStatus> {
         return None;
     }
     Some(VerifyStatus {
-        verified_through: crate::verify::format_us((through * 1e6) as i64),
+        verified_through: crate::ops::verify::format_us((through * 1e6) as i64),
         missing_events: value("outbox_relay_missing_events")? as u64,
         extra_events: value("outbox_relay_extra_events")? as u64,
     })
@@ -248,8 +248,8 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
     }
     let sink = ClickHouseSink::from_config(config, &config.slot)
         .map_err(|e| PgError::NotReady(e.to_string()))?;
-    let dead_letters = crate::deadletter::count(&client, config).await.ok();
-    let checkpoint = crate::replay::last_checkpoint(&client, config)
+    let dead_letters = crate::store::deadletter::count(&client, config).await.ok();
+    let checkpoint = crate::ops::replay::last_checkpoint(&client, config)
         .await
         .ok()
         .flatten();
@@ -258,7 +258,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         pg::Coverage::Covered { .. } => None,
         pg::Coverage::Uncovered(why) => Some(why),
     };
-    let pending_window_from = crate::replay::pending_window(&client, config)
+    let pending_window_from = crate::ops::replay::pending_window(&client, config)
         .await
         .ok()
         .flatten();
