@@ -90,3 +90,79 @@ ALTER TABLE "public"."event_outbox_dead_letters" ADD COLUMN IF NOT EXISTS shippe
 ALTER TABLE "public"."event_outbox_dead_letters" ALTER COLUMN event_type DROP NOT NULL,
     ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
     ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;
+
+-- The coverage watch (docs/guarantees.md): an event trigger logs every change of the
+-- publication's coverage of the outbox table (publication, table, membership, publish =
+-- 'insert'), with the table that had the outbox's name, in the DDL's own transaction. The relay
+-- compares the log's newest id with the one its checkpoints were recorded under, so even a table
+-- swapped in and out again between two of its checks is seen and re-shipped from. Event
+-- triggers need a superuser: without one the watch is not installed (setup says so) and the
+-- relay relies on its checks every 5 s.
+CREATE TABLE IF NOT EXISTS "public"."event_outbox_coverage_log" (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    coverage    text        NOT NULL,
+    table_oid   oid,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+GRANT SELECT ON "public"."event_outbox_coverage_log" TO PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = current_user AND rolsuper) THEN
+        CREATE OR REPLACE FUNCTION "public"."event_outbox_coverage_watch"() RETURNS event_trigger
+            LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $watch0$
+        DECLARE
+            now_coverage text := coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
+                     (SELECT r.oid::text FROM pg_publication_rel r
+                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
+                     (SELECT pn.oid::text FROM pg_publication_namespace pn
+                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
+                     CASE WHEN p.puballtables THEN 'all' END)
+                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE p.pubname = 'event_outbox_pub' AND n.nspname = 'public'
+                      AND c.relname = 'event_outbox' AND p.pubinsert), 'none');
+            now_table oid := (SELECT c.oid FROM pg_class c
+                                JOIN pg_namespace n ON n.oid = c.relnamespace
+                               WHERE n.nspname = 'public' AND c.relname = 'event_outbox');
+            last_coverage text;
+            last_table oid;
+        BEGIN
+            SELECT coverage, table_oid INTO last_coverage, last_table
+              FROM "public"."event_outbox_coverage_log" ORDER BY id DESC LIMIT 1;
+            IF NOT FOUND OR now_coverage IS DISTINCT FROM last_coverage
+               OR now_table IS DISTINCT FROM last_table THEN
+                INSERT INTO "public"."event_outbox_coverage_log" (coverage, table_oid) VALUES (now_coverage, now_table);
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'outbox-relay coverage watch: %', SQLERRM;
+        END
+        $watch0$;
+        IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'public_event_outbox_coverage_watch') THEN
+            CREATE EVENT TRIGGER "public_event_outbox_coverage_watch" ON ddl_command_end
+                WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE',
+                             'DROP TABLE', 'CREATE PUBLICATION', 'ALTER PUBLICATION',
+                             'DROP PUBLICATION', 'CREATE SCHEMA', 'ALTER SCHEMA', 'DROP SCHEMA')
+                EXECUTE FUNCTION "public"."event_outbox_coverage_watch"();
+        END IF;
+        -- The coverage now, so that the log's newest row is always the current one.
+        INSERT INTO "public"."event_outbox_coverage_log" (coverage, table_oid)
+        SELECT w.coverage, w.table_oid
+          FROM (SELECT coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
+                     (SELECT r.oid::text FROM pg_publication_rel r
+                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
+                     (SELECT pn.oid::text FROM pg_publication_namespace pn
+                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
+                     CASE WHEN p.puballtables THEN 'all' END)
+                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE p.pubname = 'event_outbox_pub' AND n.nspname = 'public'
+                      AND c.relname = 'event_outbox' AND p.pubinsert), 'none') AS coverage,
+                       (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = 'public' AND c.relname = 'event_outbox') AS table_oid) w
+         WHERE NOT EXISTS (SELECT 1 FROM (SELECT coverage, table_oid FROM "public"."event_outbox_coverage_log"
+                                           ORDER BY id DESC LIMIT 1) l
+                            WHERE l.coverage = w.coverage
+                              AND l.table_oid IS NOT DISTINCT FROM w.table_oid);
+    ELSE
+        RAISE WARNING 'the coverage watch (an event trigger) needs a superuser and was not installed: a table swapped in as the outbox and out again between two of the relay''s checks (5 s) would not be seen (docs/guarantees.md)';
+    END IF;
+END
+$$;

@@ -2,7 +2,8 @@
 //! database, written in the same transactions, each with its own relay into one ClickHouse table;
 //! between publishes, random DDL on the outboxes and their publications (columns added, dropped,
 //! renamed away and back, a NULL in a required column, type changes, TRUNCATE, the publication
-//! dropped and created again, the table swapped by rename) and relays killed with SIGKILL. Every
+//! dropped and created again, the table swapped by rename, swapped in and straight out again,
+//! inserts unpublished for a moment) and relays killed with SIGKILL. Every
 //! round ends in exact per-source set equality without FINAL, after the documented recoveries
 //! (fix the rows, `dead-letters retry`; add a swapped-in table to the publication).
 //!
@@ -128,7 +129,7 @@ fn run_round(f: &Fixture, rng: &mut StdRng, seed: u64, round: u64) -> String {
     let mut log = Vec::new();
     for index in 0..8 {
         let which = rng.random_range(0..2usize);
-        let step = rng.random_range(0..11);
+        let step = rng.random_range(0..13);
         let n = rng.random_range(1..=30u32);
         for o in &mut outboxes {
             o.label = format!("step{index}");
@@ -238,6 +239,41 @@ fn run_round(f: &Fixture, rng: &mut StdRng, seed: u64, round: u64) -> String {
                 ));
                 publish(f, o, n, 3, "");
                 "table swap"
+            }
+            11 => {
+                // A table swapped in, written while not in the publication, and swapped out
+                // again at once (a migration rolled back): only the coverage watch sees it.
+                let o = &mut outboxes[which];
+                o.swaps += 1;
+                let (away, stray) = (
+                    format!("{}_away_{}", o.table, o.swaps),
+                    format!("{}_stray_{}", o.table, o.swaps),
+                );
+                f.sql(&format!(
+                    "BEGIN; ALTER TABLE {t} RENAME TO {away};
+                     CREATE TABLE {t} (LIKE {away} INCLUDING ALL); COMMIT;",
+                    t = o.table
+                ));
+                publish(f, o, n, 3, "");
+                f.sql(&format!(
+                    "BEGIN; ALTER TABLE {t} RENAME TO {stray};
+                     ALTER TABLE {away} RENAME TO {t}; COMMIT;",
+                    t = o.table
+                ));
+                "swap in and out"
+            }
+            12 => {
+                let o = &mut outboxes[which];
+                f.sql(&format!(
+                    "ALTER PUBLICATION {} SET (publish = 'update')",
+                    o.publication
+                ));
+                publish(f, o, n, 2, "");
+                f.sql(&format!(
+                    "ALTER PUBLICATION {} SET (publish = 'insert')",
+                    o.publication
+                ));
+                "inserts unpublished and published again"
             }
             _ => {
                 let o = &mut outboxes[which];

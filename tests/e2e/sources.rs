@@ -24,6 +24,7 @@ on_each_postgres!(
     sources_sharing_a_table_survive_kills,
     publication_recreated_while_running_loses_nothing,
     swapped_outbox_table_stops_then_recovers,
+    changes_undone_between_two_checks_lose_nothing,
     rows_that_cannot_become_events_are_dead_letters_not_a_wedge,
 );
 
@@ -330,6 +331,52 @@ fn swapped_outbox_table_stops_then_recovers(v: PgVersion) {
     assert!(ok, "{} of {}\n{}", got.len(), expected.len(), relay.log());
     assert_eq!(got, expected);
     assert_eq!(rows, expected.len() as u64, "duplicates");
+}
+
+/// Coverage changed and changed back faster than the relay's checks (every 5 s): a table swapped
+/// in, written while not in the publication and swapped out again, then inserts unpublished
+/// for a moment. The coverage watch (an event trigger) logged both; the relay re-ships the
+/// window from every table that had the outbox's name, and every event arrives exactly once.
+fn changes_undone_between_two_checks_lose_nothing(v: PgVersion) {
+    let f = Fixture::start(v, &[]);
+    let relay = f.spawn_relay();
+    f.publish(50, 10, "before");
+    f.wait_for_rows(50, Duration::from_secs(60), Some(&relay));
+    f.sql(
+        "BEGIN;
+         ALTER TABLE event_outbox RENAME TO event_outbox_away;
+         CREATE TABLE event_outbox (LIKE event_outbox_away INCLUDING ALL);
+         COMMIT;",
+    );
+    f.publish(30, 3, "swapped_in");
+    let stray = f.pg_ids();
+    f.sql(
+        "BEGIN;
+         ALTER TABLE event_outbox RENAME TO event_outbox_stray;
+         ALTER TABLE event_outbox_away RENAME TO event_outbox;
+         COMMIT;",
+    );
+    f.sql("ALTER PUBLICATION event_outbox_pub SET (publish = 'update')");
+    f.publish(20, 2, "unpublished");
+    f.sql("ALTER PUBLICATION event_outbox_pub SET (publish = 'insert')");
+    f.publish(20, 1, "after");
+    let expected: HashSet<String> = f.pg_ids().union(&stray).cloned().collect();
+    assert_eq!(expected.len(), 120);
+    let ok = wait_until(Duration::from_secs(120), || {
+        f.ch_count() >= expected.len() as u64
+    });
+    let (got, rows) = f.ch_ids();
+    assert!(ok, "{} of {}\n{}", got.len(), expected.len(), relay.log());
+    assert_eq!(got, expected, "{}", relay.log());
+    assert_eq!(rows, expected.len() as u64, "duplicates");
+    let logged = f.sql(
+        "SELECT count(*) FROM event_outbox_coverage_log
+          WHERE table_oid = 'event_outbox_stray'::regclass",
+    );
+    assert_ne!(logged.trim(), "0", "the watch logged the swapped-in table");
+    let out = f.relay(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["coverage_watch"], true, "{status}");
 }
 
 /// An existing ClickHouse table whose columns the relay's rows do not fit: setup and run refuse

@@ -234,11 +234,20 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
             if let Some(note) = &report.failover_note {
                 println!("Failover: {note}");
             }
+            if !report.coverage_watch {
+                println!(
+                    "Coverage watch: not installed (creating an event trigger needs a superuser). \
+                     Without it, a table swapped in as the outbox and out again between two of \
+                     the relay's checks (5 s) is not seen; run `outbox-relay setup` once as a \
+                     superuser to install it (docs/guarantees.md)"
+                );
+            }
             tracing::info!(
                 outbox = %format!("{}.{}", config.outbox_schema, config.outbox_table),
                 publication = %config.publication,
                 slot = %config.slot,
                 slot_created = report.slot_created,
+                coverage_watch = report.coverage_watch,
                 clickhouse_table = %config.clickhouse_table,
                 "setup complete"
             );
@@ -628,6 +637,16 @@ fn print_status(s: &relay::ops::status::Status) {
             "pending window       from {from}: events PostgreSQL may have skipped, re-shipped by the running relay"
         );
     }
+    println!(
+        "coverage_watch       {}",
+        match s.coverage_watch {
+            Some(true) => "installed".to_string(),
+            Some(false) => "not installed (a swap in and out between two checks is not seen; \
+                            setup as a superuser installs it)"
+                .to_string(),
+            None => dash(),
+        }
+    );
     println!(
         "last_checkpoint      {}",
         match (&s.last_checkpoint_lsn, &s.last_checkpoint_at) {

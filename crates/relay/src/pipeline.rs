@@ -46,6 +46,7 @@ use crate::ops::replay;
 use crate::outbox::{RowError, SchemaError};
 use crate::pg::{self, PgError};
 use crate::sink::{ClickHouseSink, SinkError};
+use crate::store::coverage;
 use crate::store::deadletter;
 
 pub use mode::Mode;
@@ -255,11 +256,18 @@ impl Relay {
             .clone()
             .with_source(pg::source_identity(&sql, config).await?);
         sink.check_table().await?;
-        let coverage = match pg::coverage(&sql, config).await? {
-            pg::Coverage::Covered { fingerprint } => fingerprint,
-            pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
+        let coverage = match coverage::coverage(&sql, config).await? {
+            coverage::Coverage::Covered { fingerprint } => fingerprint,
+            coverage::Coverage::Uncovered { why, table } => {
+                let tables: Vec<u32> = table.into_iter().collect();
+                return Err(store::uncovered(&sql, config, start, &tables, why).await?);
+            }
         };
         let gap = replay::coverage_gap(&sql, config, &coverage, start).await?;
+        let mut outbox_tables = replay::coverage_tables(&coverage);
+        if let Some(gap) = &gap {
+            outbox_tables.extend(&gap.tables);
+        }
         let mut coverage_replay = None;
         match gap {
             None => replay::record_baseline(&sql, config, start, &coverage).await?,
@@ -296,6 +304,7 @@ impl Relay {
             sql,
             config,
             coverage,
+            outbox_tables,
         };
         let mut session = Session::new(config, sink, store, &self.metrics, mode);
         session.coverage_replay = coverage_replay;
@@ -421,9 +430,9 @@ impl Relay {
     /// missing, the relay waits.
     async fn skip_unpublished_window(&self, message: &str) -> Result<(), RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
-        let fingerprint = match pg::coverage(&sql, &self.config).await? {
-            pg::Coverage::Uncovered(why) => return Err(RelayError::Uncovered(why)),
-            pg::Coverage::Covered { fingerprint } => fingerprint,
+        let fingerprint = match coverage::coverage(&sql, &self.config).await? {
+            coverage::Coverage::Uncovered { why, .. } => return Err(RelayError::Uncovered(why)),
+            coverage::Coverage::Covered { fingerprint } => fingerprint,
         };
         let tables = replay::coverage_tables(&fingerprint);
         let to = replay::skip_unpublished_window(&self.config, &tables).await?;

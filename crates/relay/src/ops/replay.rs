@@ -26,8 +26,8 @@ use crate::outbox::SqlLayout;
 use crate::pg::{self, PgError};
 use crate::sink::resend::Resend;
 use crate::sink::{ClickHouseSink, SinkError};
-use crate::store::deadletter;
 use crate::store::schema::{checkpoints_table, dead_letters_table, outbox_table};
+use crate::store::{coverage, deadletter};
 
 /// Rows checked and sent per ClickHouse round trip.
 const CHUNK: i32 = 2_000;
@@ -81,20 +81,14 @@ pub struct ReplayReport {
 }
 
 /// The publication's coverage of the outbox table as SQL (`$1` publication, `$2` schema, `$3`
-/// table, shifted by `first`): the same fingerprint as [`crate::pg::coverage`], `'none'` when the
+/// table, shifted by `first`): the same fingerprint as [`crate::store::coverage::coverage`], `'none'` when the
 /// outbox's inserts are not published.
-fn fingerprint_sql(first: usize) -> String {
+fn fingerprint_sql(config: &Config, first: usize) -> String {
     let (p, s, t) = (first, first + 1, first + 2);
     format!(
-        "coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
-                     (SELECT r.oid::text FROM pg_publication_rel r
-                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
-                     (SELECT pn.oid::text FROM pg_publication_namespace pn
-                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
-                     CASE WHEN p.puballtables THEN 'all' END)
-                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE p.pubname = ${p} AND n.nspname = ${s} AND c.relname = ${t}
-                      AND p.pubinsert), 'none')"
+        "{} || '/' || {}",
+        coverage::base_fingerprint_sql(&format!("${p}"), &format!("${s}"), &format!("${t}")),
+        coverage::watch_id_sql(config)
     )
 }
 
@@ -116,7 +110,7 @@ pub async fn record_checkpoint(
                  SELECT $1, $2::text::pg_lsn, $3, pg_current_snapshot(), pg_current_wal_lsn(), $4
                   WHERE {} = $4",
                 checkpoints_table(config),
-                fingerprint_sql(5)
+                fingerprint_sql(config, 5)
             ),
             &[
                 &config.slot,
@@ -206,12 +200,35 @@ pub async fn coverage_gap(
     })?;
     let mut tables = coverage_tables(&recorded);
     tables.extend(coverage_tables(coverage));
+    tables.extend(watched_tables(client, config).await?);
     tables.sort_unstable();
     tables.dedup();
     Ok(Some(CoverageGap {
         from: from.min(confirmed),
         tables,
     }))
+}
+
+/// The tables the coverage watch saw with the outbox's name within the retention (a table
+/// swapped in and out again between two checks is only known from there), that still exist.
+async fn watched_tables(client: &Client, config: &Config) -> Result<Vec<u32>, PgError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT DISTINCT table_oid::text FROM {} l
+                  WHERE table_oid IS NOT NULL
+                    AND recorded_at > now() - $1 * interval '1 hour'
+                    AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = l.table_oid)",
+                crate::store::schema::coverage_log_table(config)
+            ),
+            &[&(config.outbox_retention_hours as f64)],
+        )
+        .await
+        .map_err(PgError::query("coverage watch log"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.get::<_, String>(0).parse().ok())
+        .collect())
 }
 
 /// Records a first checkpoint under `coverage` when the slot has none with a coverage yet (a new
@@ -232,7 +249,7 @@ pub async fn record_baseline(
                  SELECT $1, $2::text::pg_lsn, 0, pg_current_snapshot(), pg_current_wal_lsn(), $3
                   WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE slot = $1 AND coverage IS NOT NULL)
                     AND {} = $3",
-                fingerprint_sql(4)
+                fingerprint_sql(config, 4)
             ),
             &[
                 &config.slot,
@@ -258,11 +275,12 @@ pub async fn pending_window(client: &Client, config: &Config) -> Result<Option<S
     }))
 }
 
-/// Records that the window from `from` on must be re-shipped from `tables`: a checkpoint with
-/// the snapshot of the newest checkpoint at or before `from` (one that sees nothing when there
-/// is none) and the coverage `pending:<tables>`. Until a session finishes that replay, the
-/// newest checkpoint stays such a marker, so a crash cannot forget the window, and a further
-/// change adds its table to the list.
+/// Records that the window from `from` on must be re-shipped from `tables` and the newest
+/// checkpoint's table(s): a checkpoint with the snapshot of the newest checkpoint at or before
+/// `from` (one that sees nothing when there is none) and the coverage `pending:<tables>`. Until a
+/// session finishes that replay, the newest checkpoint stays such a marker, so a crash cannot
+/// forget the window, and a further change adds its table to the list. Nothing is written when
+/// the newest checkpoint is already a marker listing every table (its window starts earlier).
 pub async fn record_pending(
     client: &Client,
     config: &Config,
@@ -270,14 +288,19 @@ pub async fn record_pending(
     tables: &[u32],
 ) -> Result<(), PgError> {
     let table = checkpoints_table(config);
-    // A pending window not yet re-shipped stays on the list.
+    // The table(s) of the newest checkpoint stay on the list: a pending window not yet
+    // re-shipped, or the table that was covered before.
     let newest = newest_checkpoint(client, config)
         .await?
         .and_then(|(_, coverage)| coverage);
-    let mut tables = tables.to_vec();
-    if let Some(pending) = newest.filter(|c| c.starts_with("pending:")) {
-        tables.extend(coverage_tables(&pending));
+    let listed = newest.as_deref().map(coverage_tables).unwrap_or_default();
+    if newest.as_deref().is_some_and(|c| c.starts_with("pending:"))
+        && tables.iter().all(|t| listed.contains(t))
+    {
+        return Ok(());
     }
+    let mut tables = tables.to_vec();
+    tables.extend(listed);
     tables.sort_unstable();
     tables.dedup();
     let list = tables

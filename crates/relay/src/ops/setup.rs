@@ -4,6 +4,7 @@ use crate::config::ClickHouseTarget;
 use crate::config::Config;
 use crate::pg::{self, PgError};
 use crate::sink::{self, SinkError};
+use crate::store::coverage;
 use crate::store::schema;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,8 @@ pub struct SetupReport {
     pub failover: Option<bool>,
     /// What standbys need for the slot to follow a failover, or why it will not.
     pub failover_note: Option<String>,
+    /// Whether the coverage watch (an event trigger, docs/guarantees.md) is installed.
+    pub coverage_watch: bool,
 }
 
 /// What a standby needs so that the failover slot is synchronized to it (PostgreSQL 17+).
@@ -93,6 +96,7 @@ async fn prepared_by_another_role(
         (schema::dead_letters_table(config), "raw"),
         (schema::dead_letters_table(config), "shipped_at"),
         (schema::outbox_table(config), "event_context"),
+        (schema::coverage_log_table(config), "table_oid"),
     ];
     let mut missing = Vec::new();
     for (table, column) in &needed {
@@ -110,7 +114,7 @@ async fn prepared_by_another_role(
             missing.push(format!("{table}.{column}"));
         }
     }
-    if let pg::Coverage::Uncovered(why) = pg::coverage(client, config).await? {
+    if let coverage::Coverage::Uncovered { why, .. } = coverage::coverage(client, config).await? {
         missing.push(why);
     }
     if !missing.is_empty() {
@@ -170,6 +174,8 @@ pub async fn setup_postgres(
             .await
             .map_err(PgError::query("outbox DDL"))?;
     }
+    report.coverage_watch =
+        crate::store::coverage::coverage_watch_installed(&client, config).await?;
     if pg::slot_state(&client, &config.slot).await?.is_none() {
         // A slot the relay shipped from before is gone: a new one starts at the current WAL
         // position, so what was committed in between would be skipped without a replay.
@@ -213,7 +219,8 @@ pub async fn setup_postgres(
     if let Some(confirmed) = pg::slot_state(&client, &config.slot)
         .await?
         .and_then(|s| s.confirmed_flush())
-        && let pg::Coverage::Covered { fingerprint } = pg::coverage(&client, config).await?
+        && let coverage::Coverage::Covered { fingerprint } =
+            coverage::coverage(&client, config).await?
     {
         crate::ops::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
     }

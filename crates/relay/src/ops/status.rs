@@ -5,6 +5,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::pg::{self, PgError, SlotState};
 use crate::sink::ClickHouseSink;
+use crate::store::coverage;
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +23,9 @@ pub struct Status {
     /// A window the publication did not cover, recorded and not yet re-shipped: the WAL
     /// position it starts at (the relay re-ships it by itself while it runs).
     pub pending_window_from: Option<String>,
+    /// Whether the coverage watch (an event trigger logging coverage changes) is installed
+    /// (None when it could not be read).
+    pub coverage_watch: Option<bool>,
     pub clickhouse_reachable: bool,
     pub clickhouse_error: Option<String>,
     /// Events ClickHouse refused, waiting in the dead-letter table (None before `setup`).
@@ -254,14 +258,17 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         .ok()
         .flatten();
     let clickhouse_error = sink.ping().await.err().map(|e| e.to_string());
-    let publication_problem = match pg::coverage(&client, config).await? {
-        pg::Coverage::Covered { .. } => None,
-        pg::Coverage::Uncovered(why) => Some(why),
+    let publication_problem = match coverage::coverage(&client, config).await? {
+        coverage::Coverage::Covered { .. } => None,
+        coverage::Coverage::Uncovered { why, .. } => Some(why),
     };
     let pending_window_from = crate::ops::replay::pending_window(&client, config)
         .await
         .ok()
         .flatten();
+    let coverage_watch = crate::store::coverage::coverage_watch_installed(&client, config)
+        .await
+        .ok();
     let verify = verify_status(config).await;
     Ok(Status {
         slot: config.slot.clone(),
@@ -274,6 +281,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
             && pending_window_from.is_none(),
         publication_problem,
         pending_window_from,
+        coverage_watch,
         state,
         clickhouse_reachable: clickhouse_error.is_none(),
         clickhouse_error,

@@ -160,7 +160,16 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn check_coverage(&self) -> Result<(), RelayError> {
+    async fn check_coverage(&self, _confirmed: Lsn) -> Result<(), RelayError> {
+        Ok(())
+    }
+
+    async fn outbox_relation(
+        &self,
+        _relation_id: u32,
+        _lsn: Lsn,
+        _confirmed: Lsn,
+    ) -> Result<(), RelayError> {
         Ok(())
     }
 }

@@ -185,7 +185,9 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                 _ = sleep_until(flush_at), if flush_at.is_some() => {
                     self.flush(&source).await?;
                 }
-                _ = coverage_check.tick() => self.store.check_coverage().await?,
+                _ = coverage_check.tick() => {
+                    self.store.check_coverage(self.progress.confirmed()).await?;
+                }
                 done = replay_done(&mut self.coverage_replay) => {
                     self.coverage_replay = None;
                     let report = done
@@ -310,6 +312,9 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                 if relation.namespace().map_err(decode)? == self.config.outbox_schema
                     && relation.name().map_err(decode)? == self.config.outbox_table
                 {
+                    self.store
+                        .outbox_relation(relation.id, lsn, self.progress.confirmed())
+                        .await?;
                     let layout = OutboxLayout::from_relation(&relation);
                     if let Err(e) = &layout {
                         warn!(

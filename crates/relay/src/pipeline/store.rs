@@ -9,7 +9,8 @@ use super::RelayError;
 use crate::config::Config;
 use crate::event::OwnedEventRow;
 use crate::ops::replay;
-use crate::pg::{self, PgError};
+use crate::pg::PgError;
+use crate::store::coverage;
 use crate::store::deadletter;
 
 /// The PostgreSQL-side tables of the relay loop.
@@ -39,8 +40,23 @@ pub trait Store: Send + Sync {
         why: &str,
     ) -> impl std::future::Future<Output = Result<bool, PgError>> + Send;
 
-    /// Fails when the outbox's inserts are no longer streamed as when the session started.
-    fn check_coverage(&self) -> impl std::future::Future<Output = Result<(), RelayError>> + Send;
+    /// Fails when the outbox's inserts are no longer streamed as when the session started
+    /// (recording the window from `confirmed` on for the next session to re-ship).
+    fn check_coverage(
+        &self,
+        confirmed: Lsn,
+    ) -> impl std::future::Future<Output = Result<(), RelayError>> + Send;
+
+    /// A Relation message of a table with the outbox's name, `relation_id`, at `lsn`: fails
+    /// when it is not a table this session saw covered (swapped in and published between two
+    /// checks: its earlier rows were skipped), after recording the window from `confirmed` on
+    /// with that table, for the next session to re-ship.
+    fn outbox_relation(
+        &self,
+        relation_id: u32,
+        lsn: Lsn,
+        confirmed: Lsn,
+    ) -> impl std::future::Future<Output = Result<(), RelayError>> + Send;
 }
 
 /// The relay's tables in PostgreSQL, over the session's SQL connection.
@@ -50,6 +66,10 @@ pub struct PgStore<'a> {
     /// The publication's coverage of the outbox table when the session started
     /// ([`pg::coverage`]); checked again periodically and with every checkpoint.
     pub coverage: String,
+    /// The tables (by oid) that were the outbox table in this session's view: the covered one
+    /// and those a coverage replay re-ships from. A Relation message of another table with the
+    /// outbox's name means a table was swapped in and published between two checks.
+    pub outbox_tables: Vec<u32>,
 }
 
 impl PgStore<'_> {
@@ -97,11 +117,51 @@ impl Store for PgStore<'_> {
             .await
     }
 
-    async fn check_coverage(&self) -> Result<(), RelayError> {
-        match pg::coverage(&self.sql, self.config).await? {
-            pg::Coverage::Covered { fingerprint } if fingerprint == self.coverage => Ok(()),
-            pg::Coverage::Covered { .. } => Err(self.coverage_changed()),
-            pg::Coverage::Uncovered(why) => Err(RelayError::Uncovered(why)),
+    async fn check_coverage(&self, confirmed: Lsn) -> Result<(), RelayError> {
+        match coverage::coverage(&self.sql, self.config).await? {
+            coverage::Coverage::Covered { fingerprint } if fingerprint == self.coverage => Ok(()),
+            coverage::Coverage::Covered { .. } => Err(self.coverage_changed()),
+            coverage::Coverage::Uncovered { why, table } => {
+                let mut tables = self.outbox_tables.clone();
+                tables.extend(table);
+                Err(uncovered(&self.sql, self.config, confirmed, &tables, why).await?)
+            }
         }
     }
+
+    async fn outbox_relation(
+        &self,
+        relation_id: u32,
+        lsn: Lsn,
+        confirmed: Lsn,
+    ) -> Result<(), RelayError> {
+        if self.outbox_tables.contains(&relation_id) {
+            return Ok(());
+        }
+        let mut tables = self.outbox_tables.clone();
+        tables.push(relation_id);
+        replay::record_pending(&self.sql, self.config, confirmed, &tables).await?;
+        warn!(
+            table_oid = relation_id, wal_lsn = %lsn, from_lsn = %confirmed,
+            "another table of the outbox's name appears in the stream (swapped in and published \
+             between two coverage checks): its rows written before it was published were \
+             skipped by PostgreSQL; the next session re-ships them from that table"
+        );
+        Err(self.coverage_changed())
+    }
+}
+
+/// The outbox is not covered: PostgreSQL skips its inserts from now until it is again. Records
+/// the window from `from` as pending with `tables` (the tables of the outbox's name seen so far,
+/// [`replay::record_pending`] adds the newest checkpoint's), so that whatever coverage comes
+/// back (even the same one, after a table swapped in and out again) re-ships what was skipped.
+pub(super) async fn uncovered(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+    from: Lsn,
+    tables: &[u32],
+    why: String,
+) -> Result<RelayError, RelayError> {
+    replay::record_pending(sql, config, from, tables).await?;
+    Ok(RelayError::Uncovered(why))
 }

@@ -59,18 +59,52 @@ pub fn dead_letters_table(config: &Config) -> String {
     )
 }
 
+/// `"schema"."<outbox>_coverage_log"`: every change of the publication's coverage of the outbox
+/// table (and which table had the outbox's name), written by the coverage watch.
+pub fn coverage_log_table(config: &Config) -> String {
+    format!(
+        "{}.{}",
+        quote_pg_ident(&config.outbox_schema),
+        quote_pg_ident(&derived_name(&config.outbox_table, "coverage_log"))
+    )
+}
+
+/// The coverage watch's event trigger: one per outbox, and event triggers are named per
+/// database, so the name derives from the schema too.
+pub fn coverage_watch_trigger(config: &Config) -> String {
+    derived_name(
+        &format!("{}_{}", config.outbox_schema, config.outbox_table),
+        "coverage_watch",
+    )
+}
+
 /// The outbox table, its purge index, its publication, the checkpoint and dead-letter tables
 /// (PostgreSQL).
 pub fn postgres_ddl(config: &Config) -> String {
     let table = outbox_table(config);
     let checkpoints = checkpoints_table(config);
     let dead_letters = dead_letters_table(config);
+    let coverage_log = coverage_log_table(config);
+    let watch_function = format!(
+        "{}.{}",
+        quote_pg_ident(&config.outbox_schema),
+        quote_pg_ident(&derived_name(&config.outbox_table, "coverage_watch"))
+    );
+    let watch_trigger = coverage_watch_trigger(config);
+    let watch_trigger_ident = quote_pg_ident(&watch_trigger);
+    let watch_trigger_literal = quote_pg_literal(&watch_trigger);
+    let watched = crate::store::coverage::base_fingerprint_sql(
+        &quote_pg_literal(&config.publication),
+        &quote_pg_literal(&config.outbox_schema),
+        &quote_pg_literal(&config.outbox_table),
+    );
     let name = &config.outbox_table;
     let checkpoints_index = quote_pg_ident(&derived_name(name, "checkpoints_slot_snapshot_lsn"));
     let index = quote_pg_ident(&derived_name(name, "event_date_time_brin"));
     let check = |what: &str| quote_pg_ident(&derived_name(name, &format!("{what}_check")));
     let schema = quote_pg_ident(&config.outbox_schema);
     let schema_literal = quote_pg_literal(&config.outbox_schema);
+    let name_literal = quote_pg_literal(&config.outbox_table);
     let publication = quote_pg_ident(&config.publication);
     let publication_literal = quote_pg_literal(&config.publication);
     let environment = quote_pg_literal(&config.environment);
@@ -80,6 +114,11 @@ pub fn postgres_ddl(config: &Config) -> String {
         &config.outbox_table,
         &config.publication,
     ];
+    // The coverage watch's body nests inside a DO block: another tag.
+    let inner = (0..)
+        .map(|n| format!("$watch{n}$"))
+        .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
+        .unwrap_or_default();
     let dollar = std::iter::once("$$".to_string())
         .chain((0..).map(|n| format!("$relay{n}$")))
         .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
@@ -183,6 +222,66 @@ ALTER TABLE {dead_letters} ADD COLUMN IF NOT EXISTS shipped_at timestamptz;
 ALTER TABLE {dead_letters} ALTER COLUMN event_type DROP NOT NULL,
     ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
     ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;
+
+-- The coverage watch (docs/guarantees.md): an event trigger logs every change of the
+-- publication's coverage of the outbox table (publication, table, membership, publish =
+-- 'insert'), with the table that had the outbox's name, in the DDL's own transaction. The relay
+-- compares the log's newest id with the one its checkpoints were recorded under, so even a table
+-- swapped in and out again between two of its checks is seen and re-shipped from. Event
+-- triggers need a superuser: without one the watch is not installed (setup says so) and the
+-- relay relies on its checks every 5 s.
+CREATE TABLE IF NOT EXISTS {coverage_log} (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    coverage    text        NOT NULL,
+    table_oid   oid,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+GRANT SELECT ON {coverage_log} TO PUBLIC;
+DO {dollar}
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = current_user AND rolsuper) THEN
+        CREATE OR REPLACE FUNCTION {watch_function}() RETURNS event_trigger
+            LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {inner}
+        DECLARE
+            now_coverage text := {watched};
+            now_table oid := (SELECT c.oid FROM pg_class c
+                                JOIN pg_namespace n ON n.oid = c.relnamespace
+                               WHERE n.nspname = {schema_literal} AND c.relname = {name_literal});
+            last_coverage text;
+            last_table oid;
+        BEGIN
+            SELECT coverage, table_oid INTO last_coverage, last_table
+              FROM {coverage_log} ORDER BY id DESC LIMIT 1;
+            IF NOT FOUND OR now_coverage IS DISTINCT FROM last_coverage
+               OR now_table IS DISTINCT FROM last_table THEN
+                INSERT INTO {coverage_log} (coverage, table_oid) VALUES (now_coverage, now_table);
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'outbox-relay coverage watch: %', SQLERRM;
+        END
+        {inner};
+        IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = {watch_trigger_literal}) THEN
+            CREATE EVENT TRIGGER {watch_trigger_ident} ON ddl_command_end
+                WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE',
+                             'DROP TABLE', 'CREATE PUBLICATION', 'ALTER PUBLICATION',
+                             'DROP PUBLICATION', 'CREATE SCHEMA', 'ALTER SCHEMA', 'DROP SCHEMA')
+                EXECUTE FUNCTION {watch_function}();
+        END IF;
+        -- The coverage now, so that the log's newest row is always the current one.
+        INSERT INTO {coverage_log} (coverage, table_oid)
+        SELECT w.coverage, w.table_oid
+          FROM (SELECT {watched} AS coverage,
+                       (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = {schema_literal} AND c.relname = {name_literal}) AS table_oid) w
+         WHERE NOT EXISTS (SELECT 1 FROM (SELECT coverage, table_oid FROM {coverage_log}
+                                           ORDER BY id DESC LIMIT 1) l
+                            WHERE l.coverage = w.coverage
+                              AND l.table_oid IS NOT DISTINCT FROM w.table_oid);
+    ELSE
+        RAISE WARNING 'the coverage watch (an event trigger) needs a superuser and was not installed: a table swapped in as the outbox and out again between two of the relay''s checks (5 s) would not be seen (docs/guarantees.md)';
+    END IF;
+END
+{dollar};
 "#
     )
 }
@@ -277,6 +376,8 @@ mod tests {
             "event_context_check",
             "metadata_version_check",
             "event_date_time_check",
+            "coverage_log",
+            "coverage_watch",
         ];
         let long_a = "a".repeat(63);
         let long_b = format!("{}b", "a".repeat(62));
