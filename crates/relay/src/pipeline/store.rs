@@ -64,7 +64,7 @@ pub struct PgStore<'a> {
     pub sql: tokio_postgres::Client,
     pub config: &'a Config,
     /// The publication's coverage of the outbox table when the session started
-    /// ([`pg::coverage`]); checked again periodically and with every checkpoint.
+    /// ([`coverage::coverage`]); checked again periodically and with every checkpoint.
     pub coverage: String,
     /// The tables (by oid) that were the outbox table in this session's view: the covered one
     /// and those a coverage replay re-ships from. A Relation message of another table with the
