@@ -522,6 +522,33 @@ pub async fn source_identity(
     ))
 }
 
+/// Opens a read-only, repeatable-read transaction: its first statement takes the snapshot that
+/// replay, repair and verify read in. `what` names it in errors.
+pub async fn read_snapshot<'c>(
+    client: &'c mut Client,
+    what: &'static str,
+) -> Result<tokio_postgres::Transaction<'c>, PgError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(PgError::query(what))
+}
+
+/// The server's current WAL position (`pg_current_wal_lsn()`) as text, read in `tx`.
+pub async fn wal_position(
+    tx: &tokio_postgres::Transaction<'_>,
+    what: &'static str,
+) -> Result<String, PgError> {
+    Ok(tx
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(PgError::query(what))?
+        .get(0))
+}
+
 /// `"name"` with inner quotes doubled, for PostgreSQL identifiers.
 pub fn quote_pg_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

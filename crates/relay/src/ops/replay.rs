@@ -524,18 +524,7 @@ pub async fn replay_tables(
     dry_run: bool,
     tables: Option<&[u32]>,
 ) -> Result<ReplayReport, ReplayError> {
-    let control = pg::connect(&config.postgres_url).await?;
-    let locked: bool = control
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("replay lock"))?
-        .get(0);
-    if !locked {
-        return Err(ReplayError::Busy(config.slot.clone()));
-    }
+    let control = replay_lock(config).await?;
     let base = base_snapshot(&control, config, from).await?;
     let mut report = ReplayReport {
         checkpoint_snapshot_lsn: base.as_ref().map(|(_, lsn)| lsn.clone()),
@@ -568,13 +557,7 @@ pub async fn replay_tables(
     for name in &names {
         layouts.push((name.clone(), SqlLayout::read_table(&reader, name).await?));
     }
-    let tx = reader
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(PgError::query("replay snapshot"))?;
+    let tx = pg::read_snapshot(&mut reader, "replay snapshot").await?;
     // A table rewrite (ALTER TABLE ... TYPE) is not MVCC-safe: committed after this snapshot,
     // it would show the table empty to it. The lock, taken before the snapshot, keeps rewrites
     // out until the replay is done (inserts go on).
@@ -587,11 +570,7 @@ pub async fn replay_tables(
         .map_err(PgError::query("replay lock on the outbox"))?;
     }
     // The first query takes the snapshot; the WAL position is read after it.
-    report.fence_lsn = tx
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("replay snapshot"))?
-        .get(0);
+    report.fence_lsn = pg::wal_position(&tx, "replay snapshot").await?;
     if !dry_run {
         wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
     }
@@ -660,33 +639,12 @@ pub async fn reship_ids(
     ids: &[String],
     wait: Duration,
 ) -> Result<ReplayReport, ReplayError> {
-    let control = pg::connect(&config.postgres_url).await?;
-    let locked: bool = control
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("replay lock"))?
-        .get(0);
-    if !locked {
-        return Err(ReplayError::Busy(config.slot.clone()));
-    }
+    let control = replay_lock(config).await?;
     let mut report = ReplayReport::default();
     let mut reader = pg::connect(&config.postgres_url).await?;
     let layout = SqlLayout::read_table(&reader, &outbox_table(config)).await?;
-    let tx = reader
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(PgError::query("repair snapshot"))?;
-    report.fence_lsn = tx
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("repair snapshot"))?
-        .get(0);
+    let tx = pg::read_snapshot(&mut reader, "repair snapshot").await?;
+    report.fence_lsn = pg::wal_position(&tx, "repair snapshot").await?;
     wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
     let sql = format!(
         "SELECT {} FROM {} o WHERE o.event_id::text = ANY($1)",
@@ -711,6 +669,24 @@ pub async fn reship_ids(
         "repair re-shipped missing events"
     );
     Ok(report)
+}
+
+/// Takes replay's lock (one re-sender per slot at a time: a replay, `verify --repair`) on a
+/// connection of its own, held while it lives; fails [`ReplayError::Busy`] when another holds it.
+async fn replay_lock(config: &Config) -> Result<Client, ReplayError> {
+    let control = pg::connect(&config.postgres_url).await?;
+    let locked: bool = control
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("replay lock"))?
+        .get(0);
+    if !locked {
+        return Err(ReplayError::Busy(config.slot.clone()));
+    }
+    Ok(control)
 }
 
 /// The newest checkpoint whose snapshot predates `from`: (snapshot, snapshot_lsn).

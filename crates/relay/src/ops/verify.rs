@@ -223,14 +223,7 @@ pub fn parse_time(text: &str, now_us: i64) -> Result<i64, String> {
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return Err(bad());
     }
-    // Days from civil.
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::outbox::days_from_civil(y, mo, d).ok_or_else(bad)?;
     Ok(((days * 86_400 + h * 3600 + mi * 60 + s - offset) * 1_000_000) + micros)
 }
 
@@ -554,13 +547,7 @@ pub async fn verify(
     }
     let control = pg::connect(&config.postgres_url).await?;
     let mut reader = pg::connect(&config.postgres_url).await?;
-    let tx = reader
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(PgError::query("verify snapshot"))?;
+    let tx = pg::read_snapshot(&mut reader, "verify snapshot").await?;
     // The first statement takes the snapshot; the fence is read after it. An open-ended range
     // starts at the oldest row, so windows are aligned to something near the data.
     let row = tx
@@ -574,11 +561,7 @@ pub async fn verify(
         .await
         .map_err(PgError::query("verify snapshot"))?;
     let oldest: Option<i64> = row.get(0);
-    let fence: String = tx
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("verify snapshot"))?
-        .get(0);
+    let fence = pg::wal_position(&tx, "verify snapshot").await?;
     if range.from_us == i64::MIN / 4 {
         range.from_us = oldest
             .map(|o| o.div_euclid(options.window_us) * options.window_us)
