@@ -96,8 +96,8 @@ ALTER TABLE "public"."event_outbox_dead_letters" ALTER COLUMN event_type DROP NO
 -- 'insert'), with the table that had the outbox's name, in the DDL's own transaction. The relay
 -- compares the log's newest id with the one its checkpoints were recorded under, so even a table
 -- swapped in and out again between two of its checks is seen and re-shipped from. Event
--- triggers need a superuser: without one the watch is not installed (setup says so) and the
--- relay relies on its checks every 5 s.
+-- triggers need a superuser (or a managed service's equivalent, such as rds_superuser): without
+-- one the watch is not installed (setup says so) and the relay relies on its checks every 5 s.
 CREATE TABLE IF NOT EXISTS "public"."event_outbox_coverage_log" (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     coverage    text        NOT NULL,
@@ -107,7 +107,7 @@ CREATE TABLE IF NOT EXISTS "public"."event_outbox_coverage_log" (
 GRANT SELECT ON "public"."event_outbox_coverage_log" TO PUBLIC;
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = current_user AND rolsuper) THEN
+    BEGIN
         CREATE OR REPLACE FUNCTION "public"."event_outbox_coverage_watch"() RETURNS event_trigger
             LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $watch0$
         DECLARE
@@ -117,6 +117,9 @@ BEGIN
                      (SELECT pn.oid::text FROM pg_publication_namespace pn
                        WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
                      CASE WHEN p.puballtables THEN 'all' END)
+                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
+                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
+                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
                      FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                     WHERE p.pubname = 'event_outbox_pub' AND n.nspname = 'public'
                       AND c.relname = 'event_outbox' AND p.pubinsert), 'none');
@@ -152,6 +155,9 @@ BEGIN
                      (SELECT pn.oid::text FROM pg_publication_namespace pn
                        WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
                      CASE WHEN p.puballtables THEN 'all' END)
+                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
+                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
+                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
                      FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                     WHERE p.pubname = 'event_outbox_pub' AND n.nspname = 'public'
                       AND c.relname = 'event_outbox' AND p.pubinsert), 'none') AS coverage,
@@ -161,8 +167,8 @@ BEGIN
                                            ORDER BY id DESC LIMIT 1) l
                             WHERE l.coverage = w.coverage
                               AND l.table_oid IS NOT DISTINCT FROM w.table_oid);
-    ELSE
+    EXCEPTION WHEN insufficient_privilege THEN
         RAISE WARNING 'the coverage watch (an event trigger) needs a superuser and was not installed: a table swapped in as the outbox and out again between two of the relay''s checks (5 s) would not be seen (docs/guarantees.md)';
-    END IF;
+    END;
 END
 $$;

@@ -260,7 +260,7 @@ impl Relay {
             coverage::Coverage::Covered { fingerprint } => fingerprint,
             coverage::Coverage::Uncovered { why, table } => {
                 let tables: Vec<u32> = table.into_iter().collect();
-                return Err(store::uncovered(&sql, config, start, &tables, why).await?);
+                return Err(store::uncovered(&sql, config, start, &tables, why).await);
             }
         };
         let gap = replay::coverage_gap(&sql, config, &coverage, start).await?;

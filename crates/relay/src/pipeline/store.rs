@@ -124,7 +124,7 @@ impl Store for PgStore<'_> {
             coverage::Coverage::Uncovered { why, table } => {
                 let mut tables = self.outbox_tables.clone();
                 tables.extend(table);
-                Err(uncovered(&self.sql, self.config, confirmed, &tables, why).await?)
+                Err(uncovered(&self.sql, self.config, confirmed, &tables, why).await)
             }
         }
     }
@@ -161,7 +161,12 @@ pub(super) async fn uncovered(
     from: Lsn,
     tables: &[u32],
     why: String,
-) -> Result<RelayError, RelayError> {
-    replay::record_pending(sql, config, from, tables).await?;
-    Ok(RelayError::Uncovered(why))
+) -> RelayError {
+    match replay::record_pending(sql, config, from, tables).await {
+        Ok(()) => RelayError::Uncovered(why),
+        // Still not covered, which is what the operator must fix first; recorded next time.
+        Err(e) => {
+            RelayError::Uncovered(format!("{why} (the window could not be recorded yet: {e})"))
+        }
+    }
 }

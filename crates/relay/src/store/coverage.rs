@@ -19,6 +19,9 @@ pub fn base_fingerprint_sql(publication: &str, schema: &str, table: &str) -> Str
                      (SELECT pn.oid::text FROM pg_publication_namespace pn
                        WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
                      CASE WHEN p.puballtables THEN 'all' END)
+                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
+                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
+                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
                      FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                     WHERE p.pubname = {publication} AND n.nspname = {schema}
                       AND c.relname = {table} AND p.pubinsert), 'none')"
@@ -71,7 +74,9 @@ pub async fn coverage(client: &Client, config: &Config) -> Result<Coverage, PgEr
                           WHERE r.prpubid = p.oid AND r.prrelid = t.oid),
                         (SELECT pn.oid::text FROM pg_publication_namespace pn
                           WHERE pn.pnpubid = p.oid AND pn.pnnspid = t.relnamespace),
-                        {}
+                        {},
+                        (SELECT pg_get_expr(r.prqual, r.prrelid) FROM pg_publication_rel r
+                          WHERE r.prpubid = p.oid AND r.prrelid = t.oid)
                    FROM pg_publication p
                    LEFT JOIN (SELECT c.oid, c.relnamespace FROM pg_class c
                                 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -119,6 +124,16 @@ pub async fn coverage(client: &Client, config: &Config) -> Result<Coverage, PgEr
                 "{names}: the publication does not publish inserts, so PostgreSQL skips the \
                  outbox's events: ALTER PUBLICATION ... SET (publish = 'insert'); the relay then \
                  re-ships what was committed meanwhile"
+            ),
+            table: table_oid,
+        });
+    }
+    if let Some(filter) = row.get::<_, Option<String>>(7) {
+        return Ok(Coverage::Uncovered {
+            why: format!(
+                "{names}: the publication has a row filter on the outbox table (WHERE {filter}), \
+                 so PostgreSQL never streams the rows it filters out: ALTER PUBLICATION ... SET \
+                 TABLE ... without WHERE; the relay then re-ships what was committed meanwhile"
             ),
             table: table_oid,
         });
