@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use harness::ClickHouseServer;
-use relay::sink::{ClickHouseSink, ClickHouseTarget, EventRow};
+use relay::config::ClickHouseTarget;
+use relay::event::EventRow;
+use relay::sink::ClickHouseSink;
 
 /// A candidate layout: its `event_context` column(s) and how the three queries read the paths.
 struct Layout {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use harness::{ClickHouseServer, PgServer, PgVersion};
-use relay::sink::{ClickHouseSink, ClickHouseTarget, EventRow};
+use relay::config::ClickHouseTarget;
+use relay::event::EventRow;
+use relay::sink::ClickHouseSink;
 
 const SLOT: &str = "bench_relay";
 const RECV_SLOT: &str = "bench_recvlogical";

@@ -185,7 +185,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     let pg_hashes: Vec<(String, i64)> = f
         .sql(&format!(
             "SELECT o.event_id, {} FROM event_outbox o ORDER BY 1",
-            relay::verify::PG_HASH
+            relay::ops::verify::PG_HASH
         ))
         .lines()
         .map(|l| {
@@ -196,7 +196,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     let ch_hashes: Vec<(String, i64)> = f
         .ch(&format!(
             "SELECT toString(event_id), {} FROM {{db}}.event_log ORDER BY 1 FORMAT TSV",
-            relay::verify::CH_HASH
+            relay::ops::verify::CH_HASH
         ))
         .lines()
         .map(|l| {
@@ -210,7 +210,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
         "PostgreSQL and ClickHouse hash ids alike"
     );
     for (id, h) in &pg_hashes {
-        assert_eq!(relay::verify::id_hash(id), *h, "id_hash({id})");
+        assert_eq!(relay::ops::verify::id_hash(id), *h, "id_hash({id})");
     }
 
     // Complete: exit 0, and the background verifier says so.

@@ -21,8 +21,11 @@ async fn publishes_with_the_transaction() {
     let db = harness::unique_name("publish");
     pg.create_database(&db).unwrap();
     // The outbox table exactly as `outbox-relay setup` creates it.
-    pg.psql(&db, &relay::schema::postgres_ddl(&relay::Config::default()))
-        .unwrap();
+    pg.psql(
+        &db,
+        &relay::store::schema::postgres_ddl(&relay::Config::default()),
+    )
+    .unwrap();
 
     let (mut client, conn) = tokio_postgres::connect(&pg.url(&db), tokio_postgres::NoTls)
         .await

@@ -207,15 +207,21 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
         Command::Setup {
             print_sql: true, ..
         } => {
-            println!("-- PostgreSQL\n{}", relay::schema::postgres_ddl(&config));
-            println!("-- ClickHouse\n{}", relay::schema::clickhouse_ddl(&config));
+            println!(
+                "-- PostgreSQL\n{}",
+                relay::store::schema::postgres_ddl(&config)
+            );
+            println!(
+                "-- ClickHouse\n{}",
+                relay::store::schema::clickhouse_ddl(&config)
+            );
             Ok(0)
         }
         Command::Setup {
             print_sql: false,
             recreate_slot,
         } => {
-            let report = relay::setup::setup(&config, recreate_slot)
+            let report = relay::ops::setup::setup(&config, recreate_slot)
                 .await
                 .context("setup failed")?;
             if let Some(from) = &report.replay_from {
@@ -250,7 +256,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
         Command::Run => run(config).await,
         Command::Health => health(&config).await.map(|()| 0),
         Command::Status { json } => {
-            let status = relay::status::status(&config)
+            let status = relay::ops::status::status(&config)
                 .await
                 .context("cannot read the slot's status")?;
             if json {
@@ -267,7 +273,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
             json,
         } => {
             let sink = clickhouse_sink(&config).await?;
-            let report = relay::replay::replay(
+            let report = relay::ops::replay::replay(
                 &config,
                 &sink,
                 from_lsn,
@@ -302,7 +308,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
 
 /// `outbox-relay verify`: Ok(true) when complete, Ok(false) when differences were found.
 async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
-    use relay::verify::{self, Options, Range};
+    use relay::ops::verify::{self, Options, Range};
     let Command::Verify {
         since,
         from_lsn,
@@ -315,7 +321,7 @@ async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
     else {
         anyhow::bail!("not a verify command");
     };
-    let now = relay::http::unix_now_us();
+    let now = relay::metrics::unix_now_us();
     let window_s = window_s.unwrap_or(config.verify_window_s);
     anyhow::ensure!(window_s >= 1, "--window-s must be at least 1");
     let window_us = window_s as i64 * 1_000_000;
@@ -407,7 +413,7 @@ async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHo
 }
 
 async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {
-    use relay::deadletter;
+    use relay::store::deadletter;
     match action {
         DeadLetterAction::List { json } => {
             let letters = deadletter::list(config)
@@ -465,12 +471,12 @@ async fn run(config: Config) -> anyhow::Result<u8> {
         relay.metrics(),
         relay.sink().clone(),
     ));
-    let verifier = tokio::spawn(relay::verify::verify_forever(
+    let verifier = tokio::spawn(relay::ops::verify::verify_forever(
         config.clone(),
         relay.metrics(),
     ));
     let grace = config.shutdown_timeout();
-    let purge = tokio::spawn(relay::purge::purge_forever(config));
+    let purge = tokio::spawn(relay::ops::purge::purge_forever(config));
     // A graceful stop gets `shutdown_timeout_ms` from the signal on; past it the session is
     // dropped: its open insert is aborted and nothing it did not get accepted is confirmed.
     let mut stop_seen = stop_rx.clone();
@@ -579,7 +585,7 @@ async fn wait_for_signal() {
     }
 }
 
-fn print_status(s: &relay::status::Status) {
+fn print_status(s: &relay::ops::status::Status) {
     let dash = || "-".to_string();
     println!("primary              {}", s.primary);
     println!("slot                 {}", s.slot);

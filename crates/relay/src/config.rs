@@ -8,6 +8,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod clickhouse_target;
+
+pub use clickhouse_target::{ClickHouseTarget, DEFAULT_TIMEOUT, tls_config};
+
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -125,7 +129,7 @@ impl Default for Config {
             status_interval_ms: 1_000,
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
-            clickhouse_timeout_ms: crate::sink::DEFAULT_TIMEOUT.as_millis() as u64,
+            clickhouse_timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
             clickhouse_ca_file: String::new(),
             clickhouse_client_cert: String::new(),
             clickhouse_client_key: String::new(),
@@ -301,7 +305,7 @@ impl Config {
         })?;
         // Parses the URL and reads the CA bundle and client certificate, if any: a file that is
         // missing or not PEM stops the relay here, naming the setting.
-        let clickhouse = crate::sink::ClickHouseTarget::from_config(self)?;
+        let clickhouse = ClickHouseTarget::from_config(self)?;
         check_identifier("clickhouse_url", &clickhouse.database).map_err(|_| {
             invalid(
                 "clickhouse_url",
@@ -749,8 +753,7 @@ mod tests {
 
     #[test]
     fn clickhouse_database_is_percent_decoded() {
-        let target =
-            crate::sink::ClickHouseTarget::parse("http://u:p%40ss@h:8123/My%20DB%22%60").unwrap();
+        let target = ClickHouseTarget::parse("http://u:p%40ss@h:8123/My%20DB%22%60").unwrap();
         assert_eq!(target.database, "My DB\"`");
         assert_eq!(target.password, "p@ss");
         for dots in [
@@ -759,9 +762,7 @@ mod tests {
             "http://h:8123/%2E",
             "http://h/%2e%2E/",
         ] {
-            let message = crate::sink::ClickHouseTarget::parse(dots)
-                .unwrap_err()
-                .to_string();
+            let message = ClickHouseTarget::parse(dots).unwrap_err().to_string();
             assert!(
                 message.contains("RELAY_CLICKHOUSE_URL"),
                 "{dots}: {message}"

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, unix_now_us};
 use crate::sink::ClickHouseSink;
 
 /// Connections served at once; more are answered 503 and closed at once.
@@ -165,11 +165,4 @@ pub async fn check_clickhouse(metrics: Arc<Metrics>, sink: ClickHouseSink) {
         }
         tokio::time::sleep(CLICKHOUSE_CHECK_INTERVAL).await;
     }
-}
-
-pub fn unix_now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
 }

@@ -136,8 +136,8 @@ pub struct Metrics {
     pub http_refused: AtomicU64,
     /// Failed accepts on the HTTP endpoint (e.g. out of file descriptors).
     pub http_accept_errors: AtomicU64,
-    /// The background verifier's findings (crates/relay/src/verify.rs).
-    pub verify: crate::verify::VerifyGauges,
+    /// The background verifier's findings (crates/relay/src/ops/verify.rs).
+    pub verify: VerifyGauges,
 }
 
 impl Default for Metrics {
@@ -212,7 +212,7 @@ impl Metrics {
         self.batch_rows.observe(rows as f64);
         self.batch_bytes.observe(bytes as f64);
         self.batch_seconds.observe(flush.as_secs_f64());
-        self.clickhouse_answered(crate::http::unix_now_us());
+        self.clickhouse_answered(unix_now_us());
     }
 
     /// Records that ClickHouse answered (at Unix µs `now`).
@@ -415,6 +415,73 @@ impl Metrics {
         );
         self.verify.render(&mut out);
         out
+    }
+}
+
+/// Now, in Unix microseconds.
+pub fn unix_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+/// What the background verifier publishes on `/metrics`.
+#[derive(Debug)]
+pub struct VerifyGauges {
+    /// Unix µs up to which the stream is proven complete; 0 before the first pass.
+    pub verified_through_us: AtomicI64,
+    pub missing: AtomicU64,
+    pub extra: AtomicU64,
+    /// Passes that could not check (a server down, the relay behind).
+    pub errors: AtomicU64,
+}
+
+impl Default for VerifyGauges {
+    fn default() -> Self {
+        VerifyGauges {
+            verified_through_us: AtomicI64::new(0),
+            missing: AtomicU64::new(0),
+            extra: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl VerifyGauges {
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        for (name, kind, help, value) in [
+            (
+                "outbox_relay_verified_through_seconds",
+                "gauge",
+                "Unix time up to which every outbox event is proven in ClickHouse exactly once (0: not yet).",
+                format!("{:.6}", self.verified_through_us.load(Relaxed) as f64 / 1e6),
+            ),
+            (
+                "outbox_relay_missing_events",
+                "gauge",
+                "Outbox events the last verification found missing in ClickHouse.",
+                self.missing.load(Relaxed).to_string(),
+            ),
+            (
+                "outbox_relay_extra_events",
+                "gauge",
+                "Event ids the last verification found in ClickHouse more than once or not in the outbox.",
+                self.extra.load(Relaxed).to_string(),
+            ),
+            (
+                "outbox_relay_verify_errors_total",
+                "counter",
+                "Verification passes that could not check.",
+                self.errors.load(Relaxed).to_string(),
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
     }
 }
 

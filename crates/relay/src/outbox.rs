@@ -1,10 +1,14 @@
-//! From the outbox table's pgoutput tuples to [`EventRow`]s: which tuple column holds which
-//! field (learnt from each Relation message, so added or reordered columns are picked up), and
-//! how each PostgreSQL value, in text or binary format, becomes a ClickHouse value.
+//! The one row mapping: from the outbox table's pgoutput tuples to [`EventRow`]s (the live
+//! stream), and from outbox rows read with SQL ([`SqlLayout`]: replay, dead-letter retry)
+//! through the same [`OutboxLayout`]: which tuple column holds which field (learnt from each
+//! Relation message, so added or reordered columns are picked up), and how each PostgreSQL
+//! value, in text or binary format, becomes a ClickHouse value.
 
 use pgoutput::{Column, Relation, TupleData};
+use tokio_postgres::Client;
 
-use crate::sink::EventRow;
+use crate::event::{EventRow, OwnedEventRow, fnv1a, parse_uuid};
+use crate::pg::{PgError, quote_pg_ident};
 
 /// PostgreSQL type OIDs the outbox columns may have.
 mod oid {
@@ -19,9 +23,6 @@ mod oid {
     pub const TIMESTAMP: u32 = 1114;
     pub const TIMESTAMPTZ: u32 = 1184;
 }
-
-/// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
-const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 
 /// The outbox table's layout does not fit the relay.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +162,94 @@ impl OutboxLayout {
     }
 }
 
+/// The outbox table's columns as `pg_attribute` lists them, for reading its rows with SQL and
+/// turning them into event rows through the same [`OutboxLayout`] as the live stream: every
+/// column is read as text (with `TimeZone` UTC and `DateStyle` ISO, as on the replication
+/// connection), so a column type the live path accepts is read the same way here.
+pub struct SqlLayout {
+    layout: Result<OutboxLayout, crate::outbox::SchemaError>,
+    columns: Vec<(String, u32)>,
+    /// `o."col"::text, ...` in column order.
+    pub select: String,
+}
+
+impl SqlLayout {
+    /// Reads the columns of the table `table` (a quoted, qualified name: the outbox table, or
+    /// one that was) and sets the connection's `TimeZone` and `DateStyle`.
+    pub async fn read_table(client: &Client, table: &str) -> Result<SqlLayout, PgError> {
+        client
+            .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+            .await
+            .map_err(PgError::query("session settings"))?;
+        let rows = client
+            .query(
+                "SELECT attname::text, atttypid::int8 FROM pg_attribute
+                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                &[&table],
+            )
+            .await
+            .map_err(PgError::query("outbox columns"))?;
+        let columns: Vec<(String, u32)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+            .collect();
+        let named: Vec<(&str, u32)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let layout = OutboxLayout::from_columns(table, &named);
+        let select = columns
+            .iter()
+            .map(|(n, _)| format!("o.{}::text", quote_pg_ident(n)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(SqlLayout {
+            layout,
+            columns,
+            select,
+        })
+    }
+
+    /// One row selected with [`SqlLayout::select`] as an event row, or why it cannot be one
+    /// with its values by column name.
+    pub fn event(
+        &self,
+        row: &tokio_postgres::Row,
+    ) -> Result<OwnedEventRow, (String, serde_json::Value)> {
+        let columns = (0..self.columns.len())
+            .map(|i| match row.try_get::<_, Option<String>>(i) {
+                Ok(Some(text)) => pgoutput::Column::Text(text.into()),
+                _ => pgoutput::Column::Null,
+            })
+            .collect();
+        let tuple = pgoutput::TupleData { columns };
+        let mapped = match &self.layout {
+            Ok(layout) => layout
+                .row(&tuple, 0, 0)
+                .map(|r| OwnedEventRow::new(&r))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        mapped.map_err(|why| (why, crate::outbox::raw_values(&self.columns, &tuple)))
+    }
+
+    /// The id an unmappable row is kept under: its event_id when readable, else one derived
+    /// from its values.
+    pub fn fallback_id(&self, raw: &serde_json::Value) -> [u8; 16] {
+        if let Some(id) = raw
+            .get("event_id")
+            .and_then(|v| v.as_str())
+            .and_then(parse_uuid)
+        {
+            return id;
+        }
+        let text = raw.to_string();
+        let (a, b) = (fnv1a(text.as_bytes()), fnv1a(format!("{text}#").as_bytes()));
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&a.to_be_bytes());
+        id[8..].copy_from_slice(&b.to_be_bytes());
+        id
+    }
+}
+
 /// A tuple's values by column name (columns as name and type oid), as JSON strings: text as it
 /// is, binary values of text, json, uuid and integer types read, others as `\\x` hex; NULL as
 /// null. What a dead letter keeps of a row that cannot become an event row.
@@ -196,7 +285,7 @@ fn binary_text(type_oid: u32, bytes: &[u8]) -> String {
         oid::JSONB => bytes.split_first().and_then(|(_, rest)| utf8(rest)),
         oid::UUID => <[u8; 16]>::try_from(bytes)
             .ok()
-            .map(|id| crate::sink::uuid_text(&id)),
+            .map(|id| crate::event::uuid_text(&id)),
         oid::INT2 | oid::INT4 | oid::INT8 => match bytes.len() {
             2 => <[u8; 2]>::try_from(bytes)
                 .ok()
@@ -344,7 +433,7 @@ fn timestamp(v: Value<'_>) -> Result<i64, RowError> {
             return Err(problem(v.column, "is infinity"));
         }
         return us
-            .checked_add(PG_EPOCH_UNIX_US)
+            .checked_add(pgoutput::PG_EPOCH_UNIX_MICROS)
             .ok_or_else(|| problem(v.column, "is out of range"));
     }
     parse_text_timestamp(v.bytes).ok_or_else(|| {
@@ -398,7 +487,7 @@ fn offset_seconds(s: &str) -> Option<i64> {
 }
 
 /// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
+pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
@@ -420,7 +509,7 @@ mod tests {
         assert_eq!(parse_text_timestamp(b"1970-01-01 00:00:00+00"), Some(0));
         assert_eq!(
             parse_text_timestamp(b"2000-01-01 00:00:00.5+00"),
-            Some(PG_EPOCH_UNIX_US + 500_000)
+            Some(pgoutput::PG_EPOCH_UNIX_MICROS + 500_000)
         );
         assert_eq!(
             parse_text_timestamp(b"2026-11-25 03:23:21.123456+00"),

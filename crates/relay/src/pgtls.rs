@@ -268,7 +268,13 @@ pub const MULTI_HOST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration:
 
 /// The first host of `config` (`localhost` when none is given).
 pub fn host_of(config: &tokio_postgres::Config) -> String {
-    match config.get_hosts().first() {
+    nth_host(config, 0)
+}
+
+/// The `i`-th host of `config` as text: a name, an address or a socket directory
+/// (`localhost` when there is none).
+pub fn nth_host(config: &tokio_postgres::Config, i: usize) -> String {
+    match config.get_hosts().get(i) {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
         None => "localhost".into(),

@@ -1,13 +1,119 @@
 //! The ClickHouse side: one `INSERT ... FORMAT RowBinary` per batch, rows encoded straight from
 //! the decoded WAL bytes into the insert's buffer and streamed (lz4) while the batch fills.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::Client;
 use clickhouse::insert_formatted::BufInsertFormatted;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{ClickHouseTarget, Config, ConfigError, DEFAULT_TIMEOUT, tls_config};
+use crate::event::{EventRow, OwnedEventRow, put_string};
+
+#[cfg(test)]
+pub mod memory;
+pub mod resend;
+
+/// Where the relay writes events: the boundary between the relay loop and ClickHouse.
+///
+/// The live path streams each batch into one open insert ([`Sink::begin`], rows encoded into it
+/// as they are decoded, no owned batch); exactly once comes from the fence
+/// ([`Sink::stop_inflight`]) and the presence check ([`Sink::present`]) a session runs before
+/// streaming. Re-sends (refused rows, replay, dead-letter retry) insert rows held in memory
+/// ([`Sink::insert_rows`]), with a deduplication token where the same insert may be repeated.
+/// [`ClickHouseSink`] is the implementation; `sink::memory` (tests) another, with faults.
+pub trait Sink: Clone + Send + Sync + 'static {
+    /// An open insert: rows written into it are visible all together once it commits.
+    type Insert: Insert;
+
+    /// Opens the insert of a new batch. Nothing is visible until [`Insert::commit`]; dropping
+    /// the insert aborts it.
+    fn begin(&self) -> Self::Insert;
+
+    /// Inserts rows held in memory in one all-or-nothing insert. With a `token` (derived from
+    /// the rows' content), a repeat of the same insert is dropped.
+    fn insert_rows(
+        &self,
+        rows: &[OwnedEventRow],
+        token: Option<&str>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// The fence: stops the inserts an earlier session of this writer may have left running
+    /// and waits until they are gone.
+    fn stop_inflight(&self) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// Which events from commit LSN `from` on the sink already holds.
+    fn present(
+        &self,
+        from: u64,
+    ) -> impl std::future::Future<Output = Result<Present, SinkError>> + Send;
+
+    /// Which of `ids` (UUID text) the sink holds.
+    fn existing_ids(
+        &self,
+        ids: &[String],
+    ) -> impl std::future::Future<Output = Result<Vec<String>, SinkError>> + Send;
+}
+
+/// One batch's open insert (see [`Sink::begin`]).
+pub trait Insert: Send {
+    /// Adds a row.
+    fn write(
+        &mut self,
+        row: &EventRow<'_>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+    /// Rows written so far.
+    fn rows(&self) -> u64;
+    /// RowBinary bytes written so far (before compression).
+    fn bytes(&self) -> u64;
+    /// Ends the insert and waits for the sink to accept it.
+    fn commit(self) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+}
+
+impl Sink for ClickHouseSink {
+    type Insert = BatchInsert;
+
+    fn begin(&self) -> BatchInsert {
+        ClickHouseSink::begin(self)
+    }
+
+    async fn insert_rows(
+        &self,
+        rows: &[OwnedEventRow],
+        token: Option<&str>,
+    ) -> Result<(), SinkError> {
+        ClickHouseSink::insert_rows(self, rows, token).await
+    }
+
+    async fn stop_inflight(&self) -> Result<(), SinkError> {
+        ClickHouseSink::stop_inflight(self).await
+    }
+
+    async fn present(&self, from: u64) -> Result<Present, SinkError> {
+        ClickHouseSink::present(self, from).await
+    }
+
+    async fn existing_ids(&self, ids: &[String]) -> Result<Vec<String>, SinkError> {
+        ClickHouseSink::existing_ids(self, ids).await
+    }
+}
+
+impl Insert for BatchInsert {
+    async fn write(&mut self, row: &EventRow<'_>) -> Result<(), SinkError> {
+        BatchInsert::write(self, row).await
+    }
+
+    fn rows(&self) -> u64 {
+        BatchInsert::rows(self)
+    }
+
+    fn bytes(&self) -> u64 {
+        BatchInsert::bytes(self)
+    }
+
+    async fn commit(self) -> Result<(), SinkError> {
+        BatchInsert::commit(self).await
+    }
+}
 
 /// The ClickHouse columns the relay writes, in RowBinary order.
 pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
@@ -65,20 +171,6 @@ pub fn table_mismatches(columns: &[(String, String)]) -> Vec<String> {
     problems
 }
 
-/// A ClickHouse HTTP endpoint parsed from `http://user:password@host:8123/database`, with the
-/// TLS settings for `https://`.
-#[derive(Debug, Clone)]
-pub struct ClickHouseTarget {
-    /// `scheme://host:port`, without credentials or path.
-    pub url: String,
-    pub user: String,
-    pub password: String,
-    pub database: String,
-    /// For `https://`: the roots (and client certificate) to use; None: the system trust store
-    /// and the built-in roots.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
 /// TCP keepalive on ClickHouse connections (as the clickhouse crate's own client sets).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Idle pooled connections are closed after this; ClickHouse closes them after 3 s (10 s in
@@ -86,112 +178,6 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl ClickHouseTarget {
-    /// The endpoint `clickhouse_url` names, with the TLS settings (`clickhouse_ca_file`,
-    /// `clickhouse_client_cert`, `clickhouse_client_key`) read from their files.
-    pub fn from_config(config: &Config) -> Result<ClickHouseTarget, ConfigError> {
-        let mut target = ClickHouseTarget::parse(&config.clickhouse_url)?;
-        let files = [
-            ("clickhouse_ca_file", &config.clickhouse_ca_file),
-            ("clickhouse_client_cert", &config.clickhouse_client_cert),
-            ("clickhouse_client_key", &config.clickhouse_client_key),
-        ];
-        let https = target.url.starts_with("https://");
-        if let Some((setting, _)) = files.iter().find(|(_, v)| !v.is_empty())
-            && !https
-        {
-            return Err(crate::config::invalid(
-                setting,
-                "is set but clickhouse_url is http://: use https:// (the ClickHouse HTTPS port, \
-                 8443 by default), or leave the setting empty",
-            ));
-        }
-        if https {
-            target.tls = Some(Arc::new(tls_config(
-                &config.clickhouse_ca_file,
-                &config.clickhouse_client_cert,
-                &config.clickhouse_client_key,
-            )?));
-        }
-        Ok(target)
-    }
-
-    pub fn parse(raw: &str) -> Result<ClickHouseTarget, ConfigError> {
-        let bad = |problem: String| ConfigError::Invalid {
-            setting: "clickhouse_url".into(),
-            env: "RELAY_CLICKHOUSE_URL".into(),
-            problem,
-        };
-        if raw.trim().is_empty() {
-            return Err(bad(
-                "is required, e.g. http://default:secret@clickhouse:8123/default".into(),
-            ));
-        }
-        let url = url::Url::parse(raw).map_err(|e| bad(format!("is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(bad(format!(
-                "scheme {:?} is not supported: use http:// or https:// (the ClickHouse HTTP interface, port 8123 or 8443)",
-                url.scheme()
-            )));
-        }
-        let host = url
-            .host_str()
-            .ok_or_else(|| bad("has no host".into()))?
-            .to_string();
-        let port = url.port_or_known_default().unwrap_or(8123);
-        // URL parsing drops `.` and `..` path segments (also as %2E): a database of that name
-        // would silently become `default`.
-        let raw_path = raw.split_once("://").map_or(raw, |(_, rest)| rest);
-        let raw_path = raw_path.split(['?', '#']).next().unwrap_or_default();
-        if let Some((_, segment)) = raw_path.split_once('/')
-            && matches!(
-                percent_decode(segment.trim_matches('/')).as_deref(),
-                Some(".") | Some("..")
-            )
-        {
-            return Err(bad(format!(
-                "database {segment:?}: a URL cannot name a database `.` or `..`; choose another name"
-            )));
-        }
-        let path = url.path().trim_matches('/');
-        if path.contains('/') {
-            return Err(bad(format!(
-                "path {:?} must be a single database name (percent-encode a / in the name as %2F)",
-                url.path()
-            )));
-        }
-        let database = percent_decode(path).ok_or_else(|| {
-            bad(format!(
-                "database {path:?} is not valid percent-encoded UTF-8"
-            ))
-        })?;
-        // RFC 3986 percent-decoding: `%2B` is `+` and `+` stays `+` (a URL's userinfo is not a
-        // form, where `+` would mean a space).
-        let decode = |what: &str, s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8()
-                .map(|v| v.into_owned())
-                .map_err(|_| bad(format!("the {what} is not UTF-8 once percent-decoded")))
-        };
-        Ok(ClickHouseTarget {
-            url: format!("{}://{}:{}", url.scheme(), host, port),
-            user: if url.username().is_empty() {
-                "default".into()
-            } else {
-                decode("user name", url.username())?
-            },
-            password: match url.password() {
-                Some(p) => decode("password", p)?,
-                None => String::new(),
-            },
-            database: if database.is_empty() {
-                "default".into()
-            } else {
-                database.to_string()
-            },
-            tls: None,
-        })
-    }
-
     /// A client for this endpoint; `with_database` false gives one for `CREATE DATABASE`.
     pub fn client(&self, with_database: bool) -> Client {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -229,91 +215,6 @@ impl ClickHouseTarget {
             client.with_database(&self.database)
         } else {
             client
-        }
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The TLS client configuration: trusted roots are the built-in (webpki) ones, the system's
-/// (honouring `SSL_CERT_FILE` and `SSL_CERT_DIR`) and the PEM bundle `ca_file`; with
-/// `client_cert` and `client_key`, the certificate the relay presents. Empty paths are unset.
-pub fn tls_config(
-    ca_file: &str,
-    client_cert: &str,
-    client_key: &str,
-) -> Result<rustls::ClientConfig, ConfigError> {
-    use crate::config::invalid;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let native = rustls_native_certs::load_native_certs();
-    for error in &native.errors {
-        tracing::debug!(%error, "skipping part of the system trust store");
-    }
-    roots.add_parsable_certificates(native.certs);
-    let read_certs =
-        |setting: &str, path: &str| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-            std::fs::metadata(path)
-                .map_err(|e| invalid(setting, format!("cannot read {path:?}: {e}")))?;
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    invalid(
-                        setting,
-                        format!("{path:?} is not a PEM certificate file: {e}"),
-                    )
-                })?;
-            if certs.is_empty() {
-                return Err(invalid(
-                    setting,
-                    format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-                ));
-            }
-            Ok(certs)
-        };
-    if !ca_file.is_empty() {
-        for cert in read_certs("clickhouse_ca_file", ca_file)? {
-            roots.add(cert).map_err(|e| {
-                invalid(
-                    "clickhouse_ca_file",
-                    format!("{ca_file:?} holds a certificate that cannot be a CA: {e}"),
-                )
-            })?;
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("clickhouse_url", format!("TLS is not available: {e}")))?
-        .with_root_certificates(roots);
-    match (client_cert.is_empty(), client_key.is_empty()) {
-        (true, true) => Ok(builder.with_no_client_auth()),
-        (false, true) => Err(invalid(
-            "clickhouse_client_key",
-            "is required with clickhouse_client_cert: the PEM private key of that certificate",
-        )),
-        (true, false) => Err(invalid(
-            "clickhouse_client_cert",
-            "is required with clickhouse_client_key: the PEM certificate of that key",
-        )),
-        (false, false) => {
-            let certs = read_certs("clickhouse_client_cert", client_cert)?;
-            let key = PrivateKeyDer::from_pem_file(client_key).map_err(|e| {
-                invalid(
-                    "clickhouse_client_key",
-                    format!("cannot read a PEM private key from {client_key:?}: {e}"),
-                )
-            })?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                invalid(
-                    "clickhouse_client_key",
-                    format!("does not fit clickhouse_client_cert: {e}"),
-                )
-            })
         }
     }
 }
@@ -423,130 +324,6 @@ fn bare_name(presented: &str) -> &str {
         .unwrap_or(presented)
 }
 
-/// One event as it goes to ClickHouse, borrowing its strings from the decoded WAL message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventRow<'a> {
-    /// The UUID's 16 bytes in their usual (big-endian) order.
-    pub event_id: [u8; 16],
-    pub event_type: &'a [u8],
-    /// Microseconds since the Unix epoch, UTC.
-    pub event_date_time_us: i64,
-    pub environment: &'a [u8],
-    /// The JSON text exactly as published.
-    pub event_context: &'a [u8],
-    pub metadata_version: u64,
-    /// Commit LSN of the PostgreSQL transaction that published the event.
-    pub commit_lsn: u64,
-    /// Position of the event within that transaction, from 0.
-    pub tx_seq: u32,
-    /// The publisher's trace, as recorded in the optional `sentry_trace` outbox column.
-    pub sentry_trace: Option<&'a [u8]>,
-}
-
-impl EventRow<'_> {
-    /// Appends the row in ClickHouse's RowBinary format, in [`COLUMNS`] order.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        // UUID: two little-endian u64 halves, high half first.
-        out.extend(self.event_id[..8].iter().rev());
-        out.extend(self.event_id[8..].iter().rev());
-        put_string(out, self.event_type);
-        out.extend_from_slice(&self.event_date_time_us.to_le_bytes());
-        put_string(out, self.environment);
-        put_string(out, self.event_context);
-        out.extend_from_slice(&self.metadata_version.to_le_bytes());
-        out.extend_from_slice(&self.commit_lsn.to_le_bytes());
-        out.extend_from_slice(&self.tx_seq.to_le_bytes());
-        put_string(out, self.trace_id().unwrap_or_default().as_bytes());
-    }
-
-    /// The 32-hex-digit trace id of [`Self::sentry_trace`], from either a `sentry-trace` value
-    /// (`trace-span[-sampled]`) or a W3C `traceparent` (`00-trace-span-flags`).
-    pub fn trace_id(&self) -> Option<&str> {
-        let text = std::str::from_utf8(self.sentry_trace?).ok()?.trim();
-        let text = text.strip_prefix("00-").unwrap_or(text);
-        let id = text.get(..32)?;
-        id.bytes().all(|b| b.is_ascii_hexdigit()).then_some(id)
-    }
-
-    /// The trace as a `sentry-trace` header value, for continuing it.
-    pub fn sentry_trace_header(&self) -> Option<String> {
-        let text = std::str::from_utf8(self.sentry_trace?).ok()?.trim();
-        match text.strip_prefix("00-") {
-            // traceparent: 00-trace-span-flags -> trace-span-sampled
-            Some(rest) => {
-                let mut parts = rest.split('-');
-                let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
-                let sampled = u8::from_str_radix(flags, 16).ok()? & 1;
-                Some(format!("{trace}-{span}-{sampled}"))
-            }
-            None => Some(text.to_string()),
-        }
-    }
-}
-
-/// An [`EventRow`] that owns its strings: kept in memory by careful batches, dead letters and
-/// replay, where rows outlive the WAL message they came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnedEventRow {
-    pub event_id: [u8; 16],
-    pub event_type: Vec<u8>,
-    pub event_date_time_us: i64,
-    pub environment: Vec<u8>,
-    pub event_context: Vec<u8>,
-    pub metadata_version: u64,
-    pub commit_lsn: u64,
-    pub tx_seq: u32,
-    pub sentry_trace: Option<Vec<u8>>,
-}
-
-impl OwnedEventRow {
-    pub fn new(row: &EventRow<'_>) -> OwnedEventRow {
-        OwnedEventRow {
-            event_id: row.event_id,
-            event_type: row.event_type.to_vec(),
-            event_date_time_us: row.event_date_time_us,
-            environment: row.environment.to_vec(),
-            event_context: row.event_context.to_vec(),
-            metadata_version: row.metadata_version,
-            commit_lsn: row.commit_lsn,
-            tx_seq: row.tx_seq,
-            sentry_trace: row.sentry_trace.map(<[u8]>::to_vec),
-        }
-    }
-
-    pub fn as_row(&self) -> EventRow<'_> {
-        EventRow {
-            event_id: self.event_id,
-            event_type: &self.event_type,
-            event_date_time_us: self.event_date_time_us,
-            environment: &self.environment,
-            event_context: &self.event_context,
-            metadata_version: self.metadata_version,
-            commit_lsn: self.commit_lsn,
-            tx_seq: self.tx_seq,
-            sentry_trace: self.sentry_trace.as_deref(),
-        }
-    }
-
-    /// The event id in its usual text form.
-    pub fn event_id_text(&self) -> String {
-        uuid_text(&self.event_id)
-    }
-}
-
-/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` for 16 bytes.
-pub fn uuid_text(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
 /// Which events ClickHouse already holds past a position: for each commit LSN, the ranges of
 /// `tx_seq` present. A session that restarts from the slot's confirmed LSN skips these rows, so
 /// a batch that reached ClickHouse before its confirm did (or partly reached it) is not doubled.
@@ -588,20 +365,6 @@ impl Present {
     pub fn last_commit_lsn(&self) -> Option<u64> {
         self.ranges.keys().next_back().copied()
     }
-}
-
-fn put_string(out: &mut Vec<u8>, value: &[u8]) {
-    let mut len = value.len() as u64;
-    loop {
-        let byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            out.push(byte);
-            break;
-        }
-        out.push(byte | 0x80);
-    }
-    out.extend_from_slice(value);
 }
 
 /// Errors from ClickHouse; every one of them leaves the slot where it was.
@@ -676,9 +439,6 @@ impl SinkError {
 /// VIOLATED_CONSTRAINT (469: a `CONSTRAINT ... CHECK` the team added to the table refuses a row).
 pub const REJECTED_DATA_CODES: &[u32] =
     &[6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 306, 321, 376, 469];
-
-/// How long a step of an insert or a query may take unless configured otherwise.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Writes batches into one ClickHouse table.
 #[derive(Clone)]
@@ -950,14 +710,6 @@ pub fn quote_ch_literal(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// `%XX` escapes decoded as RFC 3986 says (a `+` stays `+`); `None` when the result is not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
-}
-
 /// `` `name` `` with backquotes escaped, for ClickHouse identifiers.
 pub fn quote_ch_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
@@ -1007,110 +759,6 @@ impl BatchInsert {
         SinkError::Insert {
             table: self.table.clone(),
             source,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_clickhouse_urls() {
-        let t = ClickHouseTarget::parse("http://relay:s%40cret@ch.local:8123/analytics").unwrap();
-        assert_eq!(t.url, "http://ch.local:8123");
-        assert_eq!(t.user, "relay");
-        assert_eq!(t.password, "s@cret");
-        assert_eq!(t.database, "analytics");
-        // RFC 3986: `+` is a plain character in userinfo, `%2B` its encoding, `%20` a space.
-        let t = ClickHouseTarget::parse("http://a+b%20c:p+w%2Bx%20y@ch.local/db").unwrap();
-        assert_eq!((t.user.as_str(), t.password.as_str()), ("a+b c", "p+w+x y"));
-        let t = ClickHouseTarget::parse("https://ch.local").unwrap();
-        assert_eq!(
-            (t.url.as_str(), t.user.as_str(), t.database.as_str()),
-            ("https://ch.local:443", "default", "default")
-        );
-        for bad in ["", "tcp://ch:9000/db", "http://ch:8123/a/b", "not a url"] {
-            let err = ClickHouseTarget::parse(bad).unwrap_err().to_string();
-            assert!(err.contains("RELAY_CLICKHOUSE_URL"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn tls_settings_are_checked_at_start() {
-        let config = |url: &str, ca: &str, cert: &str, key: &str| Config {
-            clickhouse_url: url.into(),
-            clickhouse_ca_file: ca.into(),
-            clickhouse_client_cert: cert.into(),
-            clickhouse_client_key: key.into(),
-            ..Config::default()
-        };
-        let err = |c: Config| ClickHouseTarget::from_config(&c).unwrap_err().to_string();
-        let e = err(config("http://ch:8123", "/etc/ca.pem", "", ""));
-        assert!(
-            e.contains("clickhouse_ca_file") && e.contains("https://"),
-            "{e}"
-        );
-        let e = err(config("https://ch:8443", "/nonexistent.pem", "", ""));
-        assert!(
-            e.contains("RELAY_CLICKHOUSE_CA_FILE") && e.contains("cannot read"),
-            "{e}"
-        );
-        let e = err(config("https://ch:8443", "", "/x.pem", ""));
-        assert!(e.contains("clickhouse_client_key"), "{e}");
-        let e = err(config("https://ch:8443", "", "", "/x.key"));
-        assert!(e.contains("clickhouse_client_cert"), "{e}");
-        let t = ClickHouseTarget::from_config(&config("https://ch:8443", "", "", "")).unwrap();
-        assert!(t.tls.is_some());
-    }
-
-    #[test]
-    fn encodes_rowbinary() {
-        let row = EventRow {
-            event_id: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
-            event_type: b"a",
-            event_date_time_us: 1,
-            environment: b"",
-            event_context: &[b'x'; 200],
-            metadata_version: 2,
-            commit_lsn: 3,
-            tx_seq: 4,
-            sentry_trace: None,
-        };
-        let mut out = Vec::new();
-        row.encode(&mut out);
-        assert_eq!(
-            &out[..16],
-            &[7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8]
-        );
-        assert_eq!(&out[16..18], &[1, b'a']);
-        assert_eq!(&out[18..26], &1i64.to_le_bytes());
-        assert_eq!(out[26], 0);
-        assert_eq!(&out[27..29], &[200 | 0x80, 1]);
-        assert_eq!(out.len(), 29 + 200 + 8 + 8 + 4 + 1);
-    }
-
-    #[test]
-    fn trace_ids() {
-        let sentry = b"771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-1";
-        let w3c = b"00-771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-01";
-        for raw in [&sentry[..], &w3c[..]] {
-            let row = EventRow {
-                event_id: [0; 16],
-                event_type: b"",
-                event_date_time_us: 0,
-                environment: b"",
-                event_context: b"{}",
-                metadata_version: 1,
-                commit_lsn: 0,
-                tx_seq: 0,
-                sentry_trace: Some(raw),
-            };
-            assert_eq!(row.trace_id(), Some("771a43a4192642f0b136d5159a501700"));
-            assert_eq!(
-                row.sentry_trace_header().as_deref(),
-                Some("771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-1")
-            );
         }
     }
 }

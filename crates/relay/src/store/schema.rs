@@ -3,17 +3,9 @@
 //! with their own migration tool; `outbox-relay setup` applies it idempotently.
 
 use crate::config::Config;
+use crate::event::fnv1a;
+use crate::pg::{quote_pg_ident, quote_pg_literal};
 use crate::sink::quote_ch_ident;
-
-/// `"name"` with inner quotes doubled, for PostgreSQL identifiers.
-pub fn quote_pg_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with inner quotes doubled, for PostgreSQL string literals.
-pub fn quote_pg_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
 
 /// PostgreSQL's longest identifier (NAMEDATALEN - 1 bytes); longer ones are truncated silently.
 pub const PG_MAX_IDENT: usize = 63;
@@ -27,7 +19,7 @@ pub fn derived_name(outbox_table: &str, suffix: &str) -> String {
     if plain.len() <= PG_MAX_IDENT {
         return plain;
     }
-    let hash = crate::deadletter::fnv1a(outbox_table.as_bytes());
+    let hash = fnv1a(outbox_table.as_bytes());
     let tag = format!("{:08x}", (hash ^ (hash >> 32)) as u32);
     let room = PG_MAX_IDENT.saturating_sub(suffix.len() + tag.len() + 2);
     let mut cut = room.min(outbox_table.len());
@@ -101,7 +93,7 @@ pub fn postgres_ddl(config: &Config) -> String {
     let watch_trigger = coverage_watch_trigger(config);
     let watch_trigger_ident = quote_pg_ident(&watch_trigger);
     let watch_trigger_literal = quote_pg_literal(&watch_trigger);
-    let watched = crate::replay::base_fingerprint_sql(
+    let watched = crate::store::coverage::base_fingerprint_sql(
         &quote_pg_literal(&config.publication),
         &quote_pg_literal(&config.outbox_schema),
         &quote_pg_literal(&config.outbox_table),

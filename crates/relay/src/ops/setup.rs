@@ -1,9 +1,11 @@
 //! `outbox-relay setup`: creates, idempotently, everything the relay needs on both servers.
 
+use crate::config::ClickHouseTarget;
 use crate::config::Config;
 use crate::pg::{self, PgError};
-use crate::schema;
-use crate::sink::{self, ClickHouseTarget, SinkError};
+use crate::sink::{self, SinkError};
+use crate::store::coverage;
+use crate::store::schema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -112,7 +114,7 @@ async fn prepared_by_another_role(
             missing.push(format!("{table}.{column}"));
         }
     }
-    if let pg::Coverage::Uncovered { why, .. } = pg::coverage(client, config).await? {
+    if let coverage::Coverage::Uncovered { why, .. } = coverage::coverage(client, config).await? {
         missing.push(why);
     }
     if !missing.is_empty() {
@@ -172,11 +174,12 @@ pub async fn setup_postgres(
             .await
             .map_err(PgError::query("outbox DDL"))?;
     }
-    report.coverage_watch = pg::coverage_watch_installed(&client, config).await?;
+    report.coverage_watch =
+        crate::store::coverage::coverage_watch_installed(&client, config).await?;
     if pg::slot_state(&client, &config.slot).await?.is_none() {
         // A slot the relay shipped from before is gone: a new one starts at the current WAL
         // position, so what was committed in between would be skipped without a replay.
-        if let Some((lsn, at)) = crate::replay::last_checkpoint(&client, config).await? {
+        if let Some((lsn, at)) = crate::ops::replay::last_checkpoint(&client, config).await? {
             if !recreate_slot {
                 return Err(SetupError::Unsupported(format!(
                     "replication slot {:?} is gone, but the relay shipped from it up to {lsn} \
@@ -216,9 +219,10 @@ pub async fn setup_postgres(
     if let Some(confirmed) = pg::slot_state(&client, &config.slot)
         .await?
         .and_then(|s| s.confirmed_flush())
-        && let pg::Coverage::Covered { fingerprint } = pg::coverage(&client, config).await?
+        && let coverage::Coverage::Covered { fingerprint } =
+            coverage::coverage(&client, config).await?
     {
-        crate::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
+        crate::ops::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
     }
     report.failover = pg::slot_state(&client, &config.slot)
         .await?

@@ -13,13 +13,12 @@
 //!
 //! An event is only compared once the live relay has passed it: the outbox is read in a snapshot
 //! S, and ClickHouse only after the slot's confirmed position passed the WAL position read right
-//! after S was taken (the fence of [`crate::replay`]). Rows ClickHouse holds that S does not see
+//! after S was taken (the fence of [`crate::ops::replay`]). Rows ClickHouse holds that S does not see
 //! (committed since) are looked up in the outbox again before they are called extra.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -27,10 +26,10 @@ use tokio_postgres::{Client, Transaction};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::ops::replay::{self, ReplayError, ReplayReport};
 use crate::pg::{self, PgError};
-use crate::replay::{self, ReplayError, ReplayReport};
-use crate::schema::{dead_letters_table, outbox_table};
 use crate::sink::{ClickHouseSink, SinkError, quote_ch_ident, quote_ch_literal};
+use crate::store::schema::{dead_letters_table, outbox_table};
 
 /// A window with at most this many rows (both sides together) is compared id by id; a larger
 /// differing one is grouped by id hash buckets first (at most 2^[`MAX_BUCKET_BITS`]).
@@ -224,14 +223,7 @@ pub fn parse_time(text: &str, now_us: i64) -> Result<i64, String> {
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return Err(bad());
     }
-    // Days from civil.
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::outbox::days_from_civil(y, mo, d).ok_or_else(bad)?;
     Ok(((days * 86_400 + h * 3600 + mi * 60 + s - offset) * 1_000_000) + micros)
 }
 
@@ -469,7 +461,7 @@ async fn wait_for_fence(
     fence: &str,
     wait: Duration,
 ) -> Result<(), VerifyError> {
-    match crate::replay::wait_for_fence(client, config, fence, wait).await {
+    match crate::ops::replay::wait_for_fence(client, config, fence, wait).await {
         Err(ReplayError::FenceTimeout {
             fence,
             slot,
@@ -555,13 +547,7 @@ pub async fn verify(
     }
     let control = pg::connect(&config.postgres_url).await?;
     let mut reader = pg::connect(&config.postgres_url).await?;
-    let tx = reader
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(PgError::query("verify snapshot"))?;
+    let tx = pg::read_snapshot(&mut reader, "verify snapshot").await?;
     // The first statement takes the snapshot; the fence is read after it. An open-ended range
     // starts at the oldest row, so windows are aligned to something near the data.
     let row = tx
@@ -575,11 +561,7 @@ pub async fn verify(
         .await
         .map_err(PgError::query("verify snapshot"))?;
     let oldest: Option<i64> = row.get(0);
-    let fence: String = tx
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("verify snapshot"))?
-        .get(0);
+    let fence = pg::wal_position(&tx, "verify snapshot").await?;
     if range.from_us == i64::MIN / 4 {
         range.from_us = oldest
             .map(|o| o.div_euclid(options.window_us) * options.window_us)
@@ -703,65 +685,6 @@ async fn settle_extras(
     Ok(settled)
 }
 
-/// What the background verifier publishes on `/metrics`.
-#[derive(Debug)]
-pub struct VerifyGauges {
-    /// Unix µs up to which the stream is proven complete; 0 before the first pass.
-    pub verified_through_us: AtomicI64,
-    pub missing: AtomicU64,
-    pub extra: AtomicU64,
-    /// Passes that could not check (a server down, the relay behind).
-    pub errors: AtomicU64,
-}
-
-impl Default for VerifyGauges {
-    fn default() -> Self {
-        VerifyGauges {
-            verified_through_us: AtomicI64::new(0),
-            missing: AtomicU64::new(0),
-            extra: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        }
-    }
-}
-
-impl VerifyGauges {
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        for (name, kind, help, value) in [
-            (
-                "outbox_relay_verified_through_seconds",
-                "gauge",
-                "Unix time up to which every outbox event is proven in ClickHouse exactly once (0: not yet).",
-                format!("{:.6}", self.verified_through_us.load(Relaxed) as f64 / 1e6),
-            ),
-            (
-                "outbox_relay_missing_events",
-                "gauge",
-                "Outbox events the last verification found missing in ClickHouse.",
-                self.missing.load(Relaxed).to_string(),
-            ),
-            (
-                "outbox_relay_extra_events",
-                "gauge",
-                "Event ids the last verification found in ClickHouse more than once or not in the outbox.",
-                self.extra.load(Relaxed).to_string(),
-            ),
-            (
-                "outbox_relay_verify_errors_total",
-                "counter",
-                "Verification passes that could not check.",
-                self.errors.load(Relaxed).to_string(),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-    }
-}
-
 /// The background verifier of `run`: every `verify_interval_s`, verifies the windows of the last
 /// `verify_lookback_hours` (within the retention) that ended at least `verify_grace_s` ago.
 pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>) {
@@ -838,7 +761,7 @@ async fn verify_pass(
     let Some(sink) = sink.as_ref() else {
         return Err(VerifyError::Range("no ClickHouse sink".into()));
     };
-    let now = crate::http::unix_now_us();
+    let now = crate::metrics::unix_now_us();
     let window_us = config.verify_window_s as i64 * 1_000_000;
     let until_us = now - config.verify_grace_s as i64 * 1_000_000;
     let mut from_us = until_us - config.verify_lookback_hours as i64 * 3_600_000_000;

@@ -5,6 +5,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::pg::{self, PgError, SlotState};
 use crate::sink::ClickHouseSink;
+use crate::store::coverage;
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -227,7 +228,7 @@ async fn verify_status(config: &Config) -> Option<VerifyStatus> {
         return None;
     }
     Some(VerifyStatus {
-        verified_through: crate::verify::format_us((through * 1e6) as i64),
+        verified_through: crate::ops::verify::format_us((through * 1e6) as i64),
         missing_events: value("outbox_relay_missing_events")? as u64,
         extra_events: value("outbox_relay_extra_events")? as u64,
     })
@@ -251,21 +252,23 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
     }
     let sink = ClickHouseSink::from_config(config, &config.slot)
         .map_err(|e| PgError::NotReady(e.to_string()))?;
-    let dead_letters = crate::deadletter::count(&client, config).await.ok();
-    let checkpoint = crate::replay::last_checkpoint(&client, config)
+    let dead_letters = crate::store::deadletter::count(&client, config).await.ok();
+    let checkpoint = crate::ops::replay::last_checkpoint(&client, config)
         .await
         .ok()
         .flatten();
     let clickhouse_error = sink.ping().await.err().map(|e| e.to_string());
-    let publication_problem = match pg::coverage(&client, config).await? {
-        pg::Coverage::Covered { .. } => None,
-        pg::Coverage::Uncovered { why, .. } => Some(why),
+    let publication_problem = match coverage::coverage(&client, config).await? {
+        coverage::Coverage::Covered { .. } => None,
+        coverage::Coverage::Uncovered { why, .. } => Some(why),
     };
-    let pending_window_from = crate::replay::pending_window(&client, config)
+    let pending_window_from = crate::ops::replay::pending_window(&client, config)
         .await
         .ok()
         .flatten();
-    let coverage_watch = pg::coverage_watch_installed(&client, config).await.ok();
+    let coverage_watch = crate::store::coverage::coverage_watch_installed(&client, config)
+        .await
+        .ok();
     let verify = verify_status(config).await;
     Ok(Status {
         slot: config.slot.clone(),

@@ -21,103 +21,13 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::deadletter::{self, fnv1a, parse_uuid};
-use crate::outbox::OutboxLayout;
+use crate::event::{OwnedEventRow, fnv1a};
+use crate::outbox::SqlLayout;
 use crate::pg::{self, PgError};
-use crate::schema::{checkpoints_table, dead_letters_table, outbox_table, quote_pg_ident};
-use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
-
-/// The outbox table's columns as `pg_attribute` lists them, for reading its rows with SQL and
-/// turning them into event rows through the same [`OutboxLayout`] as the live stream: every
-/// column is read as text (with `TimeZone` UTC and `DateStyle` ISO, as on the replication
-/// connection), so a column type the live path accepts is read the same way here.
-pub struct SqlLayout {
-    layout: Result<OutboxLayout, crate::outbox::SchemaError>,
-    columns: Vec<(String, u32)>,
-    /// `o."col"::text, ...` in column order.
-    pub select: String,
-}
-
-impl SqlLayout {
-    /// Reads the outbox table's columns and sets the connection's `TimeZone` and `DateStyle`.
-    pub async fn read(client: &Client, config: &Config) -> Result<SqlLayout, PgError> {
-        Self::read_table(client, &outbox_table(config)).await
-    }
-
-    /// [`SqlLayout::read`] for the table `table` (a quoted, qualified name).
-    pub async fn read_table(client: &Client, table: &str) -> Result<SqlLayout, PgError> {
-        client
-            .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
-            .await
-            .map_err(PgError::query("session settings"))?;
-        let rows = client
-            .query(
-                "SELECT attname::text, atttypid::int8 FROM pg_attribute
-                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
-                  ORDER BY attnum",
-                &[&table],
-            )
-            .await
-            .map_err(PgError::query("outbox columns"))?;
-        let columns: Vec<(String, u32)> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
-            .collect();
-        let named: Vec<(&str, u32)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        let layout = OutboxLayout::from_columns(table, &named);
-        let select = columns
-            .iter()
-            .map(|(n, _)| format!("o.{}::text", quote_pg_ident(n)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Ok(SqlLayout {
-            layout,
-            columns,
-            select,
-        })
-    }
-
-    /// One row selected with [`SqlLayout::select`] as an event row, or why it cannot be one
-    /// with its values by column name.
-    pub fn event(
-        &self,
-        row: &tokio_postgres::Row,
-    ) -> Result<OwnedEventRow, (String, serde_json::Value)> {
-        let columns = (0..self.columns.len())
-            .map(|i| match row.try_get::<_, Option<String>>(i) {
-                Ok(Some(text)) => pgoutput::Column::Text(text.into()),
-                _ => pgoutput::Column::Null,
-            })
-            .collect();
-        let tuple = pgoutput::TupleData { columns };
-        let mapped = match &self.layout {
-            Ok(layout) => layout
-                .row(&tuple, 0, 0)
-                .map(|r| OwnedEventRow::new(&r))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        mapped.map_err(|why| (why, crate::outbox::raw_values(&self.columns, &tuple)))
-    }
-
-    /// The id an unmappable row is kept under: its event_id when readable, else one derived
-    /// from its values.
-    pub fn fallback_id(&self, raw: &serde_json::Value) -> [u8; 16] {
-        if let Some(id) = raw
-            .get("event_id")
-            .and_then(|v| v.as_str())
-            .and_then(parse_uuid)
-        {
-            return id;
-        }
-        let text = raw.to_string();
-        let (a, b) = (fnv1a(text.as_bytes()), fnv1a(format!("{text}#").as_bytes()));
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&a.to_be_bytes());
-        id[8..].copy_from_slice(&b.to_be_bytes());
-        id
-    }
-}
+use crate::sink::resend::Resend;
+use crate::sink::{ClickHouseSink, SinkError};
+use crate::store::schema::{checkpoints_table, dead_letters_table, outbox_table};
+use crate::store::{coverage, deadletter};
 
 /// Rows checked and sent per ClickHouse round trip.
 const CHUNK: i32 = 2_000;
@@ -171,43 +81,14 @@ pub struct ReplayReport {
 }
 
 /// The publication's coverage of the outbox table as SQL (`$1` publication, `$2` schema, `$3`
-/// table, shifted by `first`): the same fingerprint as [`crate::pg::coverage`], `'none'` when the
+/// table, shifted by `first`): the same fingerprint as [`crate::store::coverage::coverage`], `'none'` when the
 /// outbox's inserts are not published.
 fn fingerprint_sql(config: &Config, first: usize) -> String {
     let (p, s, t) = (first, first + 1, first + 2);
     format!(
         "{} || '/' || {}",
-        base_fingerprint_sql(&format!("${p}"), &format!("${s}"), &format!("${t}")),
-        watch_id_sql(config)
-    )
-}
-
-/// The coverage (`publication oid/table oid/membership oid`, or `none` when the outbox's
-/// inserts are not published) of the publication named by the SQL expression `publication`
-/// over the table `schema`.`table`: what the coverage watch logs ([`crate::schema`]).
-pub fn base_fingerprint_sql(publication: &str, schema: &str, table: &str) -> String {
-    format!(
-        "coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
-                     (SELECT r.oid::text FROM pg_publication_rel r
-                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
-                     (SELECT pn.oid::text FROM pg_publication_namespace pn
-                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
-                     CASE WHEN p.puballtables THEN 'all' END)
-                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
-                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
-                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
-                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE p.pubname = {publication} AND n.nspname = {schema}
-                      AND c.relname = {table} AND p.pubinsert), 'none')"
-    )
-}
-
-/// The newest entry of the coverage watch's log (0 when empty: no watch installed): part of the
-/// fingerprint, so that a change and its undoing between two checks still changes it.
-pub fn watch_id_sql(config: &Config) -> String {
-    format!(
-        "(SELECT coalesce(max(id), 0)::text FROM {})",
-        crate::schema::coverage_log_table(config)
+        coverage::base_fingerprint_sql(&format!("${p}"), &format!("${s}"), &format!("${t}")),
+        coverage::watch_id_sql(config)
     )
 }
 
@@ -338,7 +219,7 @@ async fn watched_tables(client: &Client, config: &Config) -> Result<Vec<u32>, Pg
                   WHERE table_oid IS NOT NULL
                     AND recorded_at > now() - $1 * interval '1 hour'
                     AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = l.table_oid)",
-                crate::schema::coverage_log_table(config)
+                crate::store::schema::coverage_log_table(config)
             ),
             &[&(config.outbox_retention_hours as f64)],
         )
@@ -643,18 +524,7 @@ pub async fn replay_tables(
     dry_run: bool,
     tables: Option<&[u32]>,
 ) -> Result<ReplayReport, ReplayError> {
-    let control = pg::connect(&config.postgres_url).await?;
-    let locked: bool = control
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("replay lock"))?
-        .get(0);
-    if !locked {
-        return Err(ReplayError::Busy(config.slot.clone()));
-    }
+    let control = replay_lock(config).await?;
     let base = base_snapshot(&control, config, from).await?;
     let mut report = ReplayReport {
         checkpoint_snapshot_lsn: base.as_ref().map(|(_, lsn)| lsn.clone()),
@@ -687,13 +557,7 @@ pub async fn replay_tables(
     for name in &names {
         layouts.push((name.clone(), SqlLayout::read_table(&reader, name).await?));
     }
-    let tx = reader
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(PgError::query("replay snapshot"))?;
+    let tx = pg::read_snapshot(&mut reader, "replay snapshot").await?;
     // A table rewrite (ALTER TABLE ... TYPE) is not MVCC-safe: committed after this snapshot,
     // it would show the table empty to it. The lock, taken before the snapshot, keeps rewrites
     // out until the replay is done (inserts go on).
@@ -706,11 +570,7 @@ pub async fn replay_tables(
         .map_err(PgError::query("replay lock on the outbox"))?;
     }
     // The first query takes the snapshot; the WAL position is read after it.
-    report.fence_lsn = tx
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("replay snapshot"))?
-        .get(0);
+    report.fence_lsn = pg::wal_position(&tx, "replay snapshot").await?;
     if !dry_run {
         wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
     }
@@ -779,33 +639,12 @@ pub async fn reship_ids(
     ids: &[String],
     wait: Duration,
 ) -> Result<ReplayReport, ReplayError> {
-    let control = pg::connect(&config.postgres_url).await?;
-    let locked: bool = control
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("replay lock"))?
-        .get(0);
-    if !locked {
-        return Err(ReplayError::Busy(config.slot.clone()));
-    }
+    let control = replay_lock(config).await?;
     let mut report = ReplayReport::default();
     let mut reader = pg::connect(&config.postgres_url).await?;
-    let layout = SqlLayout::read(&reader, config).await?;
-    let tx = reader
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(PgError::query("repair snapshot"))?;
-    report.fence_lsn = tx
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(PgError::query("repair snapshot"))?
-        .get(0);
+    let layout = SqlLayout::read_table(&reader, &outbox_table(config)).await?;
+    let tx = pg::read_snapshot(&mut reader, "repair snapshot").await?;
+    report.fence_lsn = pg::wal_position(&tx, "repair snapshot").await?;
     wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
     let sql = format!(
         "SELECT {} FROM {} o WHERE o.event_id::text = ANY($1)",
@@ -830,6 +669,24 @@ pub async fn reship_ids(
         "repair re-shipped missing events"
     );
     Ok(report)
+}
+
+/// Takes replay's lock (one re-sender per slot at a time: a replay, `verify --repair`) on a
+/// connection of its own, held while it lives; fails [`ReplayError::Busy`] when another holds it.
+async fn replay_lock(config: &Config) -> Result<Client, ReplayError> {
+    let control = pg::connect(&config.postgres_url).await?;
+    let locked: bool = control
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::query("replay lock"))?
+        .get(0);
+    if !locked {
+        return Err(ReplayError::Busy(config.slot.clone()));
+    }
+    Ok(control)
 }
 
 /// The newest checkpoint whose snapshot predates `from`: (snapshot, snapshot_lsn).
@@ -947,29 +804,17 @@ async fn ship_chunk(
     }
     let token = |rows: &[OwnedEventRow]| {
         let ids = rows.iter().flat_map(|r| r.event_id).collect::<Vec<_>>();
-        format!("replay:{:016x}:{}", fnv1a(&ids), rows.len())
+        Some(format!("replay:{:016x}:{}", fnv1a(&ids), rows.len()))
     };
-    match sink.insert_rows(&missing, Some(&token(&missing))).await {
-        Ok(()) => report.shipped += missing.len() as u64,
-        Err(e) if e.is_rejected_data() => {
-            for row in &missing {
-                match sink
-                    .insert_rows(
-                        std::slice::from_ref(row),
-                        Some(&token(std::slice::from_ref(row))),
-                    )
-                    .await
-                {
-                    Ok(()) => report.shipped += 1,
-                    Err(e) if e.is_rejected_data() => {
-                        deadletter::record(pg, config, row, &e.to_string()).await?;
-                        report.dead_letters += 1;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+    let mut resend = Resend::new(&missing);
+    let result = async {
+        while let Some((row, e)) = resend.next_refused(sink, token).await? {
+            deadletter::record(pg, config, row, &e.to_string()).await?;
         }
-        Err(e) => return Err(e.into()),
+        Ok::<(), ReplayError>(())
     }
-    Ok(())
+    .await;
+    report.shipped += resend.shipped;
+    report.dead_letters += resend.refused;
+    result
 }

@@ -9,9 +9,11 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::event::{OwnedEventRow, fnv1a, parse_uuid};
 use crate::pg::{self, PgError};
-use crate::schema::dead_letters_table;
-use crate::sink::{ClickHouseSink, OwnedEventRow, SinkError};
+use crate::sink::resend::Resend;
+use crate::sink::{ClickHouseSink, SinkError};
+use crate::store::schema::{dead_letters_table, outbox_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -97,7 +99,7 @@ pub async fn record_unmapped(
         .execute(
             &sql,
             &[
-                &crate::sink::uuid_text(event_id),
+                &crate::event::uuid_text(event_id),
                 &Lsn(position.0).to_string(),
                 &(position.1 as i32),
                 &raw.to_string(),
@@ -203,7 +205,7 @@ pub async fn retry(
         )
         .await
         .map_err(PgError::query("replay lock"))?;
-    let layout = crate::replay::SqlLayout::read(&client, config).await?;
+    let layout = crate::outbox::SqlLayout::read_table(&client, &outbox_table(config)).await?;
     let table = dead_letters_table(config);
     let rows = client
         .query(
@@ -251,18 +253,13 @@ pub async fn retry(
             report.already_there += 1;
         } else {
             let token = format!("dead-letter:{id}:{:016x}", fnv1a(&row.event_context));
-            match sink
-                .insert_rows(std::slice::from_ref(&row), Some(&token))
-                .await
-            {
-                Ok(()) => report.shipped += 1,
-                Err(e) if e.is_rejected_data() => {
-                    report.refused += 1;
-                    refused_again(&client, &table, &id, &e.to_string()).await?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            let mut resend = Resend::new(std::slice::from_ref(&row));
+            if let Some((_, e)) = resend.next_refused(sink, |_| Some(token.clone())).await? {
+                report.refused += 1;
+                refused_again(&client, &table, &id, &e.to_string()).await?;
+                continue;
             }
+            report.shipped += 1;
         }
         client
             .execute(
@@ -305,7 +302,7 @@ fn typed_letter(r: &tokio_postgres::Row, id: &str) -> Result<OwnedEventRow, Stri
 async fn from_outbox(
     client: &Client,
     config: &Config,
-    layout: &crate::replay::SqlLayout,
+    layout: &crate::outbox::SqlLayout,
     id: &str,
 ) -> Result<Result<OwnedEventRow, String>, PgError> {
     let row = client
@@ -313,7 +310,7 @@ async fn from_outbox(
             &format!(
                 "SELECT {} FROM {} o WHERE to_jsonb(o) ->> 'event_id' = $1",
                 layout.select,
-                crate::schema::outbox_table(config)
+                crate::store::schema::outbox_table(config)
             ),
             &[&id],
         )
@@ -355,42 +352,4 @@ pub async fn purge(config: &Config, event_id: Option<&str>) -> Result<u64, PgErr
         )
         .await
         .map_err(PgError::query("dead-letter purge"))
-}
-
-/// 16 bytes from `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
-    let hex: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
-    if hex.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// FNV-1a, for content-derived deduplication tokens.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uuids_round_trip() {
-        let id = [
-            0x55, 0x0e, 0x84, 0x00, 0xe2, 0x9b, 0x41, 0xd4, 0xa7, 0x16, 0x44, 0x66, 0x55, 0x44,
-            0x00, 0x00,
-        ];
-        let text = crate::sink::uuid_text(&id);
-        assert_eq!(text, "550e8400-e29b-41d4-a716-446655440000");
-        assert_eq!(parse_uuid(&text), Some(id));
-        assert_eq!(parse_uuid("550e8400"), None);
-        assert_eq!(parse_uuid("zz0e8400-e29b-41d4-a716-446655440000"), None);
-    }
 }
