@@ -638,23 +638,12 @@ impl Checker<'_> {
             "SELECT o.event_id::text FROM {} o WHERE o.event_id = ANY($1::text[]::uuid[])",
             outbox_table(self.config)
         );
-        let seen: HashSet<String> = tx
-            .query(&held, &[&ids])
-            .await
-            .map_err(PgError::query("verify ids in the snapshot"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let now: HashSet<String> = control
-            .query(&held, &[&ids])
-            .await
-            .map_err(PgError::query("verify ids"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let seen = ids_held(tx, &held, &ids, "verify ids in the snapshot").await?;
+        let now = ids_held(control, &held, &ids, "verify ids").await?;
         let race = ids
             .iter()
-            .filter(|id| !seen.contains(*id) && now.contains(*id));
+            .filter(|id| !seen.contains(**id) && now.contains(**id));
         Ok(Some(race.fold((0, 0i64), |(n, sum), id| {
             (n + 1, sum.wrapping_add(id_hash(id)))
         })))
@@ -1216,25 +1205,34 @@ async fn settle_missing(
 ) -> Result<Vec<String>, PgError> {
     let mut settled = Vec::new();
     for page in missing.chunks(ID_PAGE) {
-        let held: HashSet<String> = client
-            .query(
-                &format!(
-                    "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)
-                        AND NOT EXISTS (SELECT 1 FROM {} d WHERE d.event_id::text = o.event_id::text
-                                           AND d.shipped_at IS NULL)",
-                    outbox_table(config),
-                    dead_letters_table(config)
-                ),
-                &[&page],
-            )
-            .await
-            .map_err(PgError::query("verify missing ids"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let sql = format!(
+            "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)
+                AND NOT EXISTS (SELECT 1 FROM {} d WHERE d.event_id::text = o.event_id::text
+                                   AND d.shipped_at IS NULL)",
+            outbox_table(config),
+            dead_letters_table(config)
+        );
+        let ids: Vec<&str> = page.iter().map(String::as_str).collect();
+        let held = ids_held(client, &sql, &ids, "verify missing ids").await?;
         settled.extend(page.iter().filter(|id| held.contains(*id)).cloned());
     }
     Ok(settled)
+}
+
+/// The ids (first column) `sql` returns for `ids` as `$1`.
+async fn ids_held<C: tokio_postgres::GenericClient>(
+    client: &C,
+    sql: &str,
+    ids: &[&str],
+    what: &'static str,
+) -> Result<HashSet<String>, PgError> {
+    Ok(client
+        .query(sql, &[&ids])
+        .await
+        .map_err(PgError::query(what))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Extras as reported: duplicates of outbox rows, and ids the outbox does not hold now (an id
@@ -1247,19 +1245,11 @@ async fn settle_extras(
     let mut settled = Vec::new();
     for page in extra.chunks(ID_PAGE) {
         let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
-        let held: HashSet<String> = client
-            .query(
-                &format!(
-                    "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)",
-                    outbox_table(config)
-                ),
-                &[&ids],
-            )
-            .await
-            .map_err(PgError::query("verify extra ids"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let sql = format!(
+            "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)",
+            outbox_table(config)
+        );
+        let held = ids_held(client, &sql, &ids, "verify extra ids").await?;
         for (id, rows) in page {
             let kind = if held.contains(id) {
                 if *rows < 2 {
