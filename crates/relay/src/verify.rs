@@ -14,17 +14,18 @@
 //! An event is only compared once the live relay has passed it: the outbox is read in a snapshot
 //! S, and ClickHouse only after the slot's confirmed position passed the WAL insert position read
 //! right after S was taken (the fence of [`crate::replay`]). That position is also the cut:
-//! ClickHouse's rows are compared when their `commit_lsn` is below it (S sees every transaction
-//! that committed below it; one committed at or past it came after S), so the rows the relay
-//! ships while a pass runs are neither missing nor extra. The few a race leaves on the wrong
-//! side (a commit between S and the read), and rows ClickHouse holds that S does not see, are
-//! looked up in the outbox again before they are called extra.
+//! ClickHouse's rows are compared when their `commit_lsn` is below it (a transaction committed at
+//! or past it committed after S), so the rows the relay ships while a pass runs are neither
+//! missing nor extra. The few a race leaves on the wrong side (committed below the cut but after
+//! S) are looked up by id before a window is narrowed, and rows ClickHouse holds that S does not
+//! see are looked up in the outbox again before they are called extra.
 //!
 //! The background verifier carries sums from pass to pass ([`Memory`]) so a pass hashes only the
 //! rows that came since the last one: on the outbox's side the rows of transactions below the
-//! last snapshot's xmin (no later transaction adds to them; their count, read every pass, shows
-//! a deletion), on ClickHouse's the rows below the last cut (their count and a cheap fingerprint,
-//! read every pass, show any change). Whatever fails its check is hashed in full.
+//! last snapshot's xmin (no later transaction adds to them; the rows of later ones are looked for
+//! from the time those began, and every window is re-hashed in full in turn), on ClickHouse's the
+//! rows below the last cut (their count and `commit_lsn` sum per window and the table's
+//! mutations, read every pass, show any change; a changed window is hashed in full).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
