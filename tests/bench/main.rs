@@ -70,14 +70,15 @@ fn main() -> Result<()> {
     let mut push = |key: String, value: f64| samples.entry(key).or_default().push(value);
     // BENCH_ONLY=verify: only the verifier's figures (bench/README.md).
     let only_verify = std::env::var("BENCH_ONLY").as_deref() == Ok("verify");
-    for run in 0..runs {
-        eprintln!("bench: run {}/{runs}", run + 1);
-        if only_verify {
-            let (overhead, full) = bench.verify_figures()?;
+    if only_verify {
+        // BENCH_VERIFY_PAIRS interleaved off/on pairs (at least 3 by default).
+        for (overhead, full) in bench.verify_figures(env_or("BENCH_VERIFY_PAIRS", runs.max(3)))? {
             push("verify_overhead".into(), overhead);
             push("verify_full_seconds".into(), full);
-            continue;
         }
+    }
+    for run in (0..runs).filter(|_| !only_verify) {
+        eprintln!("bench: run {}/{runs}", run + 1);
         for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
             let d = bench.drain(per_tx)?;
             push(format!("wal_limit_events_per_s{shape}"), d.wal);
@@ -106,9 +107,11 @@ fn main() -> Result<()> {
             "polling_outbox_events_per_s".into(),
             bench.polling_outbox()?,
         );
-        let (overhead, full) = bench.verify_figures()?;
-        push("verify_overhead".into(), overhead);
-        push("verify_full_seconds".into(), full);
+        // One off/on pair per run: BENCH_RUNS interleaved pairs.
+        for (overhead, full) in bench.verify_figures(1)? {
+            push("verify_overhead".into(), overhead);
+            push("verify_full_seconds".into(), full);
+        }
     }
     let mut results: BTreeMap<String, f64> = samples
         .iter()
@@ -119,6 +122,14 @@ fn main() -> Result<()> {
             println!("{k:<44} {v:?}");
         }
         return Ok(());
+    }
+    // The verifier's overhead: the spread of its pairs too.
+    if let Some(v) = samples.get("verify_overhead") {
+        let lowest = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        results.insert("verify_overhead_min".into(), lowest);
+        results.insert("verify_overhead_max".into(), highest);
+        results.insert("verify_overhead_pairs".into(), v.len() as f64);
     }
     // Peak memory: the worst run, not the median.
     for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"]
@@ -150,6 +161,21 @@ fn main() -> Result<()> {
     println!("\n{:<44} {:>14}", "figure", "value");
     for (k, v) in &results {
         println!("{k:<44} {v:>14.2}");
+    }
+    if only_verify {
+        // Merged into bench/results.json, with the commit they were measured at.
+        let path = harness::workspace_root().join("bench/results.json");
+        let mut json: serde_json::Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_else(|| serde_json::json!({"results": {}}));
+        for (k, v) in &results {
+            json["results"][k] = (*v).into();
+        }
+        json["verify_commit"] = git_commit().into();
+        std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
+        println!("\nmerged into {}", path.display());
+        return Ok(());
     }
     let json = serde_json::json!({
         "results": results,
@@ -326,21 +352,47 @@ impl Bench {
     }
 
     /// `verify_overhead`: the share of the relay's rate lost to a background verifier checking
-    /// every second with no grace period, against the same run with the verifier off. The
+    /// every second with no grace period, against the same run with the verifier off, for each
+    /// of `pairs` pairs of runs (off then on, then on then off, alternating, so a drift of the
+    /// machine's speed does not favour one side). The
     /// verifier only compares what the relay has passed (it waits for the slot to pass its
     /// snapshot), so a backlog written up front would keep it idle until the end: here the
     /// events arrive in 10 chunks (1,000-event transactions), each published once the relay
     /// confirmed the previous one, so verifier passes over the growing table run while later
     /// chunks are published and shipped. `verify_full_seconds`: then, with the table complete, a
-    /// full `outbox-relay verify` of the whole outbox beside the running relay.
-    fn verify_figures(&self) -> Result<(f64, f64)> {
-        let (off, mut relay) = self.chunked_rate(&[("RELAY_VERIFY_INTERVAL_S", "0")])?;
-        stop(&mut relay);
+    /// full `outbox-relay verify` of the whole outbox beside the running relay, once per pair.
+    fn verify_figures(&self, pairs: usize) -> Result<Vec<(f64, f64)>> {
         let interval = std::env::var("BENCH_VERIFY_INTERVAL_S").unwrap_or_else(|_| "1".into());
-        let (on, mut relay) = self.chunked_rate(&[
-            ("RELAY_VERIFY_INTERVAL_S", &interval),
+        let off_settings = [("RELAY_VERIFY_INTERVAL_S", "0")];
+        let on_settings = [
+            ("RELAY_VERIFY_INTERVAL_S", interval.as_str()),
             ("RELAY_VERIFY_GRACE_S", "0"),
-        ])?;
+        ];
+        let mut figures = Vec::new();
+        for pair in 0..pairs {
+            let (mut first, mut second) = (&off_settings[..], &on_settings[..]);
+            if pair % 2 == 1 {
+                std::mem::swap(&mut first, &mut second);
+            }
+            let (a, mut relay) = self.chunked_rate(first)?;
+            stop(&mut relay);
+            let (b, relay) = self.chunked_rate(second)?;
+            let (off, on) = if pair % 2 == 1 { (b, a) } else { (a, b) };
+            let full = self.full_verify(relay)?;
+            eprintln!(
+                "bench: verify pair {}/{pairs}: {off:.0} ev/s without the verifier, {on:.0} with \
+                 it ({:.3}), full verify {full:.2} s",
+                pair + 1,
+                (off - on) / off
+            );
+            figures.push(((off - on) / off, full));
+        }
+        Ok(figures)
+    }
+
+    /// Wall time of `outbox-relay verify` over the whole (complete) outbox beside `relay`, which
+    /// it then stops.
+    fn full_verify(&self, mut relay: Child) -> Result<f64> {
         let started = Instant::now();
         let out = self
             .relay_command(&["verify", "--json", "--wait-s", "120"], &[])
@@ -355,10 +407,7 @@ impl Bench {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        eprintln!(
-            "bench: verify: {off:.0} ev/s without the verifier, {on:.0} with it, full verify {full:.2} s"
-        );
-        Ok(((off - on) / off, full))
+        Ok(full)
     }
 
     /// `events` events published in 10 chunks, each once `outbox-relay run` (with `extra`

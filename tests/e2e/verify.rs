@@ -19,7 +19,10 @@ macro_rules! on_each_postgres {
     };
 }
 
-on_each_postgres!(verify_finds_and_repairs_every_kind_of_difference);
+on_each_postgres!(
+    verify_finds_and_repairs_every_kind_of_difference,
+    background_passes_hash_only_what_came_and_still_see_every_loss
+);
 
 const GRACE_S: u64 = 1;
 const INTERVAL_S: u64 = 2;
@@ -405,4 +408,121 @@ fn verify_a_million_events() {
     println!("verify finding 3 missing among {n} events: {took:.2} s");
     assert_eq!(code, 1);
     assert_eq!(missing(&report), deleted.into_iter().collect());
+}
+
+/// The background verifier's memory (crates/relay/src/verify.rs, `Memory`): a pass after the first
+/// hashes only the rows that came since, yet still finds rows lost in windows it verified before:
+/// on the outbox's side (a transaction open across a pass, committed after it, never shipped; rows
+/// written with an old event_date_time, found by the round re-hash) and on ClickHouse's (rows
+/// deleted there, found by the very next pass). Passes run in this process, each memory kept
+/// from pass to pass, beside the relay, as `run` runs them.
+fn background_passes_hash_only_what_came_and_still_see_every_loss(v: PgVersion) {
+    let f = Fixture::start(v, &[("RELAY_VERIFY_INTERVAL_S", "0")]);
+    let mut relay = f.spawn_relay();
+    publish_spread(&f, 3_000, 60, "spread");
+    f.wait_for_rows(3_000, Duration::from_secs(60), Some(&relay));
+    let config = relay::Config {
+        postgres_url: f.pg.url(&f.db),
+        clickhouse_url: f.ch.url(&f.ch_db),
+        slot: f.slot.clone(),
+        verify_grace_s: 0,
+        verify_window_s: 600,
+        ..relay::Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut sink = None;
+    let mut pass = |memory: &mut relay::ops::verify::Memory| {
+        runtime
+            .block_on(relay::ops::verify::verify_pass(&config, &mut sink, memory))
+            .unwrap_or_else(|e| panic!("pass could not check: {e}"))
+    };
+    let ids = |report: &relay::ops::verify::VerifyReport| -> BTreeSet<String> {
+        report.missing.iter().cloned().collect()
+    };
+    // One memory that never re-hashes a window in full, one that re-hashes every window.
+    let mut incremental = relay::ops::verify::Memory::new(0);
+    let mut resweeping = relay::ops::verify::Memory::new(1_000_000);
+
+    // The first pass hashes every row on both sides; the next one, nothing new having come,
+    // none.
+    let first = pass(&mut incremental);
+    assert!(first.complete(), "{first:?}");
+    assert_eq!(first.outbox_events, 3_000);
+    assert_eq!(first.hashed_rows, 6_000, "{first:?}");
+    assert!(pass(&mut resweeping).complete());
+    let quiet = pass(&mut incremental);
+    assert!(quiet.complete(), "{quiet:?}");
+    assert_eq!(quiet.outbox_events, 3_000);
+    assert_eq!(quiet.hashed_rows, 0, "{quiet:?}");
+
+    // New events: hashed once, on each side.
+    f.publish(200, 50, "new");
+    f.wait_for_rows(3_200, Duration::from_secs(60), Some(&relay));
+    let fresh = pass(&mut incremental);
+    assert!(fresh.complete(), "{fresh:?}");
+    assert_eq!(fresh.hashed_rows, 400, "{fresh:?}");
+
+    // A transaction open across a pass, committed after it and never shipped (the slot moved
+    // past it): missing.
+    let (client, connection) = runtime
+        .block_on(tokio_postgres::connect(
+            &f.pg.url(&f.db),
+            tokio_postgres::NoTls,
+        ))
+        .unwrap();
+    runtime.spawn(connection);
+    runtime
+        .block_on(client.batch_execute(
+            "BEGIN; INSERT INTO event_outbox (event_type, event_context)
+                    SELECT 'open', '{}' FROM generate_series(1, 5)",
+        ))
+        .unwrap();
+    let during = pass(&mut incremental);
+    assert!(during.complete(), "{during:?}");
+    relay.kill_now();
+    runtime.block_on(client.batch_execute("COMMIT")).unwrap();
+    // Rows written with an event_date_time 50 minutes old, never shipped either.
+    let before = f.pg_ids();
+    publish_spread(&f, 6, 50, "old");
+    f.sql(&format!(
+        "SELECT pg_replication_slot_advance('{}', pg_current_wal_lsn())",
+        f.slot
+    ));
+    let open: BTreeSet<String> = f
+        .sql("SELECT event_id FROM event_outbox WHERE event_type = 'open'")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let old: BTreeSet<String> = f
+        .pg_ids()
+        .difference(&before)
+        .filter(|id| !open.contains(*id))
+        .cloned()
+        .collect();
+    assert_eq!((open.len(), old.len()), (5, 6));
+    // Nothing else arrives in their windows, so only the outbox's side can tell.
+    let relay = f.spawn_relay();
+    let report = pass(&mut incremental);
+    assert!(ids(&report).is_superset(&open), "{report:?}");
+    let report = pass(&mut resweeping);
+    let lost: BTreeSet<String> = open.union(&old).cloned().collect();
+    assert_eq!(ids(&report), lost, "{report:?}");
+
+    // Deleted in ClickHouse from windows verified before: missing at the next pass, with a
+    // memory that never re-hashes the outbox too.
+    let deleted = some_ids(&f, 4, 1_000);
+    delete_in_clickhouse(&f, &deleted);
+    let report = pass(&mut incremental);
+    assert!(
+        ids(&report).is_superset(&deleted.iter().cloned().collect()),
+        "{report:?}"
+    );
+    let report = pass(&mut resweeping);
+    let expected: BTreeSet<String> = lost.iter().chain(&deleted).cloned().collect();
+    assert_eq!(ids(&report), expected, "{report:?}");
+    assert!(report.extra.is_empty(), "{report:?}");
+    drop(relay);
 }

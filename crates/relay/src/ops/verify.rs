@@ -12,9 +12,20 @@
 //! event rows travel while windows match.
 //!
 //! An event is only compared once the live relay has passed it: the outbox is read in a snapshot
-//! S, and ClickHouse only after the slot's confirmed position passed the WAL position read right
-//! after S was taken (the fence of [`crate::ops::replay`]). Rows ClickHouse holds that S does not see
-//! (committed since) are looked up in the outbox again before they are called extra.
+//! S, and ClickHouse only after the slot's confirmed position passed the WAL insert position read
+//! right after S was taken (the fence of [`crate::ops::replay`]). That position is also the cut:
+//! ClickHouse's rows are compared when their `commit_lsn` is below it (a transaction committed at
+//! or past it committed after S), so the rows the relay ships while a pass runs are neither
+//! missing nor extra. The few a race leaves on the wrong side (committed below the cut but after
+//! S) are looked up by id before a window is narrowed, and rows ClickHouse holds that S does not
+//! see are looked up in the outbox again before they are called extra.
+//!
+//! The background verifier carries sums from pass to pass ([`Memory`]) so a pass hashes only the
+//! rows that came since the last one: on the outbox's side the rows of transactions below the
+//! last snapshot's xmin (no later transaction adds to them; the rows of later ones are looked for
+//! from the time those began, and every window is re-hashed in full in turn), on ClickHouse's the
+//! rows below the last cut (their count and `commit_lsn` sum per window and the table's
+//! mutations, read every pass, show any change; a changed window is hashed in full).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -37,6 +48,9 @@ const NARROW_ROWS: u64 = 20_000;
 const MAX_BUCKET_BITS: u32 = 16;
 /// Ids read per query when comparing id by id.
 const ID_PAGE: usize = 5_000;
+/// Most rows shipped since the last pass that a differing window's ids are looked up for
+/// before it is narrowed.
+const RACE_IDS: usize = 50_000;
 
 /// The 64-bit hash of an event id both databases compute: the first 8 bytes of the MD5 of its
 /// text (lower-case, hyphenated) as a big-endian signed integer.
@@ -129,6 +143,10 @@ pub struct VerifyReport {
     pub verified_through_us: i64,
     /// What `--repair` re-shipped.
     pub repair: Option<ReplayReport>,
+    /// Rows whose id this comparison hashed, on both sides together (the background
+    /// verifier's cost: after its first pass, the rows that came since the last one).
+    #[serde(skip)]
+    pub hashed_rows: u64,
 }
 
 impl VerifyReport {
@@ -235,8 +253,120 @@ fn pg_time(n: usize) -> String {
     )
 }
 
-/// Per window: (index, count, hash sum mod 2^64).
+/// Per bucket: (count, hash sum mod 2^64).
 type Sums = HashMap<i64, (u64, i64)>;
+
+/// Outbox rows of one window: all of them, and those not dead-lettered (count, hash sum mod
+/// 2^64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PgPart {
+    total: u64,
+    n: u64,
+    sum: i64,
+}
+
+impl PgPart {
+    fn add(self, o: PgPart) -> PgPart {
+        PgPart {
+            total: self.total + o.total,
+            n: self.n + o.n,
+            sum: self.sum.wrapping_add(o.sum),
+        }
+    }
+}
+
+/// Per window start (Unix µs), the outbox rows the snapshot sees, by their inserting
+/// transaction's xid: `[0]` below the remembered pass's xmin (only `total` is computed: the
+/// remembered sums cover them), `[1]` from there to this snapshot's xmin (settled: no later
+/// transaction can add to them), `[2]` the rest (not settled yet).
+type PgSums = HashMap<i64, [PgPart; 3]>;
+
+/// ClickHouse rows of one window: count, sum of `commit_lsn` (a signature read from cheap
+/// columns) and sum of the id hash (mod 2^64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ChPart {
+    n: u64,
+    fp: u64,
+    sum: i64,
+}
+
+impl ChPart {
+    fn add(self, o: ChPart) -> ChPart {
+        ChPart {
+            n: self.n + o.n,
+            fp: self.fp.wrapping_add(o.fp),
+            sum: self.sum.wrapping_add(o.sum),
+        }
+    }
+}
+
+/// ClickHouse rows of one window by `commit_lsn`.
+#[derive(Debug, Clone, Copy, Default)]
+struct ChWindow {
+    /// Below the remembered pass's cut: count and `commit_lsn` sum only.
+    old: (u64, u64),
+    /// From there to this pass's cut (everything, when not cut).
+    new: ChPart,
+    /// At or past this pass's cut (committed after the snapshot): count and the largest.
+    after: (u64, u64),
+}
+
+/// Rows per second of `verify_interval_s` the background verifier re-hashes in full on the
+/// outbox's side, oldest window first, round the range (docs/guarantees.md).
+pub const RESWEEP_ROWS_PER_S: u64 = 10_000;
+
+/// Margin below the start time of the passes before a transaction's xid, for the
+/// `event_date_time` of its rows (a default taken just before the xid was assigned).
+const XID_TIME_MARGIN_US: i64 = 2_000_000;
+
+/// What the background verifier carries from one pass to the next so a pass hashes only what
+/// came: per window, the outbox's sums over its settled rows (of transactions below the last
+/// snapshot's xmin: no later transaction adds to them) and ClickHouse's sums over the rows below
+/// the last commit LSN cut. ClickHouse's are checked every pass before they are used (count and
+/// `commit_lsn` sum of those rows per window, and the table's mutations); the outbox's are
+/// re-hashed in full round the range, `resweep_rows` rows' worth per pass. Nothing here makes a
+/// window verified: every pass compares every window.
+#[derive(Debug, Default)]
+pub struct Memory {
+    width_us: i64,
+    /// Outbox rows a pass may re-hash in full (credit that accumulates while unused).
+    resweep_rows: u64,
+    pg: Option<PgMemory>,
+    ch: Option<ChMemory>,
+}
+
+impl Memory {
+    /// An empty memory re-hashing `resweep_rows` outbox rows per pass.
+    pub fn new(resweep_rows: u64) -> Memory {
+        Memory {
+            resweep_rows,
+            ..Memory::default()
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PgMemory {
+    /// The snapshot's xmin (xid8): every transaction below it had ended.
+    xmin: i64,
+    /// (count, hash) of the unshipped dead letters then: any change forgets the sums.
+    dead: (i64, i64),
+    windows: HashMap<i64, PgPart>,
+    /// Per pass: (its snapshot's xmax, its statement's start in Unix µs): a transaction whose
+    /// xid is at or past that xmax began after that time.
+    history: Vec<(i64, i64)>,
+    /// Re-hash credit (rows) and the window the re-hash goes on from.
+    credit: u64,
+    next: i64,
+}
+
+#[derive(Debug)]
+struct ChMemory {
+    cut: u64,
+    /// Mutations of the table then (a DELETE is one): any change re-checks every window.
+    mutations: u64,
+    windows: HashMap<i64, ChPart>,
+}
 
 /// One verification pass's connections and settings.
 struct Checker<'a> {
@@ -258,55 +388,133 @@ impl Checker<'_> {
         )
     }
 
+    /// Per window of `range` (rows from `scan_from` on): the rows of the snapshot by class (see
+    /// [`PgSums`]); `ages` are `age()` of the remembered xmin (`i32::MAX`: none, all rows are
+    /// hashed) and of this snapshot's. Rows of class 0 are left out (counted only when `ages.0`
+    /// is `i32::MAX`, when there are none).
     async fn pg_sums(
         &self,
         tx: &Transaction<'_>,
         range: Range,
         width: i64,
-    ) -> Result<Sums, PgError> {
-        let sql = format!(
-            "SELECT ((floor(extract(epoch FROM o.event_date_time) * 1000000)::int8 - $1) / $3)::int8,
-                    count(*)::int8, sum({PG_HASH})::text
-               FROM {} o WHERE {} GROUP BY 1",
-            outbox_table(self.config),
-            self.outbox_where()
+        ages: (i32, i32),
+        scan_from: i64,
+    ) -> Result<PgSums, PgError> {
+        let bin = format!(
+            "date_bin($3::int8 * interval '1 microsecond', o.event_date_time, {})",
+            pg_time(1)
         );
+        // Both ages i32::MAX (`verify`, which remembers nothing): one class, no age() per row.
+        let class = if ages == (i32::MAX, i32::MAX) {
+            "2"
+        } else {
+            "(CASE WHEN age(o.xmin) > $4::int4 THEN 0 WHEN age(o.xmin) > $5::int4 THEN 1 ELSE 2 END)"
+        };
+        // Rows of class 0 left out; the parameters referenced either way.
+        let incremental = if ages.0 == i32::MAX {
+            "AND $4::int4 >= $5::int4"
+        } else {
+            "AND age(o.xmin) <= $4::int4"
+        };
+        let live = format!(
+            "o.event_id::text NOT IN (SELECT d.event_id::text FROM {} d
+                                       WHERE d.shipped_at IS NULL AND d.event_id IS NOT NULL)",
+            dead_letters_table(self.config)
+        );
+        let sql = format!(
+            "SELECT floor(extract(epoch FROM {bin}) * 1000000)::int8, {class}, count(*)::int8,
+                    count(*) FILTER (WHERE {class} > 0 AND {live})::int8,
+                    coalesce(sum(CASE WHEN {class} > 0 AND {live} THEN {PG_HASH} END), 0)::text
+               FROM {} o WHERE o.event_date_time >= {} AND o.event_date_time < {}
+                {incremental}
+              GROUP BY {bin}, {class}",
+            outbox_table(self.config),
+            pg_time(6),
+            pg_time(2)
+        );
+        let scan_from = scan_from.max(range.from_us);
         let rows = tx
-            .query(&sql, &[&range.from_us, &range.until_us, &width])
+            .query(
+                &sql,
+                &[
+                    &range.from_us,
+                    &range.until_us,
+                    &width,
+                    &ages.0,
+                    &ages.1,
+                    &scan_from,
+                ],
+            )
             .await
             .map_err(PgError::query("verify outbox sums"))?;
-        let mut sums = Sums::new();
+        let mut sums = PgSums::new();
         for row in rows {
-            let (w, n, sum): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
-            // The exact sum, reduced mod 2^64 as ClickHouse's Int64 sum wraps.
-            let wrapped = sum.parse::<i128>().map(|v| v as i64).unwrap_or_default();
-            sums.insert(w, (n as u64, wrapped));
+            let (w, class, total, n, sum): (i64, i32, i64, i64, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            sums.entry(w).or_default()[class.clamp(0, 2) as usize] = PgPart {
+                total: total as u64,
+                n: n as u64,
+                sum: wrap_sum(&sum),
+            };
         }
         Ok(sums)
     }
 
-    fn ch_where(&self, range: Range) -> String {
+    /// `commit_lsn` below `cut` (everything when `None`).
+    fn ch_cut(cut: Option<u64>) -> String {
+        cut.map_or_else(|| "1".into(), |c| format!("commit_lsn < {c}"))
+    }
+
+    fn ch_where(&self, range: Range, cut: Option<u64>) -> String {
         format!(
             "{} AND event_date_time >= fromUnixTimestamp64Micro(toInt64({}), 'UTC')
-                AND event_date_time < fromUnixTimestamp64Micro(toInt64({}), 'UTC')",
-            self.source_filter, range.from_us, range.until_us
+                AND event_date_time < fromUnixTimestamp64Micro(toInt64({}), 'UTC') AND {}",
+            self.source_filter,
+            range.from_us,
+            range.until_us,
+            Self::ch_cut(cut)
         )
     }
 
-    async fn ch_sums(&self, range: Range, width: i64) -> Result<Sums, SinkError> {
+    /// Per window start of `range`: ClickHouse's rows by `commit_lsn` (see [`ChWindow`]): below
+    /// `prev` only counted and their `commit_lsn` summed, from `prev` to `cut` hashed.
+    async fn ch_sums(
+        &self,
+        range: Range,
+        width: i64,
+        prev: u64,
+        cut: Option<u64>,
+    ) -> Result<HashMap<i64, ChWindow>, SinkError> {
+        let old = format!("commit_lsn < {prev}");
+        let new = format!("commit_lsn >= {prev} AND {}", Self::ch_cut(cut));
+        let after = format!("NOT ({})", Self::ch_cut(cut));
         let sql = format!(
-            "SELECT toInt64(intDiv(toUnixTimestamp64Micro(event_date_time) - toInt64({}), toInt64({width}))),
-                    count(), sum({CH_HASH})
-               FROM {} WHERE {} GROUP BY 1",
-            range.from_us,
-            self.table,
-            self.ch_where(range)
+            "SELECT toInt64(intDiv(toUnixTimestamp64Micro(event_date_time) - toInt64({from}), toInt64({width}))),
+                    countIf({old}), sumIf(commit_lsn, {old}),
+                    countIf({new}), sumIf(commit_lsn, {new}),
+                    sum(if({new}, {CH_HASH}, toInt64(0))),
+                    countIf({after}), maxIf(commit_lsn, {after})
+               FROM {table} WHERE {filter} GROUP BY 1
+             SETTINGS short_circuit_function_evaluation = 'force_enable'",
+            from = range.from_us,
+            table = self.table,
+            filter = self.ch_where(range, None)
         );
-        let rows: Vec<(i64, u64, i64)> = self.sink.fetch_all(&sql).await?;
-        Ok(rows.into_iter().map(|(w, n, s)| (w, (n, s))).collect())
+        type Row = (i64, u64, u64, u64, u64, i64, u64, u64);
+        let rows: Vec<Row> = self.sink.fetch_all(&sql).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(w, on, ofp, n, fp, sum, an, amax)| {
+                let window = ChWindow {
+                    old: (on, ofp),
+                    new: ChPart { n, fp, sum },
+                    after: (an, amax),
+                };
+                (range.from_us + w * width, window)
+            })
+            .collect())
     }
 
-    /// `(bucket, count, hash sum)` per bucket of the ids' top `bits` hash bits in `range`.
     async fn pg_buckets(
         &self,
         tx: &Transaction<'_>,
@@ -327,18 +535,22 @@ impl Checker<'_> {
             .iter()
             .map(|row| {
                 let (b, n, sum): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
-                let wrapped = sum.parse::<i128>().map(|v| v as i64).unwrap_or_default();
-                (b, (n as u64, wrapped))
+                (b, (n as u64, wrap_sum(&sum)))
             })
             .collect())
     }
 
-    async fn ch_buckets(&self, range: Range, bits: u32) -> Result<Sums, SinkError> {
+    async fn ch_buckets(
+        &self,
+        range: Range,
+        bits: u32,
+        cut: Option<u64>,
+    ) -> Result<Sums, SinkError> {
         let sql = format!(
             "SELECT {}, count(), sum({CH_HASH}) FROM {} WHERE {} GROUP BY 1",
             ch_bucket(bits),
             self.table,
-            self.ch_where(range)
+            self.ch_where(range, cut)
         );
         let rows: Vec<(i64, u64, i64)> = self.sink.fetch_all(&sql).await?;
         Ok(rows.into_iter().map(|(b, n, s)| (b, (n, s))).collect())
@@ -374,6 +586,7 @@ impl Checker<'_> {
         range: Range,
         bits: u32,
         buckets: Option<&[i64]>,
+        cut: Option<u64>,
     ) -> Result<HashMap<String, u64>, SinkError> {
         let filter = match buckets {
             Some(b) => format!(
@@ -386,21 +599,60 @@ impl Checker<'_> {
         let sql = format!(
             "SELECT toString(event_id), count() FROM {} WHERE {}{filter} GROUP BY event_id",
             self.table,
-            self.ch_where(range)
+            self.ch_where(range, cut)
         );
         let rows: Vec<(String, u64)> = self.sink.fetch_all(&sql).await?;
         Ok(rows.into_iter().collect())
     }
 
+    /// Rows ClickHouse holds in `range` with `commit_lsn` from `prev` to `cut` that the snapshot
+    /// does not see and the outbox holds now (their transaction committed while the snapshot was
+    /// taken, below the cut): their count and hash sum. `None` when there are too many to look
+    /// up (the window is narrowed instead).
+    async fn race(
+        &self,
+        tx: &Transaction<'_>,
+        control: &Client,
+        range: Range,
+        prev: u64,
+        cut: u64,
+    ) -> Result<Option<(u64, i64)>, VerifyError> {
+        let sql = format!(
+            "SELECT DISTINCT toString(event_id) FROM {} WHERE {} AND commit_lsn >= {prev} LIMIT {}",
+            self.table,
+            self.ch_where(range, Some(cut)),
+            RACE_IDS + 1
+        );
+        let ids: Vec<String> = self.sink.fetch_all(&sql).await?;
+        if ids.len() > RACE_IDS {
+            return Ok(None);
+        }
+        let held = format!(
+            "SELECT o.event_id::text FROM {} o WHERE o.event_id = ANY($1::text[]::uuid[])",
+            outbox_table(self.config)
+        );
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let seen = ids_held(tx, &held, &ids, "verify ids in the snapshot").await?;
+        let now = ids_held(control, &held, &ids, "verify ids").await?;
+        let race = ids
+            .iter()
+            .filter(|id| !seen.contains(**id) && now.contains(**id));
+        Ok(Some(race.fold((0, 0i64), |(n, sum), id| {
+            (n + 1, sum.wrapping_add(id_hash(id)))
+        })))
+    }
+
     /// The missing and extra ids of a differing window. A large window is first grouped by the
     /// top bits of the id hash (uniform whatever the times, so one pass finds the differing
     /// buckets of about `NARROW_ROWS / 4` rows); then the ids of the window, or of its
-    /// differing buckets, are compared one by one.
+    /// differing buckets, are compared one by one. ClickHouse's rows are those below `cut`
+    /// (the commit LSN read right after the snapshot), as the window's sums were.
     async fn narrow(
         &self,
         tx: &Transaction<'_>,
         range: Range,
         rows: u64,
+        cut: Option<u64>,
         found: &mut (Vec<String>, Vec<(String, u64)>),
     ) -> Result<(), VerifyError> {
         let bits = if rows <= NARROW_ROWS {
@@ -415,7 +667,7 @@ impl Checker<'_> {
             None
         } else {
             let pg = self.pg_buckets(tx, range, bits).await?;
-            let ch = self.ch_buckets(range, bits).await?;
+            let ch = self.ch_buckets(range, bits, cut).await?;
             let mut keys: Vec<i64> = pg.keys().chain(ch.keys()).copied().collect();
             keys.sort_unstable();
             keys.dedup();
@@ -428,7 +680,7 @@ impl Checker<'_> {
             Some(keys)
         };
         let pg = self.pg_ids(tx, range, bits, buckets.as_deref()).await?;
-        let ch = self.ch_ids(range, bits, buckets.as_deref()).await?;
+        let ch = self.ch_ids(range, bits, buckets.as_deref(), cut).await?;
         found
             .0
             .extend(pg.iter().filter(|id| !ch.contains_key(*id)).cloned());
@@ -437,6 +689,11 @@ impl Checker<'_> {
             .extend(ch.into_iter().filter(|(id, n)| *n > 1 || !pg.contains(id)));
         Ok(())
     }
+}
+
+/// PostgreSQL's exact sum (numeric, as text) reduced mod 2^64, as ClickHouse's Int64 sum wraps.
+fn wrap_sum(text: &str) -> i64 {
+    text.parse::<i128>().map(|v| v as i64).unwrap_or_default()
 }
 
 /// The top `bits` bits of [`id_hash`] as a number, in PostgreSQL (arithmetic shift, masked).
@@ -537,6 +794,24 @@ pub async fn verify(
     sink: &ClickHouseSink,
     options: &Options,
 ) -> Result<VerifyReport, VerifyError> {
+    let mut report = compare(config, sink, options, &mut Memory::default(), true).await?;
+    if options.repair && !report.missing.is_empty() {
+        report.repair =
+            Some(replay::reship_ids(config, sink, &report.missing, options.wait).await?);
+    }
+    Ok(report)
+}
+
+/// One comparison of `options.range`, hashing only what `memory` does not vouch for (an empty
+/// memory: everything), and leaving in `memory` what the next pass may reuse. `others`: also
+/// count the other sources' rows in the range.
+async fn compare(
+    config: &Config,
+    sink: &ClickHouseSink,
+    options: &Options,
+    memory: &mut Memory,
+    others: bool,
+) -> Result<VerifyReport, VerifyError> {
     let mut range = options.range;
     if range.until_us <= range.from_us {
         return Err(VerifyError::Range(format!(
@@ -545,27 +820,45 @@ pub async fn verify(
             format_us(range.from_us)
         )));
     }
+    let width = options.window_us;
     let control = pg::connect(&config.postgres_url).await?;
     let mut reader = pg::connect(&config.postgres_url).await?;
     let tx = pg::read_snapshot(&mut reader, "verify snapshot").await?;
-    // The first statement takes the snapshot; the fence is read after it. An open-ended range
-    // starts at the oldest row, so windows are aligned to something near the data.
+    // The first statement takes the snapshot S; the WAL insert position it reads next is the
+    // cut: a transaction S sees committed below it, one whose commit is at or past it committed
+    // after S. ClickHouse's rows are compared below the cut, so the rows the relay ships while
+    // the pass runs are neither missing nor extra.
     let row = tx
         .query_one(
-            &format!(
-                "SELECT floor(extract(epoch FROM min(event_date_time)) * 1000000)::int8 FROM {}",
-                outbox_table(config)
-            ),
+            "SELECT pg_current_wal_insert_lsn()::text,
+                    (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8,
+                    pg_snapshot_xmin(pg_current_snapshot())::text::int8,
+                    pg_snapshot_xmax(pg_current_snapshot())::text::int8,
+                    floor(extract(epoch FROM statement_timestamp()) * 1000000)::int8",
             &[],
         )
         .await
         .map_err(PgError::query("verify snapshot"))?;
-    let oldest: Option<i64> = row.get(0);
-    let fence = pg::wal_position(&tx, "verify snapshot").await?;
+    let (fence, cut, xmin, xmax, started_us): (String, i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let cut = cut as u64;
+    // An open-ended range starts at the oldest row, so windows are aligned to something near
+    // the data.
     if range.from_us == i64::MIN / 4 {
+        let oldest: Option<i64> = tx
+            .query_one(
+                &format!(
+                    "SELECT floor(extract(epoch FROM min(event_date_time)) * 1000000)::int8 FROM {}",
+                    outbox_table(config)
+                ),
+                &[],
+            )
+            .await
+            .map_err(PgError::query("verify snapshot"))?
+            .get(0);
         range.from_us = oldest
-            .map(|o| o.div_euclid(options.window_us) * options.window_us)
-            .unwrap_or(range.until_us - options.window_us)
+            .map(|o| o.div_euclid(width) * width)
+            .unwrap_or(range.until_us - width)
             .min(range.until_us - 1);
     }
     wait_for_fence(&control, config, &fence, options.wait).await?;
@@ -576,42 +869,286 @@ pub async fn verify(
         table: quote_ch_ident(&config.clickhouse_table),
         source_filter: format!("source IN ({}, '')", quote_ch_literal(sink.source())),
     };
-    let width = options.window_us;
-    let pg_sums = checker.pg_sums(&tx, range, width).await?;
-    let ch_sums = checker.ch_sums(range, width).await?;
+    if memory.width_us != width {
+        *memory = Memory {
+            width_us: width,
+            ..Memory::new(memory.resweep_rows)
+        };
+    }
+    let in_range = |w: &i64| *w >= range.from_us && *w < range.until_us;
+    let window_range = |w: i64| Range {
+        from_us: w,
+        until_us: (w + width).min(range.until_us),
+    };
+
+    // The outbox. With a memory: its settled sums plus the rows of the transactions since its
+    // xmin, found from the time those transactions began on (their rows' event_date_time is
+    // not older, unless written explicitly: the re-hash finds those), and some windows re-hashed
+    // in full. Without (or when the dead letters changed): every row.
+    let dead_sql = format!(
+        "SELECT count(*)::int8, coalesce(sum(hashtext(d.event_id::text)), 0)::int8
+           FROM {} d WHERE d.shipped_at IS NULL",
+        dead_letters_table(config)
+    );
+    let row = tx
+        .query_one(&dead_sql, &[])
+        .await
+        .map_err(PgError::query("verify dead letters"))?;
+    let dead: (i64, i64) = (row.get(0), row.get(1));
+    let pg_memory = memory.pg.take().filter(|m| {
+        // age() is exact within 2^31 transactions.
+        m.dead == dead && m.xmin <= xmin && xmax - m.xmin < 1 << 30
+    });
+    // From when the rows of transactions at or past the remembered xmin can date.
+    let since = pg_memory.as_ref().and_then(|m| {
+        m.history
+            .iter()
+            .filter(|(x, _)| *x <= m.xmin)
+            .map(|(_, t)| *t - XID_TIME_MARGIN_US)
+            .max()
+    });
+    let xid = |x: i64| (x & 0xffff_ffff).to_string();
+    let row = tx
+        .query_one(
+            "SELECT age($1::text::xid)::int4, age($2::text::xid)::int4",
+            &[
+                &xid(pg_memory.as_ref().map_or(xmin, |m| m.xmin)),
+                &xid(xmin),
+            ],
+        )
+        .await
+        .map_err(PgError::query("verify snapshot"))?;
+    let (mut remembered, mut history, mut credit, mut next, ages, scan_from) =
+        match (pg_memory, since) {
+            (Some(m), Some(since)) => (
+                m.windows,
+                m.history,
+                m.credit,
+                m.next,
+                (row.get::<_, i32>(0), row.get::<_, i32>(1)),
+                since,
+            ),
+            _ => (
+                HashMap::new(),
+                Vec::new(),
+                0,
+                range.from_us,
+                (i32::MAX, row.get::<_, i32>(1)),
+                range.from_us,
+            ),
+        };
+    remembered.retain(|w, _| in_range(w));
+    let mut pg = checker.pg_sums(&tx, range, width, ages, scan_from).await?;
+    let mut hashed = hashed_pg(&pg);
+    // Windows whose every row this pass hashed (all of them without a memory).
+    let mut whole: HashSet<i64> = if ages.0 == i32::MAX {
+        pg.keys().copied().collect()
+    } else {
+        HashSet::new()
+    };
+    // The re-hash: whole windows, round the range, while the credit lasts.
+    credit = credit
+        .saturating_add(memory.resweep_rows)
+        .min(memory.resweep_rows.saturating_mul(1_000));
+    let mut order: Vec<i64> = remembered.keys().copied().collect();
+    order.sort_unstable();
+    let start = order.iter().position(|w| *w >= next).unwrap_or(0);
+    for w in order[start..].iter().chain(&order[..start]).copied() {
+        let rows = remembered.get(&w).map_or(0, |p| p.total);
+        if rows > credit {
+            break;
+        }
+        credit -= rows;
+        next = w + width;
+        remembered.remove(&w);
+        pg.remove(&w);
+        let fresh = checker
+            .pg_sums(&tx, window_range(w), width, (i32::MAX, ages.1), w)
+            .await?;
+        hashed += hashed_pg(&fresh);
+        whole.insert(w);
+        pg.extend(fresh);
+    }
+    let mut outbox: Sums = Sums::new();
+    let mut settled = HashMap::new();
+    for w in pg
+        .keys()
+        .chain(remembered.keys())
+        .copied()
+        .collect::<HashSet<_>>()
+    {
+        let parts = pg.get(&w).copied().unwrap_or_default();
+        let kept = remembered
+            .get(&w)
+            .copied()
+            .unwrap_or_default()
+            .add(parts[1]);
+        let all = kept.add(parts[2]);
+        outbox.insert(w, (all.n, all.sum));
+        if kept != PgPart::default() {
+            settled.insert(w, kept);
+        }
+    }
+    // The next pass needs the newest pass at or below this xmin, and those past it (while a
+    // transaction holds the xmin back: at most the last 1,000; fewer only means older times).
+    let newest_below = history
+        .iter()
+        .filter(|(x, _)| *x <= xmin)
+        .max_by_key(|(_, t)| *t)
+        .copied();
+    history.retain(|(x, _)| *x > xmin);
+    if history.len() > 1_000 {
+        history.drain(..history.len() - 1_000);
+    }
+    history.extend(newest_below);
+    history.push((xmax, started_us));
+    memory.pg = Some(PgMemory {
+        xmin,
+        dead,
+        windows: settled,
+        history,
+        credit,
+        next,
+    });
+
+    // ClickHouse: remembered sums of the rows below the last cut, while their count and
+    // commit_lsn sum are unchanged and no mutation came, plus the rows from that cut to this one.
+    let mutations: u64 = sink
+        .fetch_all::<u64>(&format!(
+            "SELECT count() FROM system.mutations WHERE database = currentDatabase() AND table = {}",
+            quote_ch_literal(&config.clickhouse_table)
+        ))
+        .await?
+        .first()
+        .copied()
+        .unwrap_or_default();
+    let ch_memory = memory.ch.take().filter(|m| m.mutations == mutations);
+    let prev = ch_memory.as_ref().map_or(0, |m| m.cut.min(cut));
+    let mut remembered = ch_memory.map(|m| m.windows).unwrap_or_default();
+    remembered.retain(|w, _| in_range(w));
+    let mut ch = checker.ch_sums(range, width, prev, Some(cut)).await?;
+    let mut stale: Vec<i64> = ch.keys().chain(remembered.keys()).copied().collect();
+    stale.sort_unstable();
+    stale.dedup();
+    stale.retain(|w| {
+        let r = remembered.get(w).copied().unwrap_or_default();
+        ch.get(w).map_or((0, 0), |c| c.old) != (r.n, r.fp)
+    });
+    for w in stale {
+        remembered.remove(&w);
+        ch.remove(&w);
+        ch.extend(
+            checker
+                .ch_sums(window_range(w), width, 0, Some(cut))
+                .await?,
+        );
+    }
+    // Rows past the cut are the ones shipped since S, unless their commit_lsn is past anything
+    // PostgreSQL has written: such a row (written by someone else) is compared like any other.
+    let written: i64 = control
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("verify cut"))?
+        .get(0);
+    let mut uncut = HashSet::new();
+    for (w, c) in &ch {
+        if c.after.0 > 0 && c.after.1 > written as u64 {
+            uncut.insert(*w);
+        }
+    }
+    for w in &uncut {
+        remembered.remove(w);
+        ch.remove(w);
+        ch.extend(checker.ch_sums(window_range(*w), width, 0, None).await?);
+    }
+    let mut clickhouse: Sums = Sums::new();
+    let mut below_cut = HashMap::new();
+    for (w, c) in &ch {
+        hashed += c.new.n;
+        let all = remembered.get(w).copied().unwrap_or_default().add(c.new);
+        clickhouse.insert(*w, (all.n, all.sum));
+        if !uncut.contains(w) && all != ChPart::default() {
+            below_cut.insert(*w, all);
+        }
+    }
+    memory.ch = Some(ChMemory {
+        cut,
+        mutations,
+        windows: below_cut,
+    });
+
     let mut report = VerifyReport {
         source: sink.source().to_string(),
         from: format_us(range.from_us),
         until: format_us(range.until_us),
         window_seconds: (width / 1_000_000) as u64,
         verified_through_us: range.until_us,
+        hashed_rows: hashed,
         ..VerifyReport::default()
     };
-    let mut windows: Vec<i64> = pg_sums.keys().chain(ch_sums.keys()).copied().collect();
+    let mut windows: Vec<i64> = outbox.keys().chain(clickhouse.keys()).copied().collect();
     windows.sort_unstable();
     windows.dedup();
     report.windows = windows.len() as u64;
     for w in windows {
         let (p, c) = (
-            pg_sums.get(&w).copied().unwrap_or_default(),
-            ch_sums.get(&w).copied().unwrap_or_default(),
+            outbox.get(&w).copied().unwrap_or_default(),
+            clickhouse.get(&w).copied().unwrap_or_default(),
         );
         report.outbox_events += p.0;
         report.clickhouse_rows += c.0;
+        let window = window_range(w);
+        let mut p = p;
+        if p != c && !whole.contains(&w) && !uncut.contains(&w) {
+            // The remembered sums do not see rows written with an older event_date_time than
+            // their transaction's start: hash this window afresh first.
+            let fresh = checker
+                .pg_sums(&tx, window, width, (i32::MAX, ages.1), w)
+                .await?;
+            let parts = fresh.get(&w).copied().unwrap_or_default();
+            report.hashed_rows += parts[1].n + parts[2].n;
+            let all = parts[1].add(parts[2]);
+            p = (all.n, all.sum);
+            if let Some(m) = memory.pg.as_mut() {
+                m.windows.remove(&w);
+                if parts[1] != PgPart::default() {
+                    m.windows.insert(w, parts[1]);
+                }
+            }
+        }
+        if p != c
+            && !uncut.contains(&w)
+            && let Some(race) = checker.race(&tx, &control, window, prev, cut).await?
+            && (p.0 + race.0, p.1.wrapping_add(race.1)) == c
+        {
+            // Rows of transactions committing while S was taken: in ClickHouse below the cut,
+            // not in S.
+            continue;
+        }
         if p == c {
             continue;
         }
-        let from_us = range.from_us + w * width;
-        let window = Range {
-            from_us,
-            until_us: (from_us + width).min(range.until_us),
-        };
+        let window_cut = (!uncut.contains(&w)).then_some(cut);
         let mut found = (Vec::new(), Vec::new());
-        checker.narrow(&tx, window, p.0 + c.0, &mut found).await?;
+        checker
+            .narrow(&tx, window, p.0 + c.0, window_cut, &mut found)
+            .await?;
         let (missing, extra) = found;
-        // Rows committed after the snapshot are in ClickHouse but not in it: look again.
+        // Rows committed after the snapshot are in ClickHouse but not in it, and an event
+        // dead-lettered or purged since is not missing: look again.
         let extra = settle_extras(&control, config, extra).await?;
+        let missing = settle_missing(&control, config, missing).await?;
         if missing.is_empty() && extra.is_empty() {
+            // Nothing differs id by id: hash this window afresh next time.
+            if let Some(m) = memory.pg.as_mut() {
+                m.windows.remove(&w);
+            }
+            if let Some(m) = memory.ch.as_mut() {
+                m.windows.remove(&w);
+            }
             continue;
         }
         report.verified_through_us = report.verified_through_us.min(window.from_us);
@@ -629,18 +1166,60 @@ pub async fn verify(
     drop(tx);
     report.missing.sort();
     report.extra.sort_by(|a, b| a.event_id.cmp(&b.event_id));
-    let others = format!(
-        "SELECT toString(source), count() FROM {} WHERE NOT ({}) AND event_date_time >= \
-         fromUnixTimestamp64Micro(toInt64({}), 'UTC') AND event_date_time < \
-         fromUnixTimestamp64Micro(toInt64({}), 'UTC') GROUP BY source ORDER BY source",
-        checker.table, checker.source_filter, range.from_us, range.until_us
-    );
-    report.other_sources = sink.fetch_all(&others).await?;
-    if options.repair && !report.missing.is_empty() {
-        report.repair =
-            Some(replay::reship_ids(config, sink, &report.missing, options.wait).await?);
+    if others {
+        let others = format!(
+            "SELECT toString(source), count() FROM {} WHERE NOT ({}) AND event_date_time >= \
+             fromUnixTimestamp64Micro(toInt64({}), 'UTC') AND event_date_time < \
+             fromUnixTimestamp64Micro(toInt64({}), 'UTC') GROUP BY source ORDER BY source",
+            checker.table, checker.source_filter, range.from_us, range.until_us
+        );
+        report.other_sources = sink.fetch_all(&others).await?;
     }
     Ok(report)
+}
+
+/// Outbox rows [`Checker::pg_sums`] hashed (of classes 1 and 2, not dead-lettered).
+fn hashed_pg(sums: &PgSums) -> u64 {
+    sums.values().map(|p| p[1].n + p[2].n).sum()
+}
+
+/// Missing ids as reported: those the outbox still holds and has not dead-lettered (a row
+/// dead-lettered or purged after the snapshot is not missing).
+async fn settle_missing(
+    client: &Client,
+    config: &Config,
+    missing: Vec<String>,
+) -> Result<Vec<String>, PgError> {
+    let mut settled = Vec::new();
+    for page in missing.chunks(ID_PAGE) {
+        let sql = format!(
+            "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)
+                AND NOT EXISTS (SELECT 1 FROM {} d WHERE d.event_id::text = o.event_id::text
+                                   AND d.shipped_at IS NULL)",
+            outbox_table(config),
+            dead_letters_table(config)
+        );
+        let ids: Vec<&str> = page.iter().map(String::as_str).collect();
+        let held = ids_held(client, &sql, &ids, "verify missing ids").await?;
+        settled.extend(page.iter().filter(|id| held.contains(*id)).cloned());
+    }
+    Ok(settled)
+}
+
+/// The ids (first column) `sql` returns for `ids` as `$1`.
+async fn ids_held<C: tokio_postgres::GenericClient>(
+    client: &C,
+    sql: &str,
+    ids: &[&str],
+    what: &'static str,
+) -> Result<HashSet<String>, PgError> {
+    Ok(client
+        .query(sql, &[&ids])
+        .await
+        .map_err(PgError::query(what))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Extras as reported: duplicates of outbox rows, and ids the outbox does not hold now (an id
@@ -653,19 +1232,11 @@ async fn settle_extras(
     let mut settled = Vec::new();
     for page in extra.chunks(ID_PAGE) {
         let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
-        let held: HashSet<String> = client
-            .query(
-                &format!(
-                    "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)",
-                    outbox_table(config)
-                ),
-                &[&ids],
-            )
-            .await
-            .map_err(PgError::query("verify extra ids"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let sql = format!(
+            "SELECT o.event_id::text FROM {} o WHERE o.event_id::text = ANY($1)",
+            outbox_table(config)
+        );
+        let held = ids_held(client, &sql, &ids, "verify extra ids").await?;
         for (id, rows) in page {
             let kind = if held.contains(id) {
                 if *rows < 2 {
@@ -686,7 +1257,8 @@ async fn settle_extras(
 }
 
 /// The background verifier of `run`: every `verify_interval_s`, verifies the windows of the last
-/// `verify_lookback_hours` (within the retention) that ended at least `verify_grace_s` ago.
+/// `verify_lookback_hours` (within the retention) up to the one holding `now - verify_grace_s`,
+/// hashing only the rows that came since the last pass (see [`Memory`]).
 pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>) {
     if config.verify_interval_s == 0 {
         return;
@@ -695,11 +1267,15 @@ pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>
     // The first pass after one grace period: the relay has started streaming by then.
     tokio::time::sleep(grace.min(Duration::from_secs(config.verify_interval_s))).await;
     let mut every = tokio::time::interval(Duration::from_secs(config.verify_interval_s));
+    // A pass longer than the interval is followed by one a full interval later, not by
+    // back-to-back catch-up passes.
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sink: Option<ClickHouseSink> = None;
+    let mut memory = Memory::new(RESWEEP_ROWS_PER_S.saturating_mul(config.verify_interval_s));
     loop {
         every.tick().await;
         let gauges = &gauges.verify;
-        match verify_pass(&config, &mut sink).await {
+        match verify_pass(&config, &mut sink, &mut memory).await {
             Ok(mut report) => {
                 for w in &report.differing_windows {
                     warn!(
@@ -745,9 +1321,13 @@ pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>
     }
 }
 
-async fn verify_pass(
+/// One background pass (public for tests: `run` calls it from [`verify_forever`]): the windows (aligned to multiples of `verify_window_s`) from
+/// `verify_lookback_hours` (within the retention) to the one holding `now - verify_grace_s`,
+/// each compared whole, reusing what `memory` vouches for.
+pub async fn verify_pass(
     config: &Config,
     sink: &mut Option<ClickHouseSink>,
+    memory: &mut Memory,
 ) -> Result<VerifyReport, VerifyError> {
     if sink.is_none() {
         let client = pg::connect(&config.postgres_url).await?;
@@ -763,14 +1343,17 @@ async fn verify_pass(
     };
     let now = crate::metrics::unix_now_us();
     let window_us = config.verify_window_s as i64 * 1_000_000;
-    let until_us = now - config.verify_grace_s as i64 * 1_000_000;
-    let mut from_us = until_us - config.verify_lookback_hours as i64 * 3_600_000_000;
+    let through_us = now - config.verify_grace_s as i64 * 1_000_000;
+    let until_us = (through_us.div_euclid(window_us) + 1) * window_us;
+    let mut from_us = (through_us - config.verify_lookback_hours as i64 * 3_600_000_000)
+        .div_euclid(window_us)
+        * window_us;
     if config.outbox_retention_hours > 0 {
         from_us = from_us.max(default_range(config, now, window_us).from_us);
     }
     let options = Options {
         range: Range {
-            from_us: from_us.min(until_us - 1),
+            from_us: from_us.min(until_us - window_us),
             until_us,
         },
         window_us,
@@ -778,7 +1361,9 @@ async fn verify_pass(
         // verify_forever repairs after logging.
         repair: false,
     };
-    verify(config, sink, &options).await
+    let mut report = compare(config, sink, &options, memory, false).await?;
+    report.verified_through_us = report.verified_through_us.min(through_us);
+    Ok(report)
 }
 
 #[cfg(test)]
