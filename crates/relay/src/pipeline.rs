@@ -478,6 +478,9 @@ struct Session<'a> {
     careful: Vec<OwnedEventRow>,
     /// End LSN of the last complete transaction among `careful`'s rows.
     careful_end: Option<Lsn>,
+    /// When the take of messages in hand began: commits compare the batch's deadline with it
+    /// (one clock read a take of up to [`READY_BURST`] messages, not one a transaction).
+    now: tokio::time::Instant,
 }
 
 impl<'a> Session<'a> {
@@ -499,6 +502,7 @@ impl<'a> Session<'a> {
             careful_until: None,
             careful: Vec::new(),
             careful_end: None,
+            now: tokio::time::Instant::now(),
         }
     }
 
@@ -611,8 +615,11 @@ impl<'a> Session<'a> {
                     );
                 }
                 event = client.recv() => {
+                    self.now = tokio::time::Instant::now();
                     let event = event.map_err(|source| self.replication_error(source))?;
-                    self.handle(&client, event.ok_or(RelayError::StreamEnded)?).await?;
+                    if let Some(event) = self.handle_now(&client, event.ok_or(RelayError::StreamEnded)?) {
+                        self.handle(&client, event).await?;
+                    }
                     // Under load, take the messages already received without going back
                     // through the select (its timer and shutdown futures cost more than a
                     // message); the batch's deadline is still checked at every commit.
@@ -622,7 +629,9 @@ impl<'a> Session<'a> {
                             break;
                         };
                         let event = event.map_err(|source| self.replication_error(source))?;
-                        self.handle(&client, event.ok_or(RelayError::StreamEnded)?).await?;
+                        if let Some(event) = self.handle_now(&client, event.ok_or(RelayError::StreamEnded)?) {
+                            self.handle(&client, event).await?;
+                        }
                         taken += 1;
                     }
                     // At moderate rates the walsender sends a transaction's messages one by one
@@ -669,6 +678,35 @@ impl<'a> Session<'a> {
         RelayError::Replication { target, source }
     }
 
+    /// The messages that need no waiting, handled without entering [`Session::handle`] (an
+    /// async call a message): a transaction's begin, its commit when the batch does not end
+    /// there, keepalives. Returns the event when it needs [`Session::handle`]: row data, careful
+    /// mode, a commit that ends the batch.
+    fn handle_now(
+        &mut self,
+        client: &ReplicationClient,
+        event: ReplicationEvent,
+    ) -> Option<ReplicationEvent> {
+        if self.careful_until.is_some() {
+            return Some(event);
+        }
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => self.begin(Lsn(final_lsn.as_u64()), commit_time_micros),
+            ReplicationEvent::Commit { end_lsn, .. } if !self.batch_full() => {
+                self.commit(client, Lsn(end_lsn.as_u64()));
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.keepalive(client, Lsn(wal_end.as_u64()));
+            }
+            event => return Some(event),
+        }
+        None
+    }
+
     async fn handle(
         &mut self,
         client: &ReplicationClient,
@@ -686,18 +724,7 @@ impl<'a> Session<'a> {
                     self.careful_until = None;
                     info!("the rows of the failed insert are all in ClickHouse or dead letters");
                 }
-                if self
-                    .present
-                    .last_commit_lsn()
-                    .is_some_and(|last| commit_lsn.0 > last)
-                {
-                    self.present = Present::default();
-                }
-                self.tx = Some(Tx {
-                    commit_lsn,
-                    commit_time_us: commit_time_micros,
-                    seq: 0,
-                });
+                self.begin(commit_lsn, commit_time_micros);
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
@@ -709,9 +736,9 @@ impl<'a> Session<'a> {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let end = Lsn(end_lsn.as_u64());
-                let tx = self.tx.take();
-                self.saw_wal(end);
                 if self.careful_until.is_some() {
+                    let tx = self.tx.take();
+                    self.saw_wal(end);
                     self.careful_end = Some(end);
                     let last = tx.is_some_and(|tx| Some(tx.commit_lsn) >= self.careful_until);
                     if last || self.careful.len() >= CAREFUL_ROWS || self.careful.is_empty() {
@@ -719,32 +746,61 @@ impl<'a> Session<'a> {
                     }
                     return Ok(());
                 }
-                match &mut self.batch {
-                    Some(batch) => {
-                        batch.last_end_lsn = Some(end);
-                        batch.transactions += 1;
-                        if let Some(tx) = tx {
-                            batch.last_commit_time_us = tx.commit_time_us;
-                        }
-                        if self.batch_full() {
-                            self.flush(client).await?;
-                        }
-                    }
-                    // A transaction without outbox rows: nothing to wait for.
-                    None => self.confirm(client, end),
+                let full = self.batch_full();
+                self.commit(client, end);
+                if full {
+                    self.flush(client).await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                self.saw_wal(Lsn(wal_end.as_u64()));
-                if self.tx.is_none() && self.batch.is_none() && self.careful.is_empty() {
-                    // Everything the server sent up to wal_end is in ClickHouse: let the slot
-                    // move on even when only other tables write WAL.
-                    self.confirm(client, self.wal_end);
-                }
+                self.keepalive(client, Lsn(wal_end.as_u64()));
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
+    }
+
+    /// A transaction begins (outside careful mode, or after its rows are shipped).
+    fn begin(&mut self, commit_lsn: Lsn, commit_time_us: i64) {
+        if self
+            .present
+            .last_commit_lsn()
+            .is_some_and(|last| commit_lsn.0 > last)
+        {
+            self.present = Present::default();
+        }
+        self.tx = Some(Tx {
+            commit_lsn,
+            commit_time_us,
+            seq: 0,
+        });
+    }
+
+    /// A transaction's commit outside careful mode: the batch ends with it now (the caller
+    /// flushes a full batch), or, without a batch, it is confirmed at once.
+    fn commit(&mut self, client: &ReplicationClient, end: Lsn) {
+        let tx = self.tx.take();
+        self.saw_wal(end);
+        match &mut self.batch {
+            Some(batch) => {
+                batch.last_end_lsn = Some(end);
+                batch.transactions += 1;
+                if let Some(tx) = tx {
+                    batch.last_commit_time_us = tx.commit_time_us;
+                }
+            }
+            // A transaction without outbox rows: nothing to wait for.
+            None => self.confirm(client, end),
+        }
+    }
+
+    fn keepalive(&mut self, client: &ReplicationClient, wal_end: Lsn) {
+        self.saw_wal(wal_end);
+        if self.tx.is_none() && self.batch.is_none() && self.careful.is_empty() {
+            // Everything the server sent up to wal_end is in ClickHouse: let the slot move on
+            // even when only other tables write WAL.
+            self.confirm(client, self.wal_end);
+        }
     }
 
     /// One decoded change inside a transaction.
@@ -853,7 +909,7 @@ impl<'a> Session<'a> {
         self.batch.as_ref().is_some_and(|b| {
             b.insert.rows() >= self.config.batch_max_rows as u64
                 || b.insert.bytes() >= self.config.batch_max_bytes as u64
-                || tokio::time::Instant::now() >= b.deadline
+                || self.now >= b.deadline
         })
     }
 
