@@ -13,10 +13,7 @@ use relay::sink::{ClickHouseSink, ClickHouseTarget, EventRow};
 const SLOT: &str = "bench_relay";
 const RECV_SLOT: &str = "bench_recvlogical";
 /// The low-latency profile of docs/configuration.md, as the relay's environment.
-const LOW_LATENCY: &[(&str, &str)] = &[
-    ("RELAY_BATCH_MAX_WAIT_MS", "50"),
-    ("RELAY_STATUS_INTERVAL_MS", "50"),
-];
+const LOW_LATENCY: &[(&str, &str)] = &[("RELAY_BATCH_MAX_WAIT_MS", "20")];
 /// Created before a backlog is written; every drain of it starts on a copy of one of these.
 const SLOT_BASE: &str = "bench_relay_base";
 const RECV_SLOT_BASE: &str = "bench_recvlogical_base";
