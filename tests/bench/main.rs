@@ -14,12 +14,21 @@ use relay::sink::ClickHouseSink;
 
 const SLOT: &str = "bench_relay";
 const RECV_SLOT: &str = "bench_recvlogical";
+/// The low-latency profile of docs/configuration.md, as the relay's environment.
+const LOW_LATENCY: &[(&str, &str)] = &[("RELAY_BATCH_MAX_WAIT_MS", "20")];
+/// Created before a backlog is written; every drain of it starts on a copy of one of these.
+const SLOT_BASE: &str = "bench_relay_base";
+const RECV_SLOT_BASE: &str = "bench_recvlogical_base";
 
 struct Bench {
     pg: PgServer,
     ch: ClickHouseServer,
     events: u64,
     relay_bin: std::path::PathBuf,
+    clickhouse_pid: Option<u32>,
+    /// The bench's own SQL connection to the `bench` database, for polling.
+    runtime: tokio::runtime::Runtime,
+    probe: tokio_postgres::Client,
 }
 
 fn main() -> Result<()> {
@@ -37,13 +46,26 @@ fn main() -> Result<()> {
         bail!("{} missing: `make bench` builds it", relay_bin.display());
     }
     eprintln!("bench: PostgreSQL {version:?}, {events} events, {runs} runs");
+    let pg = PgServer::start(version)?;
+    let ch = ClickHouseServer::start()?;
+    pg.create_database("bench")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (probe, conn) = runtime.block_on(tokio_postgres::connect(
+        &pg.url("bench"),
+        tokio_postgres::NoTls,
+    ))?;
+    runtime.spawn(conn);
     let bench = Bench {
-        pg: PgServer::start(version)?,
-        ch: ClickHouseServer::start()?,
+        clickhouse_pid: clickhouse_pid(ch.http_port()),
+        pg,
+        ch,
         events,
         relay_bin,
+        runtime,
+        probe,
     };
-    bench.pg.create_database("bench")?;
     bench.relay(&["setup"], &[])?;
     if std::env::var("BENCH_ONLY").as_deref() == Ok("steady") {
         // Only the steady-load CPU figure, merged into bench/results.json.
@@ -53,13 +75,23 @@ fn main() -> Result<()> {
                 .collect::<Result<Vec<_>>>()?,
         );
         println!("relay_cpu_s_per_million_events_steady_2000 {cpu:.2}");
-        let path = harness::workspace_root().join("bench/results.json");
-        let mut json: serde_json::Value = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_else(|| serde_json::json!({"results": {}}));
-        json["results"]["relay_cpu_s_per_million_events_steady_2000"] = cpu.into();
-        std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
+        merge_result("relay_cpu_s_per_million_events_steady_2000", cpu)?;
+        return Ok(());
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("latency") {
+        // Only the latency figures, merged into bench/results.json.
+        for (key, value) in bench.latencies()? {
+            merge_result(&key, value)?;
+        }
+        return Ok(());
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("callgrind") {
+        // Instructions per event of single-event transactions, merged into bench/results.json.
+        let n: u64 = env_or("BENCH_CALLGRIND_EVENTS", 20_000);
+        let (per_event, file) = bench.callgrind_per_event(n)?;
+        println!("relay_instructions_per_event_single_tx {per_event:.0}");
+        println!("profile: callgrind_annotate {}", file.display());
+        merge_result("relay_instructions_per_event_single_tx", per_event)?;
         return Ok(());
     }
     // BENCH_DRAIN_ONLY=1: the drain figures of each run only, printed, results.json untouched
@@ -77,25 +109,32 @@ fn main() -> Result<()> {
             push("verify_full_seconds".into(), full);
         }
     }
+    // The drains: per backlog shape (and pinned, the deployment-shaped variant), one backlog
+    // drained by pg_recvlogical and the relay in turn, BENCH_PAIRS times each.
+    let pairs: usize = env_or("BENCH_PAIRS", 3).max(1);
+    let pinned = match std::env::var("BENCH_PINNED").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => !drain_only,
+    };
+    let variants: &[Option<Pinning>] = &if pinned {
+        vec![None, Some(Pinning::split()?)]
+    } else {
+        vec![None]
+    };
+    for pinning in variants.iter().filter(|_| !only_verify) {
+        for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
+            let shape = format!("{shape}{}", if pinning.is_some() { "_pinned" } else { "" });
+            let pins = pinning.as_ref().map(|p| p.apply(&bench)).transpose()?;
+            let drained = bench.drain_pairs(&shape, per_tx, pairs, pins.as_ref(), &mut push);
+            if let Some(p) = &pins {
+                p.release();
+            }
+            drained.with_context(|| format!("drain{shape}"))?;
+        }
+    }
     for run in (0..runs).filter(|_| !only_verify) {
         eprintln!("bench: run {}/{runs}", run + 1);
-        for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
-            let d = bench.drain(per_tx)?;
-            push(format!("wal_limit_events_per_s{shape}"), d.wal);
-            push(format!("relay_events_per_s{shape}"), d.relay);
-            push(format!("relay_to_wal_ratio{shape}"), d.relay / d.wal);
-            push(format!("relay_peak_rss_mb{shape}"), d.rss);
-            push(format!("relay_cpu_s_per_million_events{shape}"), d.cpu);
-            for (during, (busy, waiting)) in
-                [("wal_limit", d.walsender_wal), ("relay", d.walsender_relay)]
-            {
-                push(format!("walsender_busy_during_{during}{shape}"), busy);
-                push(
-                    format!("walsender_cpu_wait_during_{during}{shape}"),
-                    waiting,
-                );
-            }
-        }
         if drain_only {
             continue;
         }
@@ -131,12 +170,17 @@ fn main() -> Result<()> {
         results.insert("verify_overhead_max".into(), highest);
         results.insert("verify_overhead_pairs".into(), v.len() as f64);
     }
-    // Peak memory: the worst run, not the median.
-    for key in ["relay_peak_rss_mb", "relay_peak_rss_mb_single_tx"]
-        .into_iter()
-        .filter(|k| samples.contains_key(*k))
-    {
-        results.insert(key.into(), samples[key].iter().cloned().fold(0.0, f64::max));
+    // The drains' figures with their spread over the pairs: `_min`, `_max` and `_spread`
+    // ((max - min) / median); peak memory is the worst pair, not the median.
+    for (key, values) in samples.iter().filter(|(k, _)| is_pair_figure(k)) {
+        let min = values.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if key.starts_with("relay_peak_rss_mb") {
+            results.insert(key.clone(), max);
+        }
+        results.insert(format!("{key}_min"), min);
+        results.insert(format!("{key}_max"), max);
+        results.insert(format!("{key}_spread"), (max - min) / median(values));
     }
     if !only_verify {
         results.insert(
@@ -148,14 +192,8 @@ fn main() -> Result<()> {
             ),
         );
     }
-    for (suffix, wait_ms) in [("", None), ("_lowlat", Some("50"))]
-        .into_iter()
-        .filter(|_| !only_verify)
-    {
-        let (p50, p99, inserts) = bench.latency(wait_ms)?;
-        results.insert(format!("latency_p50_ms{suffix}"), p50);
-        results.insert(format!("latency_p99_ms{suffix}"), p99);
-        results.insert(format!("inserts_per_s{suffix}"), inserts);
+    if !only_verify {
+        results.extend(bench.latencies()?);
     }
 
     println!("\n{:<44} {:>14}", "figure", "value");
@@ -181,6 +219,7 @@ fn main() -> Result<()> {
         "results": results,
         "events": events,
         "runs": runs,
+        "pairs": pairs,
         "postgres": format!("{version:?}"),
         "machine": machine(),
         "commit": git_commit(),
@@ -226,13 +265,15 @@ impl Bench {
         self.pg.psql("bench", sql)
     }
 
-    /// Fresh slots for pg_recvlogical and the relay, an empty event table, then the backlog.
+    /// The base slots of pg_recvlogical and the relay, an empty event table, then the backlog
+    /// (`per_tx` events a transaction): returns the WAL position at its end. Every drain starts
+    /// on a copy of a base slot, so each pair drains exactly this backlog.
     fn prepare_backlog(&self, per_tx: u64) -> Result<u64> {
         self.sql(&format!(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
              TRUNCATE event_outbox;
-             SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');
-             SELECT 1 FROM pg_create_logical_replication_slot('{RECV_SLOT}', 'pgoutput');"
+             SELECT 1 FROM pg_create_logical_replication_slot('{SLOT_BASE}', 'pgoutput');
+             SELECT 1 FROM pg_create_logical_replication_slot('{RECV_SLOT_BASE}', 'pgoutput');"
         ))?;
         self.ch.query("TRUNCATE TABLE bench.event_log")?;
         self.publish(self.events, per_tx)?;
@@ -260,77 +301,136 @@ impl Bench {
         Ok(())
     }
 
-    /// PostgreSQL's own decoding rate and the relay's rate into ClickHouse over the same backlog.
-    fn drain(&self, per_tx: u64) -> Result<Drain> {
-        let end = self.prepare_backlog(per_tx)?;
-        let end_text = format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff);
+    /// `slot`, fresh: a copy of `base` (at the backlog's start).
+    fn fresh_slot(&self, slot: &str, base: &str) -> Result<()> {
+        self.sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = '{slot}';
+             SELECT 1 FROM pg_copy_logical_replication_slot('{base}', '{slot}');"
+        ))?;
+        Ok(())
+    }
 
+    /// One backlog of `per_tx`-event transactions, drained `pairs` times by pg_recvlogical (the
+    /// ceiling) and the relay in turn: each pair's figures pushed under `{key}{shape}`.
+    fn drain_pairs(
+        &self,
+        shape: &str,
+        per_tx: u64,
+        pairs: usize,
+        pins: Option<&Pins>,
+        push: &mut impl FnMut(String, f64),
+    ) -> Result<()> {
+        let end = self.prepare_backlog(per_tx)?;
+        let millions = self.events as f64 / 1e6;
+        for pair in 0..pairs {
+            let wal = self.drain_recvlogical(end, pins)?;
+            let relay = self.drain_relay(end, pins)?;
+            let (wal_rate, relay_rate) = (
+                self.events as f64 / wal.seconds,
+                self.events as f64 / relay.seconds,
+            );
+            eprintln!(
+                "bench: drain{shape} pair {}/{pairs}: pg_recvlogical {wal_rate:.0} ev/s, relay \
+                 {relay_rate:.0} ev/s ({:.2})",
+                pair + 1,
+                relay_rate / wal_rate
+            );
+            push(format!("wal_limit_events_per_s{shape}"), wal_rate);
+            push(format!("relay_events_per_s{shape}"), relay_rate);
+            push(format!("relay_to_wal_ratio{shape}"), relay_rate / wal_rate);
+            push(format!("relay_peak_rss_mb{shape}"), relay.rss_mb);
+            for (key, cpu) in [
+                ("relay", relay.consumer_cpu),
+                ("pg_recvlogical", wal.consumer_cpu),
+                ("walsender_serving_relay", relay.walsender_cpu),
+                ("walsender_serving_wal_limit", wal.walsender_cpu),
+                ("clickhouse", relay.clickhouse_cpu),
+            ] {
+                push(
+                    format!("{key}_cpu_s_per_million_events{shape}"),
+                    cpu / millions,
+                );
+            }
+            for (during, (busy, waiting)) in [("wal_limit", wal.shares), ("relay", relay.shares)] {
+                push(format!("walsender_busy_during_{during}{shape}"), busy);
+                push(
+                    format!("walsender_cpu_wait_during_{during}{shape}"),
+                    waiting,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// pg_recvlogical (pgoutput, proto 1, binary, to /dev/null) draining a fresh copy of the
+    /// backlog's slot up to `end`: PostgreSQL's own decoding speed.
+    fn drain_recvlogical(&self, end: u64, pins: Option<&Pins>) -> Result<Pass> {
+        self.fresh_slot(RECV_SLOT, RECV_SLOT_BASE)?;
+        let end_text = format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff);
+        let mut cmd = Command::new(self.pg.bin_dir().join("pg_recvlogical"));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.pg.port().to_string()])
+            .args(["-U", "postgres", "-d", "bench", "--slot", RECV_SLOT])
+            .args(["--start", "--no-loop", "-f", "/dev/null"])
+            .args(["-o", "proto_version=1"])
+            .args(["-o", "publication_names=event_outbox_pub"])
+            .args(["-o", "binary=true", "-E", &end_text]);
+        let clickhouse = self.clickhouse_cpu();
         let started = Instant::now();
-        let mut recv = Command::new(self.pg.bin_dir().join("pg_recvlogical"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.pg.port().to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args([
-                "-d",
-                "bench",
-                "--slot",
-                RECV_SLOT,
-                "--start",
-                "--no-loop",
-                "-f",
-                "/dev/null",
-            ])
-            .args([
-                "-o",
-                "proto_version=1",
-                "-o",
-                "publication_names=event_outbox_pub",
-            ])
-            .args(["-o", "binary=true", "-E", &end_text])
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut walsender_wal = WalsenderCpu::default();
+        let mut recv = on_cpus(cmd, pins).stderr(Stdio::null()).spawn()?;
+        let mut usage = (0.0, 0.0);
+        let mut walsender = WalsenderCpu::default();
         let status = loop {
             if let Some(status) = recv.try_wait()? {
                 break status;
             }
-            walsender_wal.sample(self, RECV_SLOT);
+            usage = proc_usage(recv.id()).unwrap_or(usage);
+            walsender.sample(self, RECV_SLOT);
             std::thread::sleep(Duration::from_millis(10));
         };
+        let seconds = started.elapsed().as_secs_f64();
         if !status.success() {
             bail!("pg_recvlogical failed: {status}");
         }
-        let wal = self.events as f64 / started.elapsed().as_secs_f64();
+        Ok(Pass {
+            seconds,
+            consumer_cpu: usage.1,
+            walsender_cpu: walsender.cpu,
+            clickhouse_cpu: self.clickhouse_cpu() - clickhouse,
+            rss_mb: usage.0,
+            shares: walsender.shares(),
+        })
+    }
 
+    /// `outbox-relay run` draining a fresh copy of the backlog's slot into an empty table, from
+    /// its start until the slot's confirmed position reaches `end` (status interval 100 ms, so
+    /// the end is seen promptly).
+    fn drain_relay(&self, end: u64, pins: Option<&Pins>) -> Result<Pass> {
+        self.ch.query("TRUNCATE TABLE bench.event_log")?;
+        self.fresh_slot(SLOT, SLOT_BASE)?;
+        let cmd = self.relay_command(&["run"], &[("RELAY_STATUS_INTERVAL_MS", "100")]);
+        let clickhouse = self.clickhouse_cpu();
         let started = Instant::now();
-        // Confirmations every 100 ms, so the drain's end is seen within 100 ms.
-        let mut child = self
-            .relay_command(&["run"], &[("RELAY_STATUS_INTERVAL_MS", "100")])
-            .stderr(Stdio::null())
-            .spawn()?;
+        let mut child = on_cpus(cmd, pins).stderr(Stdio::null()).spawn()?;
         let mut usage = (0.0, 0.0);
-        let mut walsender_relay = WalsenderCpu::default();
+        let mut walsender = WalsenderCpu::default();
+        let confirmed = format!(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+        );
         loop {
-            usage = proc_usage(&child).unwrap_or(usage);
-            walsender_relay.sample(self, SLOT);
-            let confirmed = self.sql(&format!(
-                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
-            ))?;
-            if parse_lsn(confirmed.trim()) >= end {
+            usage = proc_usage(child.id()).unwrap_or(usage);
+            walsender.sample(self, SLOT);
+            if parse_lsn(self.probe(&confirmed)?.trim()) >= end {
                 break;
             }
             if started.elapsed() > Duration::from_secs(600) {
-                let _ = child.kill();
+                stop(&mut child);
                 bail!("relay did not drain the backlog in 600 s");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let relay = self.events as f64 / started.elapsed().as_secs_f64();
+        let seconds = started.elapsed().as_secs_f64();
+        let clickhouse = self.clickhouse_cpu() - clickhouse;
         stop(&mut child);
         let count: u64 = self
             .ch
@@ -340,15 +440,92 @@ impl Bench {
         if count != self.events {
             bail!("ClickHouse has {count} rows, expected {}", self.events);
         }
-        let (rss, cpu_s) = usage;
-        Ok(Drain {
-            wal,
-            relay,
-            rss,
-            cpu: cpu_s / (self.events as f64 / 1e6),
-            walsender_wal: walsender_wal.shares(),
-            walsender_relay: walsender_relay.shares(),
+        Ok(Pass {
+            seconds,
+            consumer_cpu: usage.1,
+            walsender_cpu: walsender.cpu,
+            clickhouse_cpu: clickhouse,
+            rss_mb: usage.0,
+            shares: walsender.shares(),
         })
+    }
+
+    /// `BENCH_ONLY=callgrind`: instructions the relay executes per event of single-event
+    /// transactions, counted by valgrind's callgrind (repeatable on a noisy machine): the relay
+    /// drains backlogs of `n` and `2n` such transactions, `(Ir(2n) - Ir(n)) / n` leaves out
+    /// its start and stop. Batches of 10,000 rows and no deadline make the batches the same in
+    /// every run. Returns (instructions per event, the 2n run's callgrind file).
+    fn callgrind_per_event(&self, n: u64) -> Result<(f64, std::path::PathBuf)> {
+        let mut counts = Vec::new();
+        for size in [n, 2 * n] {
+            self.sql(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
+                 TRUNCATE event_outbox;
+                 SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');"
+            ))?;
+            self.ch.query("TRUNCATE TABLE bench.event_log")?;
+            self.publish(size, 1)?;
+            let end = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()")?.trim());
+            let out = std::env::temp_dir()
+                .join(format!("bench_callgrind_{}_{size}.out", std::process::id()));
+            let cmd = self.relay_command(
+                &["run"],
+                &[
+                    ("RELAY_STATUS_INTERVAL_MS", "100"),
+                    ("RELAY_BATCH_MAX_ROWS", "10000"),
+                    ("RELAY_BATCH_MAX_WAIT_MS", "3600000"),
+                ],
+            );
+            let file = format!("--callgrind-out-file={}", out.display());
+            let mut child = wrapped(&["valgrind", "--tool=callgrind", &file], cmd)
+                .stderr(Stdio::null())
+                .spawn()
+                .context("valgrind (apt-get install valgrind)")?;
+            let started = Instant::now();
+            let confirmed = format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+            );
+            while parse_lsn(self.probe(&confirmed)?.trim()) < end {
+                if started.elapsed() > Duration::from_secs(1800) {
+                    stop(&mut child);
+                    bail!("the relay under callgrind did not drain {size} events in 1800 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            stop(&mut child);
+            let text = std::fs::read_to_string(&out)
+                .with_context(|| format!("callgrind's output {}", out.display()))?;
+            let total: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("totals: "))
+                .and_then(|t| t.split_whitespace().next()?.parse().ok())
+                .context("no totals in callgrind's output")?;
+            eprintln!("bench: callgrind: {total} instructions for {size} events");
+            counts.push((total, out));
+        }
+        let (big, file) = counts.pop().context("two runs")?;
+        let (small, _) = counts.pop().context("two runs")?;
+        Ok((big.saturating_sub(small) as f64 / n as f64, file))
+    }
+
+    /// The ClickHouse server's CPU seconds so far (NaN for an external server).
+    fn clickhouse_cpu(&self) -> f64 {
+        self.clickhouse_pid
+            .and_then(cpu_seconds)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The first column of the first row of `sql`, over the bench's own SQL connection (cheaper
+    /// than a psql process, which would start a backend each time, while drains are polled).
+    fn probe(&self, sql: &str) -> Result<String> {
+        let rows = self.runtime.block_on(self.probe.simple_query(sql))?;
+        Ok(rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap_or_default())
     }
 
     /// `verify_overhead`: the share of the relay's rate lost to a background verifier checking
@@ -600,30 +777,42 @@ impl Bench {
         Ok(per_million)
     }
 
-    /// Commit-to-visible latency at a steady 10,000 events/s (100-event transactions every
-    /// 10 ms) for 20 s, and ClickHouse inserts per second, read from ClickHouse itself.
+    /// The latency figures: at 10,000 events/s (100-event transactions every 10 ms, keys without
+    /// a rate) and 1,000 events/s (10-event transactions, `_1000`), with the default settings
+    /// and the low-latency profile (`_lowlat`).
+    fn latencies(&self) -> Result<BTreeMap<String, f64>> {
+        let mut results = BTreeMap::new();
+        for (rate, per_tx) in [("", 100), ("_1000", 10)] {
+            for (profile, settings) in [("", &[][..]), ("_lowlat", LOW_LATENCY)] {
+                let (p50, p99, inserts) = self.latency(per_tx, settings)?;
+                eprintln!(
+                    "bench: latency{rate}{profile}: p50 {p50:.0} ms, p99 {p99:.0} ms, \
+                     {inserts:.1} inserts/s"
+                );
+                results.insert(format!("latency_p50_ms{rate}{profile}"), p50);
+                results.insert(format!("latency_p99_ms{rate}{profile}"), p99);
+                results.insert(format!("inserts_per_s{rate}{profile}"), inserts);
+            }
+        }
+        Ok(results)
+    }
+
+    /// Commit-to-visible latency at a steady `per_tx` x 100 events/s (`per_tx`-event
+    /// transactions every 10 ms) for 20 s with `settings`, and ClickHouse inserts per second,
+    /// read from ClickHouse itself.
     ///
     /// The publisher notes when each transaction committed; a watcher counts the rows in
     /// ClickHouse every few milliseconds. Transactions arrive in commit order, so transaction k is
-    /// visible once the count reaches 100 (k + 1).
-    fn latency(&self, max_wait_ms: Option<&str>) -> Result<(f64, f64, f64)> {
-        const PER_TX: u64 = 100;
+    /// visible once the count reaches `per_tx` (k + 1).
+    fn latency(&self, per_tx: u64, settings: &[(&str, &str)]) -> Result<(f64, f64, f64)> {
         const TXS: usize = 2_000;
         self.sql(&format!(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots; TRUNCATE event_outbox;
              SELECT 1 FROM pg_create_logical_replication_slot('{SLOT}', 'pgoutput');"
         ))?;
         self.ch.query("TRUNCATE TABLE bench.event_log")?;
-        let extra: Vec<(&str, &str)> = max_wait_ms
-            .map(|ms| {
-                vec![
-                    ("RELAY_BATCH_MAX_WAIT_MS", ms),
-                    ("RELAY_STATUS_INTERVAL_MS", ms),
-                ]
-            })
-            .unwrap_or_default();
         let mut child = self
-            .relay_command(&["run"], &extra)
+            .relay_command(&["run"], settings)
             .stderr(Stdio::null())
             .spawn()?;
         let url = self.pg.url("bench");
@@ -637,7 +826,7 @@ impl Bench {
                 tokio::spawn(conn);
                 let sql = format!(
                     "INSERT INTO event_outbox (event_type, event_context)
-                     SELECT 'latency', json_build_object('n', g) FROM generate_series(1, {PER_TX}) g"
+                     SELECT 'latency', json_build_object('n', g) FROM generate_series(1, {per_tx}) g"
                 );
                 let mut tick = tokio::time::interval(Duration::from_millis(10));
                 let mut committed = Vec::with_capacity(TXS);
@@ -649,7 +838,7 @@ impl Bench {
                 anyhow::Ok(committed)
             })
         });
-        let total = PER_TX * TXS as u64;
+        let total = per_tx * TXS as u64;
         let mut seen: Vec<(Instant, u64)> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -680,7 +869,7 @@ impl Bench {
             .map(|(k, at)| {
                 let visible = seen
                     .iter()
-                    .find(|(_, c)| *c >= PER_TX * (k as u64 + 1))
+                    .find(|(_, c)| *c >= per_tx * (k as u64 + 1))
                     .map(|(t, _)| *t)
                     .expect("every transaction was seen");
                 visible.saturating_duration_since(*at).as_secs_f64() * 1000.0
@@ -722,18 +911,18 @@ fn row(i: u64, context: &str) -> EventRow<'_> {
     }
 }
 
-/// (peak RSS in MB, CPU seconds) of a running child, from /proc.
-/// One drain of the backlog: events per second of `pg_recvlogical` (the WAL limit) and of the
-/// relay, the relay's peak RSS (MB) and CPU seconds per million events, and how the walsender
-/// spent its time serving each.
-struct Drain {
-    wal: f64,
-    relay: f64,
-    rss: f64,
-    cpu: f64,
-    /// (running, waiting for a CPU) shares, see [`WalsenderCpu::shares`].
-    walsender_wal: (f64, f64),
-    walsender_relay: (f64, f64),
+/// One drain of the backlog by one consumer (pg_recvlogical or the relay).
+struct Pass {
+    seconds: f64,
+    /// CPU seconds (user + system) during the drain: the consumer's, the walsender's serving it
+    /// and the ClickHouse server's.
+    consumer_cpu: f64,
+    walsender_cpu: f64,
+    clickhouse_cpu: f64,
+    /// The consumer's peak RSS (MB).
+    rss_mb: f64,
+    /// (running, waiting for a CPU) shares of the walsender, see [`WalsenderCpu::shares`].
+    shares: (f64, f64),
 }
 
 /// The CPU time of the walsender serving a slot, and its time waiting for a CPU, sampled while
@@ -743,12 +932,15 @@ struct WalsenderCpu {
     pid: Option<u32>,
     first: Option<(Instant, (f64, f64))>,
     last: Option<(Instant, (f64, f64))>,
+    /// Its user + system CPU seconds at the last sample (it starts with the consumer's
+    /// connection, so this is all of its CPU).
+    cpu: f64,
 }
 
 impl WalsenderCpu {
     fn sample(&mut self, bench: &Bench, slot: &str) {
         if self.pid.is_none() {
-            let pid = bench.sql(&format!(
+            let pid = bench.probe(&format!(
                 "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'"
             ));
             self.pid = pid.ok().and_then(|p| p.trim().parse().ok());
@@ -757,6 +949,9 @@ impl WalsenderCpu {
             let now = (Instant::now(), times);
             self.first.get_or_insert(now);
             self.last = Some(now);
+        }
+        if let Some(cpu) = self.pid.and_then(cpu_seconds) {
+            self.cpu = cpu;
         }
     }
 
@@ -773,6 +968,164 @@ impl WalsenderCpu {
     }
 }
 
+/// The deployment-shaped variant (`_pinned`): PostgreSQL on the first CPU, ClickHouse and the
+/// consumers (pg_recvlogical, the relay) on the second, a model of separate hosts.
+struct Pinning {
+    postgres: String,
+    rest: String,
+    all: String,
+}
+
+/// A pinning in force: undone by [`Pins::release`].
+struct Pins {
+    consumers: String,
+    postmaster: u32,
+    clickhouse: Option<u32>,
+    all: String,
+}
+
+impl Pinning {
+    fn split() -> Result<Pinning> {
+        let cpus = std::thread::available_parallelism()?.get();
+        if cpus < 2 {
+            bail!("BENCH_PINNED needs 2 CPUs, this machine has {cpus}: set BENCH_PINNED=0");
+        }
+        Ok(Pinning {
+            postgres: "0".into(),
+            rest: format!("1-{}", cpus - 1),
+            all: format!("0-{}", cpus - 1),
+        })
+    }
+
+    /// Pins PostgreSQL's postmaster and its processes (backends started later inherit it) and
+    /// the ClickHouse server.
+    fn apply(&self, bench: &Bench) -> Result<Pins> {
+        let backend: u32 = bench.probe("SELECT pg_backend_pid()")?.trim().parse()?;
+        let postmaster = parent_pid(backend).context("the postmaster's pid")?;
+        let pins = Pins {
+            consumers: self.rest.clone(),
+            postmaster,
+            clickhouse: bench.clickhouse_pid,
+            all: self.all.clone(),
+        };
+        pins.pin(&self.postgres, &self.rest)?;
+        Ok(pins)
+    }
+}
+
+impl Pins {
+    fn pin(&self, postgres: &str, clickhouse: &str) -> Result<()> {
+        let mut postgres_pids = children(self.postmaster);
+        postgres_pids.push(self.postmaster);
+        for pid in postgres_pids {
+            set_affinity(pid, postgres)?;
+        }
+        if let Some(pid) = self.clickhouse {
+            set_affinity(pid, clickhouse)?;
+        }
+        Ok(())
+    }
+
+    fn release(&self) {
+        if let Err(e) = self.pin(&self.all, &self.all) {
+            eprintln!("bench: cannot undo the pinning: {e:#}");
+        }
+    }
+}
+
+/// All threads of `pid` on `cpus` (a taskset list).
+fn set_affinity(pid: u32, cpus: &str) -> Result<()> {
+    let out = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .context("taskset (util-linux)")?;
+    // A process that ended meanwhile (a backend) is no error.
+    if !out.status.success() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        bail!(
+            "taskset -a -p -c {cpus} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `cmd`, run on the consumers' CPUs of `pins` (through taskset) when there are some.
+fn on_cpus(cmd: Command, pins: Option<&Pins>) -> Command {
+    match pins {
+        Some(pins) => wrapped(&["taskset", "-c", &pins.consumers], cmd),
+        None => cmd,
+    }
+}
+
+/// `cmd` (its program, arguments and environment) run by `wrapper` (a program and its
+/// arguments: `taskset -c 1`, `valgrind --tool=callgrind`).
+fn wrapped(wrapper: &[&str], cmd: Command) -> Command {
+    let mut outer = Command::new(wrapper[0]);
+    outer
+        .args(&wrapper[1..])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => outer.env(key, value),
+            None => outer.env_remove(key),
+        };
+    }
+    outer
+}
+
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| parent_pid(child) == Some(pid))
+        .collect()
+}
+
+/// The pid of the local ClickHouse server listening on `http_port` (tools/clickhouse_server.py).
+fn clickhouse_pid(http_port: u16) -> Option<u32> {
+    let wanted = format!("--http-port\0{http_port}\0");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("clickhouse_server.py") && c.contains(&wanted)
+            })
+        })
+}
+
+/// Whether a result key is a drain figure reported with its spread over the pairs.
+fn is_pair_figure(key: &str) -> bool {
+    [
+        "wal_limit_events_per_s",
+        "relay_events_per_s",
+        "relay_to_wal_ratio",
+        "relay_peak_rss_mb",
+        "_cpu_s_per_million_events",
+    ]
+    .iter()
+    .any(|k| key.contains(k))
+}
+
 /// (seconds on a CPU, seconds runnable but waiting for one) of a process, from the scheduler.
 fn sched_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
@@ -782,14 +1135,14 @@ fn sched_seconds(pid: u32) -> Option<(f64, f64)> {
 
 /// User plus system CPU seconds of a process.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
 }
 
-fn proc_usage(child: &Child) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+/// (peak RSS in MB, CPU seconds) of a running process, from /proc.
+fn proc_usage(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm_kb: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))?
@@ -797,7 +1150,7 @@ fn proc_usage(child: &Child) -> Option<(f64, f64)> {
         .trim_end_matches(" kB")
         .parse()
         .ok()?;
-    Some((hwm_kb / 1024.0, cpu_seconds(child.id())?))
+    Some((hwm_kb / 1024.0, cpu_seconds(pid)?))
 }
 
 fn stop(child: &mut Child) {
@@ -805,6 +1158,18 @@ fn stop(child: &mut Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// One figure written into bench/results.json, the others kept.
+fn merge_result(key: &str, value: f64) -> Result<()> {
+    let path = harness::workspace_root().join("bench/results.json");
+    let mut json: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::json!({"results": {}}));
+    json["results"][key] = value.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
+    Ok(())
 }
 
 fn median(v: &[f64]) -> f64 {
