@@ -103,12 +103,25 @@ pub async fn record_checkpoint(
     rows: u64,
     coverage: &str,
 ) -> Result<bool, PgError> {
-    let recorded = client
+    Ok(insert_checkpoint(client, config, confirmed, rows, coverage, "true").await? == 1)
+}
+
+/// Inserts a checkpoint under `coverage` when the coverage in its own snapshot is `coverage`
+/// and the SQL condition `also` holds (`$1` is the slot); the number of rows inserted.
+async fn insert_checkpoint(
+    client: &Client,
+    config: &Config,
+    confirmed: Lsn,
+    rows: u64,
+    coverage: &str,
+    also: &str,
+) -> Result<u64, PgError> {
+    client
         .execute(
             &format!(
                 "INSERT INTO {} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
                  SELECT $1, $2::text::pg_lsn, $3, pg_current_snapshot(), pg_current_wal_lsn(), $4
-                  WHERE {} = $4",
+                  WHERE {} = $4 AND {also}",
                 checkpoints_table(config),
                 fingerprint_sql(config, 5)
             ),
@@ -123,8 +136,7 @@ pub async fn record_checkpoint(
             ],
         )
         .await
-        .map_err(PgError::query("checkpoint insert"))?;
-    Ok(recorded == 1)
+        .map_err(PgError::query("checkpoint insert"))
 }
 
 /// The slot's newest checkpoint by recording time (a pending marker copies an older snapshot):
@@ -241,27 +253,11 @@ pub async fn record_baseline(
     confirmed: Lsn,
     coverage: &str,
 ) -> Result<(), PgError> {
-    let table = checkpoints_table(config);
-    client
-        .execute(
-            &format!(
-                "INSERT INTO {table} (slot, confirmed_lsn, rows, snapshot, snapshot_lsn, coverage)
-                 SELECT $1, $2::text::pg_lsn, 0, pg_current_snapshot(), pg_current_wal_lsn(), $3
-                  WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE slot = $1 AND coverage IS NOT NULL)
-                    AND {} = $3",
-                fingerprint_sql(config, 4)
-            ),
-            &[
-                &config.slot,
-                &confirmed.to_string(),
-                &coverage,
-                &config.publication,
-                &config.outbox_schema,
-                &config.outbox_table,
-            ],
-        )
-        .await
-        .map_err(PgError::query("checkpoint insert"))?;
+    let only_first = format!(
+        "NOT EXISTS (SELECT 1 FROM {} WHERE slot = $1 AND coverage IS NOT NULL)",
+        checkpoints_table(config)
+    );
+    insert_checkpoint(client, config, confirmed, 0, coverage, &only_first).await?;
     Ok(())
 }
 
@@ -593,32 +589,7 @@ pub async fn replay_tables(
             if rows.is_empty() {
                 break;
             }
-            report.candidates += rows.len() as u64;
-            let mut events = Vec::with_capacity(rows.len());
-            for row in &rows {
-                match layout.event(row) {
-                    Ok(event) => events.push(event),
-                    // Kept as a dead letter, as the live stream does: `dead-letters retry` ships
-                    // it once the row is fixed.
-                    Err((why, raw)) => {
-                        let id = layout.fallback_id(&raw);
-                        if !dry_run
-                            && deadletter::record_unmapped(
-                                &control,
-                                config,
-                                &id,
-                                (0, 0),
-                                &raw,
-                                &why,
-                            )
-                            .await?
-                        {
-                            report.dead_letters += 1;
-                        }
-                    }
-                }
-            }
-            ship_chunk(config, sink, &control, events, dry_run, &mut report).await?;
+            ship_rows(config, sink, &control, layout, &rows, dry_run, &mut report).await?;
             info!(
                 candidates = report.candidates,
                 shipped = report.shipped,
@@ -656,12 +627,7 @@ pub async fn reship_ids(
             .query(&sql, &[&chunk])
             .await
             .map_err(PgError::query("repair read"))?;
-        report.candidates += rows.len() as u64;
-        let events = rows
-            .iter()
-            .filter_map(|row| layout.event(row).ok())
-            .collect::<Vec<_>>();
-        ship_chunk(config, sink, &control, events, false, &mut report).await?;
+        ship_rows(config, sink, &control, &layout, &rows, false, &mut report).await?;
     }
     info!(
         candidates = report.candidates,
@@ -669,6 +635,36 @@ pub async fn reship_ids(
         "repair re-shipped missing events"
     );
     Ok(report)
+}
+
+/// Maps a chunk of outbox rows and ships the events ClickHouse does not hold ([`ship_chunk`]);
+/// a row that cannot become an event is kept as a dead letter, as the live stream does
+/// (`dead-letters retry` ships it once the row is fixed).
+async fn ship_rows(
+    config: &Config,
+    sink: &ClickHouseSink,
+    control: &Client,
+    layout: &SqlLayout,
+    rows: &[tokio_postgres::Row],
+    dry_run: bool,
+    report: &mut ReplayReport,
+) -> Result<(), ReplayError> {
+    report.candidates += rows.len() as u64;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        match layout.event(row) {
+            Ok(event) => events.push(event),
+            Err((why, raw)) => {
+                let id = layout.fallback_id(&raw);
+                if !dry_run
+                    && deadletter::record_unmapped(control, config, &id, (0, 0), &raw, &why).await?
+                {
+                    report.dead_letters += 1;
+                }
+            }
+        }
+    }
+    ship_chunk(config, sink, control, events, dry_run, report).await
 }
 
 /// Takes replay's lock (one re-sender per slot at a time: a replay, `verify --repair`) on a
