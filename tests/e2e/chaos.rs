@@ -381,11 +381,14 @@ fn retry_dead_letters(f: &Fixture, o: &Outbox, count: usize, ctx: &str) {
     );
     let out = f.relay_with(&["dead-letters", "retry"], &env);
     assert!(out.status.success(), "{ctx}: {}", stderr(&out));
+    let left = f.relay_with(&["dead-letters", "list"], &env);
     assert_eq!(
         listed(),
         0,
-        "{ctx}: {}",
-        String::from_utf8_lossy(&out.stdout)
+        "{ctx}: {}\nleft after the retry:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&left.stdout),
+        relay_log()
     );
 }
 
