@@ -128,9 +128,12 @@ fn ch_ids_by_source(f: &Fixture, ours: &str) -> (Vec<String>, Vec<String>) {
     (mine, others)
 }
 
-fn some_ids(f: &Fixture, n: usize, offset: usize) -> Vec<String> {
+/// `n` ids of events published with this tag, from `offset` in id order: a test picks among
+/// the events it knows were shipped (not, say, among a window it made the relay lose).
+fn some_ids(f: &Fixture, tag: &str, n: usize, offset: usize) -> Vec<String> {
     f.sql(&format!(
-        "SELECT event_id FROM event_outbox ORDER BY event_id LIMIT {n} OFFSET {offset}"
+        "SELECT event_id FROM event_outbox WHERE event_type = '{tag}'
+          ORDER BY event_id LIMIT {n} OFFSET {offset}"
     ))
     .lines()
     .map(str::to_string)
@@ -224,7 +227,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     let source = report["source"].as_str().unwrap().to_string();
 
     // 1. Rows deleted in ClickHouse.
-    let deleted = some_ids(&f, 7, 100);
+    let deleted = some_ids(&f, "spread", 7, 100);
     delete_in_clickhouse(&f, &deleted);
     let (code, report) = verify(&f, &[]);
     assert_eq!(code, 1);
@@ -277,7 +280,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
         .collect();
 
     // 4. A batch inserted twice with deduplication off.
-    let doubled = some_ids(&f, 5, 2_000);
+    let doubled = some_ids(&f, "spread", 5, 2_000);
     f.ch(&format!(
         "INSERT INTO {{db}}.event_log SELECT * FROM {{db}}.event_log WHERE event_id IN ({})
          SETTINGS insert_deduplicate = 0",
@@ -326,7 +329,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
 
     // Same count, other ids: one row deleted and an unknown one with the same event_date_time
     // added in its window. Only the checksum tells.
-    let swapped = some_ids(&f, 1, 4_000).remove(0);
+    let swapped = some_ids(&f, "spread", 1, 4_000).remove(0);
     f.ch(&format!(
         "INSERT INTO {{db}}.event_log (event_id, event_type, event_date_time, source)
          SELECT generateUUIDv4(), 'swap', event_date_time, source FROM {{db}}.event_log
@@ -347,7 +350,7 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
 
     // Automatic repair: rows deleted again are re-shipped by the relay itself.
     drop(relay);
-    let again = some_ids(&f, 4, 3_000);
+    let again = some_ids(&f, "spread", 4, 3_000);
     delete_in_clickhouse(&f, &again);
     let relay = f.spawn_relay_with(&[("RELAY_VERIFY_REPAIR", "true")]);
     let restored = wait_until(Duration::from_secs(GRACE_S + INTERVAL_S + 30), || {
@@ -400,7 +403,7 @@ fn verify_a_million_events() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     // Narrowing in a window of a million rows: three deleted rows, found by id.
-    let deleted = some_ids(&f, 3, n as usize / 2);
+    let deleted = some_ids(&f, "million", 3, n as usize / 2);
     delete_in_clickhouse(&f, &deleted);
     let started = std::time::Instant::now();
     let (code, report) = verify(&f, &[]);
@@ -513,7 +516,7 @@ fn background_passes_hash_only_what_came_and_still_see_every_loss(v: PgVersion) 
 
     // Deleted in ClickHouse from windows verified before: missing at the next pass, with a
     // memory that never re-hashes the outbox too.
-    let deleted = some_ids(&f, 4, 1_000);
+    let deleted = some_ids(&f, "spread", 4, 1_000);
     delete_in_clickhouse(&f, &deleted);
     let report = pass(&mut incremental);
     assert!(

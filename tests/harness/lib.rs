@@ -20,6 +20,9 @@ pub mod tls;
 
 const STARTUP: Duration = Duration::from_secs(60);
 
+/// How many times a server's first start tries other ports when the chosen one was taken.
+const PORT_ATTEMPTS: u32 = 5;
+
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -444,8 +447,32 @@ impl PgServer {
             child: None,
             _dir: dir,
         };
-        server.spawn()?;
+        server.spawn_on_a_free_port()?;
         Ok(server)
+    }
+
+    /// The first start: when another process took the chosen port between [`free_port`] and the
+    /// server's bind, starts again on another port (the conf's last `port` line wins).
+    fn spawn_on_a_free_port(&mut self) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.spawn() {
+                Err(e) if attempt < PORT_ATTEMPTS && tail(&self.log).contains("could not bind") => {
+                    attempt += 1;
+                    eprintln!(
+                        "PostgreSQL port {} was taken, trying another: {e:#}",
+                        self.port
+                    );
+                    self.port = free_port()?;
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(self.data.join("postgresql.auto.conf"))?
+                        .write_all_str(&format!("\nport = {}\n", self.port))?;
+                    std::fs::write(&self.log, "")?;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn external(version: PgVersion, url: &str) -> Result<PgServer> {
@@ -502,8 +529,11 @@ impl PgServer {
             .stderr(log);
         let mut child = as_user(&mut cmd, self.run_as).spawn()?;
         let what = format!("PostgreSQL {:?}", self.version);
+        // Ours, not another test's server that took the port first: the data directory answers.
+        let data = std::fs::canonicalize(&self.data).unwrap_or_else(|_| self.data.clone());
         let ready = wait_ready(&mut child, &what, &self.log, || {
-            self.psql("postgres", "SELECT 1").is_ok()
+            self.psql("postgres", "SHOW data_directory")
+                .is_ok_and(|d| std::fs::canonicalize(d.trim()).is_ok_and(|d| d == data))
         });
         self.child = Some(child);
         ready
@@ -735,7 +765,7 @@ impl PgServer {
             child: None,
             _dir: dir,
         };
-        server.spawn()?;
+        server.spawn_on_a_free_port()?;
         Ok(server)
     }
 
@@ -834,15 +864,34 @@ impl ClickHouseServer {
             server.query("SELECT 1")?;
             return Ok(server);
         }
+        ClickHouseServer::start_on(free_port()?, free_port()?)
+    }
+
+    /// Starts a local server on these ports, or on others when one of them is taken.
+    fn start_on(http_port: u16, tcp_port: u16) -> Result<ClickHouseServer> {
         let mut server = ClickHouseServer {
             external: None,
-            http_port: free_port()?,
-            tcp_port: free_port()?,
+            http_port,
+            tcp_port,
             dir: TempDir::new("relay_ch")?,
             child: None,
         };
-        server.spawn()?;
-        Ok(server)
+        let mut attempt = 0;
+        loop {
+            match server.spawn() {
+                // Another process took a chosen port before the server bound it.
+                Err(e)
+                    if attempt < PORT_ATTEMPTS
+                        && tail(&server.dir.0.join("server.log")).contains("already in use") =>
+                {
+                    attempt += 1;
+                    eprintln!("ClickHouse did not start, trying other ports: {e:#}");
+                    server.http_port = free_port()?;
+                    server.tcp_port = free_port()?;
+                }
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -856,20 +905,32 @@ impl ClickHouseServer {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let ping = format!("http://127.0.0.1:{}/ping", self.http_port);
+        // Ours, not another test's server that took the HTTP port first: it names our TCP port.
+        let probe = format!(
+            "http://127.0.0.1:{}/?query=SELECT%20tcpPort()",
+            self.http_port
+        );
+        let tcp_port = self.tcp_port.to_string();
         let ready = wait_ready(
             &mut child,
             "ClickHouse",
             &self.dir.0.join("server.log"),
             || {
-                ureq::get(&ping)
+                ureq::get(&probe)
                     .timeout(Duration::from_secs(2))
                     .call()
-                    .is_ok_and(|r| r.into_string().is_ok_and(|b| b.starts_with("Ok")))
+                    .is_ok_and(|r| r.into_string().is_ok_and(|b| b.trim() == tcp_port))
             },
         );
-        self.child = Some(child);
-        ready
+        match ready {
+            Ok(()) => self.child = Some(child),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     pub fn http_port(&self) -> u16 {
@@ -946,6 +1007,27 @@ impl Drop for ClickHouseServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port another test's server took between `free_port` and the bind: the server starts
+    /// on another one, and the harness never mistakes the other server for its own.
+    #[test]
+    fn a_taken_port_is_never_mistaken_for_our_server() {
+        let first = ClickHouseServer::start().unwrap();
+        let second = ClickHouseServer::start_on(first.http_port, free_port().unwrap()).unwrap();
+        assert_ne!(second.http_port, first.http_port);
+        assert_eq!(
+            second.query("SELECT tcpPort()").unwrap().trim(),
+            second.tcp_port.to_string()
+        );
+        second.query("CREATE DATABASE only_in_second").unwrap();
+        assert!(
+            first
+                .query("SHOW DATABASES")
+                .unwrap()
+                .lines()
+                .all(|d| d != "only_in_second")
+        );
+    }
 
     #[test]
     fn postgres_clusters_are_logical() {
