@@ -46,6 +46,7 @@ use crate::ops::replay;
 use crate::outbox::{RowError, SchemaError};
 use crate::pg::{self, PgError};
 use crate::sink::{ClickHouseSink, SinkError};
+use crate::store::checkpoint;
 use crate::store::coverage;
 use crate::store::deadletter;
 
@@ -201,7 +202,7 @@ impl Relay {
                 Err(RelayError::Replication {
                     source: PgWireError::Server(message),
                     ..
-                }) if replay::is_unpublished_window(&message) => {
+                }) if checkpoint::is_unpublished_window(&message) => {
                     self.skip_unpublished_window(&message).await
                 }
                 Err(RelayError::Postgres(PgError::SlotNotSynced(why)))
@@ -263,16 +264,16 @@ impl Relay {
                 return Err(store::uncovered(&sql, config, start, &tables, why).await);
             }
         };
-        let gap = replay::coverage_gap(&sql, config, &coverage, start).await?;
-        let mut outbox_tables = replay::coverage_tables(&coverage);
+        let gap = checkpoint::coverage_gap(&sql, config, &coverage, start).await?;
+        let mut outbox_tables = checkpoint::coverage_tables(&coverage);
         if let Some(gap) = &gap {
             outbox_tables.extend(&gap.tables);
         }
         let mut coverage_replay = None;
         match gap {
-            None => replay::record_baseline(&sql, config, start, &coverage).await?,
+            None => checkpoint::record_baseline(&sql, config, start, &coverage).await?,
             Some(gap) => {
-                replay::record_pending(&sql, config, gap.from, &gap.tables).await?;
+                checkpoint::record_pending(&sql, config, gap.from, &gap.tables).await?;
                 warn!(
                     from_lsn = %gap.from,
                     tables = ?gap.tables,
@@ -414,9 +415,12 @@ async fn check_lag(
     if metrics.state() != State::Streaming
         && metrics.pending_since_us.load(Relaxed) == 0
         && slot.lag_bytes.unwrap_or(0) > 0
-        && let Some(oldest) =
-            replay::oldest_unshipped(client, config, metrics.last_shipped_commit_us.load(Relaxed))
-                .await?
+        && let Some(oldest) = checkpoint::oldest_unshipped(
+            client,
+            config,
+            metrics.last_shipped_commit_us.load(Relaxed),
+        )
+        .await?
     {
         metrics.pending(oldest);
     }
@@ -426,7 +430,7 @@ async fn check_lag(
 impl Relay {
     /// PostgreSQL before 18 cannot decode the WAL written while the publication was missing.
     /// When the publication exists again, the slot is moved past that WAL and the next session
-    /// re-ships the window from the outbox ([`replay::skip_unpublished_window`]); while it is
+    /// re-ships the window from the outbox ([`checkpoint::skip_unpublished_window`]); while it is
     /// missing, the relay waits.
     async fn skip_unpublished_window(&self, message: &str) -> Result<(), RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
@@ -434,8 +438,8 @@ impl Relay {
             coverage::Coverage::Uncovered { why, .. } => return Err(RelayError::Uncovered(why)),
             coverage::Coverage::Covered { fingerprint } => fingerprint,
         };
-        let tables = replay::coverage_tables(&fingerprint);
-        let to = replay::skip_unpublished_window(&self.config, &tables).await?;
+        let tables = checkpoint::coverage_tables(&fingerprint);
+        let to = checkpoint::skip_unpublished_window(&self.config, &tables).await?;
         Err(RelayError::Uncovered(format!(
             "PostgreSQL cannot decode WAL written while publication {:?} was missing ({message}): \
              the slot was moved past it to {to}, and the next session re-ships the outbox's \
@@ -448,10 +452,10 @@ impl Relay {
 impl Relay {
     /// `failover_recovery`: the slot is missing on a promoted server. Creates it there behind a
     /// marker checkpoint; the next session re-ships the events committed since the last
-    /// checkpoint from the outbox ([`replay::recover_lost_slot`]).
+    /// checkpoint from the outbox ([`checkpoint::recover_lost_slot`]).
     async fn recover_lost_slot(&self, why: &str) -> Result<(), RelayError> {
         warn!(reason = %why, "failover_recovery: creating the slot on the promoted server");
-        let at = replay::recover_lost_slot(&self.config).await?;
+        let at = checkpoint::recover_lost_slot(&self.config).await?;
         Err(RelayError::Uncovered(format!(
             "failover_recovery: slot {:?} created on the promoted server at {at}; the next \
              session re-ships, from the outbox table, the events committed since the last \

@@ -478,20 +478,25 @@ impl ClickHouseSink {
         &self.source
     }
 
-    /// `source IN ('<ours>', '')`: rows of this source, and rows written before sources existed
-    /// (an upgraded table, where one relay wrote everything).
-    fn source_filter(&self) -> String {
-        format!("source IN ({}, '')", quote_ch_literal(&self.source))
+    /// A query with the server-side parameters every query of the sink may use: [`TABLE`]
+    /// (`{table:Identifier}`), the name as a value (`{table_name:String}`) and [`OURS`].
+    /// ClickHouse substitutes them itself, so no name or value is quoted into SQL text by hand.
+    /// An `Identifier` parameter is taken as sent, without the unescaping of a `String` one
+    /// (which the client's `param` does): it goes as a plain setting.
+    fn query(&self, sql: &str) -> clickhouse::query::Query {
+        self.client
+            .query(sql)
+            .with_setting("param_table", &self.table)
+            .param("table_name", &self.table)
+            .param("source", &self.source)
     }
 
     /// Compares the table's columns with what the relay writes (see [`table_mismatches`]).
     pub async fn check_table(&self) -> Result<(), SinkError> {
-        let query = format!(
-            "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = {}",
-            quote_ch_literal(&self.table)
-        );
-        let request = self.client.query(&query).fetch_all::<(String, String)>();
-        let columns = self.bounded(&query, request).await?;
+        let query = "SELECT name, type FROM system.columns
+                      WHERE database = currentDatabase() AND table = {table_name:String}";
+        let request = self.query(query).fetch_all::<(String, String)>();
+        let columns = self.bounded(query, request).await?;
         if columns.is_empty() {
             return Err(SinkError::Table {
                 table: self.table.clone(),
@@ -555,11 +560,8 @@ impl ClickHouseSink {
         })
     }
 
-    fn insert_sql(&self) -> String {
-        format!(
-            "INSERT INTO {} ({COLUMNS}) FORMAT RowBinary",
-            quote_ch_ident(&self.table)
-        )
+    fn insert_sql() -> String {
+        format!("INSERT INTO {TABLE} ({COLUMNS}) FORMAT RowBinary")
     }
 
     fn query_id(&self) -> String {
@@ -573,7 +575,8 @@ impl ClickHouseSink {
         // for byte; the setting lets a 0.1 table's JSON column parse it.
         let insert = self
             .client
-            .insert_formatted_with(self.insert_sql())
+            .insert_formatted_with(Self::insert_sql())
+            .with_setting("param_table", &self.table)
             .with_setting("input_format_binary_read_json_as_string", "1")
             .with_setting("query_id", self.query_id())
             .with_timeouts(Some(self.timeout), Some(self.timeout))
@@ -604,7 +607,8 @@ impl ClickHouseSink {
         }
         let mut insert = self
             .client
-            .insert_formatted_with(self.insert_sql())
+            .insert_formatted_with(Self::insert_sql())
+            .with_setting("param_table", &self.table)
             .with_setting("input_format_binary_read_json_as_string", "1")
             .with_setting("query_id", self.query_id())
             .with_setting("max_insert_block_size", (rows.len() + 1).to_string())
@@ -624,11 +628,13 @@ impl ClickHouseSink {
     /// killed mid-insert, a connection cut while ClickHouse still works on it), and waits until
     /// they are gone: after this, what ClickHouse holds no longer changes behind our back.
     pub async fn stop_inflight(&self) -> Result<(), SinkError> {
-        let query = format!(
-            "KILL QUERY WHERE startsWith(query_id, '{}') SYNC FORMAT Null",
-            self.query_prefix.replace('\\', "\\\\").replace('\'', "\\'")
-        );
-        self.execute(&query).await
+        let query = "KILL QUERY WHERE startsWith(query_id, {prefix:String}) SYNC FORMAT Null";
+        let request = self
+            .client
+            .query(query)
+            .param("prefix", &self.query_prefix)
+            .execute();
+        self.bounded(query, request).await
     }
 
     /// Which events from commit LSN `from` on ClickHouse already holds (see [`Present`]).
@@ -637,12 +643,10 @@ impl ClickHouseSink {
             "SELECT commit_lsn, min(tx_seq), max(tx_seq) FROM (
                  SELECT commit_lsn, tx_seq,
                         toInt64(tx_seq) - row_number() OVER (PARTITION BY commit_lsn ORDER BY tx_seq) AS island
-                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {} WHERE commit_lsn >= {from} AND {}))
-              GROUP BY commit_lsn, island ORDER BY commit_lsn, 2",
-            quote_ch_ident(&self.table),
-            self.source_filter()
+                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {TABLE} WHERE commit_lsn >= {from} AND {OURS}))
+              GROUP BY commit_lsn, island ORDER BY commit_lsn, 2"
         );
-        let request = self.client.query(&query).fetch_all::<(u64, u32, u32)>();
+        let request = self.query(&query).fetch_all::<(u64, u32, u32)>();
         let ranges = self.bounded(&query, request).await?;
         Ok(Present::from_ranges(ranges))
     }
@@ -652,27 +656,23 @@ impl ClickHouseSink {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let list = ids
-            .iter()
-            .map(|id| format!("'{}'", id.replace(['\\', '\''], "")))
-            .collect::<Vec<_>>()
-            .join(",");
+        // The ids go through the client's binding (`?`, an array literal): a list of thousands
+        // is too long for a server-side parameter, which travels in the URL.
         let query = format!(
-            "SELECT DISTINCT toString(event_id) FROM {} WHERE event_id IN ({list}) AND {}",
-            quote_ch_ident(&self.table),
-            self.source_filter()
+            "SELECT DISTINCT toString(event_id) FROM {TABLE} WHERE event_id IN ? AND {OURS}"
         );
-        let request = self.client.query(&query).fetch_all::<String>();
+        let request = self.query(&query).bind(ids).fetch_all::<String>();
         let named = format!("SELECT ... WHERE event_id IN ({} ids)", ids.len());
         self.bounded(&named, request).await
     }
 
-    /// Runs a query and reads all its rows, within the timeout.
+    /// Runs a query and reads all its rows, within the timeout. The query may name the table as
+    /// [`TABLE`] and filter the sink's rows with [`OURS`].
     pub async fn fetch_all<T>(&self, query: &str) -> Result<Vec<T>, SinkError>
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        let request = self.client.query(query).fetch_all::<T>();
+        let request = self.query(query).fetch_all::<T>();
         self.bounded(query, request).await
     }
 
@@ -705,12 +705,17 @@ pub(crate) async fn execute(client: &Client, query: &str) -> Result<(), SinkErro
         })
 }
 
-/// `'text'` with backslashes and quotes escaped, for ClickHouse string literals.
-pub fn quote_ch_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
-}
+/// The sink's table in a query run through [`ClickHouseSink::fetch_all`] (a server-side
+/// parameter, see [`ClickHouseSink::query`]).
+pub const TABLE: &str = "{table:Identifier}";
 
-/// `` `name` `` with backquotes escaped, for ClickHouse identifiers.
+/// `source IN (<ours>, '')`: rows of the sink's source, and rows written before sources existed
+/// (an upgraded table, where one relay wrote everything), in a query run through
+/// [`ClickHouseSink::fetch_all`].
+pub const OURS: &str = "source IN ({source:String}, '')";
+
+/// `` `name` `` with backquotes escaped, for ClickHouse identifiers in DDL, which `setup
+/// --print-sql` prints for people to run (queries use server-side parameters instead).
 pub fn quote_ch_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }

@@ -23,9 +23,10 @@ const CHUNK: i64 = 10_000;
 /// event stays as long as any other and `replay` can still find it.
 pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
     let client = pg::connect(&config.postgres_url).await?;
-    let Some(snapshot) = crate::ops::replay::retention_snapshot(&client, config).await? else {
+    let Some(snapshot) = crate::store::checkpoint::retention_snapshot(&client, config).await?
+    else {
         // No checkpoint is that old yet: nothing is known to have committed before then.
-        crate::ops::replay::purge_checkpoints(&client, config).await?;
+        crate::store::checkpoint::purge_checkpoints(&client, config).await?;
         crate::store::deadletter::purge_shipped(&client, config).await?;
         return Ok(0);
     };
@@ -35,7 +36,7 @@ pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
               WHERE pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot)
               LIMIT $2))",
         table = outbox_table(config),
-        xid8 = crate::ops::replay::ROW_XID8,
+        xid8 = crate::store::checkpoint::ROW_XID8,
     );
     let mut total = 0;
     loop {
@@ -46,7 +47,7 @@ pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
         total += deleted;
         if deleted < CHUNK as u64 {
             // Checkpoints are only useful while the outbox rows they point at are kept.
-            crate::ops::replay::purge_checkpoints(&client, config).await?;
+            crate::store::checkpoint::purge_checkpoints(&client, config).await?;
             crate::store::deadletter::purge_shipped(&client, config).await?;
             return Ok(total);
         }

@@ -179,7 +179,7 @@ pub async fn setup_postgres(
     if pg::slot_state(&client, &config.slot).await?.is_none() {
         // A slot the relay shipped from before is gone: a new one starts at the current WAL
         // position, so what was committed in between would be skipped without a replay.
-        if let Some((lsn, at)) = crate::ops::replay::last_checkpoint(&client, config).await? {
+        if let Some((lsn, at)) = crate::store::checkpoint::last_checkpoint(&client, config).await? {
             if !recreate_slot {
                 return Err(SetupError::Unsupported(format!(
                     "replication slot {:?} is gone, but the relay shipped from it up to {lsn} \
@@ -222,7 +222,7 @@ pub async fn setup_postgres(
         && let coverage::Coverage::Covered { fingerprint } =
             coverage::coverage(&client, config).await?
     {
-        crate::ops::replay::record_baseline(&client, config, confirmed, &fingerprint).await?;
+        crate::store::checkpoint::record_baseline(&client, config, confirmed, &fingerprint).await?;
     }
     report.failover = pg::slot_state(&client, &config.slot)
         .await?

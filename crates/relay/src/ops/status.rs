@@ -253,7 +253,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
     let sink = ClickHouseSink::from_config(config, &config.slot)
         .map_err(|e| PgError::NotReady(e.to_string()))?;
     let dead_letters = crate::store::deadletter::count(&client, config).await.ok();
-    let checkpoint = crate::ops::replay::last_checkpoint(&client, config)
+    let checkpoint = crate::store::checkpoint::last_checkpoint(&client, config)
         .await
         .ok()
         .flatten();
@@ -262,7 +262,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         coverage::Coverage::Covered { .. } => None,
         coverage::Coverage::Uncovered { why, .. } => Some(why),
     };
-    let pending_window_from = crate::ops::replay::pending_window(&client, config)
+    let pending_window_from = crate::store::checkpoint::pending_window(&client, config)
         .await
         .ok()
         .flatten();

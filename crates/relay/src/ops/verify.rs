@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::ops::replay::{self, ReplayError, ReplayReport};
 use crate::pg::{self, PgError};
-use crate::sink::{ClickHouseSink, SinkError, quote_ch_ident, quote_ch_literal};
+use crate::sink::{ClickHouseSink, OURS, SinkError, TABLE};
 use crate::store::schema::{dead_letters_table, outbox_table};
 
 /// A window with at most this many rows (both sides together) is compared id by id; a larger
@@ -372,8 +372,6 @@ struct ChMemory {
 struct Checker<'a> {
     config: &'a Config,
     sink: &'a ClickHouseSink,
-    table: String,
-    source_filter: String,
 }
 
 impl Checker<'_> {
@@ -469,7 +467,7 @@ impl Checker<'_> {
         format!(
             "{} AND event_date_time >= fromUnixTimestamp64Micro(toInt64({}), 'UTC')
                 AND event_date_time < fromUnixTimestamp64Micro(toInt64({}), 'UTC') AND {}",
-            self.source_filter,
+            OURS,
             range.from_us,
             range.until_us,
             Self::ch_cut(cut)
@@ -497,7 +495,7 @@ impl Checker<'_> {
                FROM {table} WHERE {filter} GROUP BY 1
              SETTINGS short_circuit_function_evaluation = 'force_enable'",
             from = range.from_us,
-            table = self.table,
+            table = TABLE,
             filter = self.ch_where(range, None)
         );
         type Row = (i64, u64, u64, u64, u64, i64, u64, u64);
@@ -549,7 +547,7 @@ impl Checker<'_> {
         let sql = format!(
             "SELECT {}, count(), sum({CH_HASH}) FROM {} WHERE {} GROUP BY 1",
             ch_bucket(bits),
-            self.table,
+            TABLE,
             self.ch_where(range, cut)
         );
         let rows: Vec<(i64, u64, i64)> = self.sink.fetch_all(&sql).await?;
@@ -598,7 +596,7 @@ impl Checker<'_> {
         };
         let sql = format!(
             "SELECT toString(event_id), count() FROM {} WHERE {}{filter} GROUP BY event_id",
-            self.table,
+            TABLE,
             self.ch_where(range, cut)
         );
         let rows: Vec<(String, u64)> = self.sink.fetch_all(&sql).await?;
@@ -619,7 +617,7 @@ impl Checker<'_> {
     ) -> Result<Option<(u64, i64)>, VerifyError> {
         let sql = format!(
             "SELECT DISTINCT toString(event_id) FROM {} WHERE {} AND commit_lsn >= {prev} LIMIT {}",
-            self.table,
+            TABLE,
             self.ch_where(range, Some(cut)),
             RACE_IDS + 1
         );
@@ -863,12 +861,7 @@ async fn compare(
     }
     wait_for_fence(&control, config, &fence, options.wait).await?;
 
-    let checker = Checker {
-        config,
-        sink,
-        table: quote_ch_ident(&config.clickhouse_table),
-        source_filter: format!("source IN ({}, '')", quote_ch_literal(sink.source())),
-    };
+    let checker = Checker { config, sink };
     if memory.width_us != width {
         *memory = Memory {
             width_us: width,
@@ -1014,10 +1007,10 @@ async fn compare(
     // ClickHouse: remembered sums of the rows below the last cut, while their count and
     // commit_lsn sum are unchanged and no mutation came, plus the rows from that cut to this one.
     let mutations: u64 = sink
-        .fetch_all::<u64>(&format!(
-            "SELECT count() FROM system.mutations WHERE database = currentDatabase() AND table = {}",
-            quote_ch_literal(&config.clickhouse_table)
-        ))
+        .fetch_all::<u64>(
+            "SELECT count() FROM system.mutations
+              WHERE database = currentDatabase() AND table = {table_name:String}",
+        )
         .await?
         .first()
         .copied()
@@ -1171,7 +1164,7 @@ async fn compare(
             "SELECT toString(source), count() FROM {} WHERE NOT ({}) AND event_date_time >= \
              fromUnixTimestamp64Micro(toInt64({}), 'UTC') AND event_date_time < \
              fromUnixTimestamp64Micro(toInt64({}), 'UTC') GROUP BY source ORDER BY source",
-            checker.table, checker.source_filter, range.from_us, range.until_us
+            TABLE, OURS, range.from_us, range.until_us
         );
         report.other_sources = sink.fetch_all(&others).await?;
     }

@@ -8,8 +8,8 @@ use tracing::{debug, warn};
 use super::RelayError;
 use crate::config::Config;
 use crate::event::OwnedEventRow;
-use crate::ops::replay;
 use crate::pg::PgError;
+use crate::store::checkpoint;
 use crate::store::coverage;
 use crate::store::deadletter;
 
@@ -84,10 +84,11 @@ impl PgStore<'_> {
 }
 
 impl Store for PgStore<'_> {
-    /// See [`replay::record_checkpoint`].
+    /// See [`checkpoint::record_checkpoint`].
     async fn checkpoint(&self, confirmed: Lsn, rows: u64) -> Result<(), RelayError> {
         let sql = &self.sql;
-        match replay::record_checkpoint(sql, self.config, confirmed, rows, &self.coverage).await {
+        match checkpoint::record_checkpoint(sql, self.config, confirmed, rows, &self.coverage).await
+        {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.coverage_changed()),
             // PostgreSQL going away: the session's failure says so, once.
@@ -140,7 +141,7 @@ impl Store for PgStore<'_> {
         }
         let mut tables = self.outbox_tables.clone();
         tables.push(relation_id);
-        replay::record_pending(&self.sql, self.config, confirmed, &tables).await?;
+        checkpoint::record_pending(&self.sql, self.config, confirmed, &tables).await?;
         warn!(
             table_oid = relation_id, wal_lsn = %lsn, from_lsn = %confirmed,
             "another table of the outbox's name appears in the stream (swapped in and published \
@@ -153,7 +154,7 @@ impl Store for PgStore<'_> {
 
 /// The outbox is not covered: PostgreSQL skips its inserts from now until it is again. Records
 /// the window from `from` as pending with `tables` (the tables of the outbox's name seen so far,
-/// [`replay::record_pending`] adds the newest checkpoint's), so that whatever coverage comes
+/// [`checkpoint::record_pending`] adds the newest checkpoint's), so that whatever coverage comes
 /// back (even the same one, after a table swapped in and out again) re-ships what was skipped.
 pub(super) async fn uncovered(
     sql: &tokio_postgres::Client,
@@ -162,7 +163,7 @@ pub(super) async fn uncovered(
     tables: &[u32],
     why: String,
 ) -> RelayError {
-    match replay::record_pending(sql, config, from, tables).await {
+    match checkpoint::record_pending(sql, config, from, tables).await {
         Ok(()) => RelayError::Uncovered(why),
         // Still not covered, which is what the operator must fix first; recorded next time.
         Err(e) => {
