@@ -47,21 +47,27 @@ fn promtool_tests_the_rules() {
 
 #[test]
 fn rules_name_only_series_the_relay_exports() {
+    use relay::metrics::{Format, Metrics};
     let rules = std::fs::read_to_string(rules_dir().join("outbox-relay.rules.yml")).unwrap();
-    let metrics = relay::metrics::Metrics::default();
+    let metrics = Metrics::default();
     metrics.slot_seen(Some(0), Some("reserved"));
-    let exported = metrics.render(0);
-    let mut named = 0;
-    for (i, _) in rules.match_indices("outbox_relay_") {
-        let name: String = rules[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        named += 1;
-        assert!(
-            exported.contains(&format!("# TYPE {name} ")),
-            "the rules name {name}, which the relay does not export"
-        );
+    // Sample names, as Prometheus stores them, in both formats `/metrics` is served in.
+    for format in [Format::OpenMetrics, Format::Prometheus] {
+        let exported = metrics.render(0, format).unwrap();
+        let mut named = 0;
+        for (i, _) in rules.match_indices("outbox_relay_") {
+            let name: String = rules[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            named += 1;
+            assert!(
+                exported.lines().any(|l| l
+                    .strip_prefix(&name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))),
+                "the rules name {name}, which the relay does not export ({format:?})"
+            );
+        }
+        assert!(named >= 8, "only {named} series named in the rules");
     }
-    assert!(named >= 8, "only {named} series named in the rules");
 }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Fixture, http_get, metric, parse_lsn, stderr, wait_until};
+use common::{Fixture, http_get, metric, parse_lsn, scrape_as, stderr, wait_until};
 use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -289,6 +289,32 @@ fn metrics_match_clickhouse_and_the_slot(v: PgVersion) {
     assert_eq!(metric(&text, "outbox_relay_batch_rows_sum") as u64, 3_000);
     assert_eq!(metric(&text, "outbox_relay_slot_active"), 1.0);
     assert_eq!(metric(&text, "outbox_relay_lag_seconds"), 0.0);
+    // Prometheus asks for OpenMetrics (its default Accept header) and gets it, with the same
+    // counts; anything else gets the Prometheus text format.
+    let (content_type, open) = scrape_as(
+        &addr,
+        "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;\
+         version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    );
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(open.ends_with("\n# EOF\n"), "{open}");
+    assert!(
+        open.contains("\n# TYPE outbox_relay_events_shipped counter\n"),
+        "{open}"
+    );
+    for name in [
+        "outbox_relay_events_shipped_total",
+        "outbox_relay_batch_rows_count",
+        "outbox_relay_confirmed_lsn",
+    ] {
+        assert_eq!(metric(&open, name), metric(&text, name), "{name}");
+    }
+    let (content_type, plain) = scrape_as(&addr, "*/*");
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!plain.contains("# EOF"), "{plain}");
     assert_eq!(
         f.sql(&format!(
             "SELECT active FROM pg_replication_slots WHERE slot_name = '{}'",

@@ -1,4 +1,5 @@
-//! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is alive) and `/readyz`
+//! The HTTP endpoint: `/metrics` (OpenMetrics or Prometheus text, as the scraper's `Accept`
+//! asks: [`Format`]), `/healthz` (the process is alive) and `/readyz`
 //! (a replication session is streaming and ClickHouse answered recently).
 //!
 //! Served by hyper on a thread and runtime of its own, so that no request (or flood of them)
@@ -25,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{Metrics, unix_now_us};
+use crate::metrics::{Format, Metrics, unix_now_us};
 use crate::sink::ClickHouseSink;
 
 /// Connections served at once; more are answered 503 and closed at once.
@@ -82,14 +83,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             Err(e) => {
                 // Out of file descriptors (EMFILE) and the like: the pending connection stays
                 // in the backlog, so accepting again at once would spin. Wait a little.
-                metrics.http_accept_errors.fetch_add(1, Relaxed);
+                metrics.http_accept_errors.inc();
                 debug!(error = %e, "HTTP endpoint: accept failed; retrying in 100 ms");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics.http_refused.fetch_add(1, Relaxed);
+            metrics.http_refused.inc();
             let _ = stream.try_write(BUSY);
             continue;
         };
@@ -116,11 +117,25 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 
 fn answer(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(unix_now_us()),
-        ),
+        (&Method::GET, "/metrics") => {
+            let format = Format::from_accept(
+                request
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            match metrics.render(unix_now_us(), format) {
+                Ok(text) => (StatusCode::OK, format.content_type(), text),
+                Err(e) => {
+                    warn!(error = %e, "/metrics: the exposition could not be encoded");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "the metrics could not be encoded (see the relay's log)\n".into(),
+                    )
+                }
+            }
+        }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") => {
             match metrics.readiness(unix_now_us(), CLICKHOUSE_READY_WINDOW) {

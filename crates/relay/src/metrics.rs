@@ -1,11 +1,24 @@
-//! The relay's state as numbers, for `/metrics` (Prometheus text format) and `/readyz`.
+//! The relay's state as numbers, for `/metrics` and `/readyz`.
 //!
-//! Plain atomics updated by the pipeline; rendering reads them without locks.
+//! `/metrics` is encoded by the `prometheus-client` crate, in the text format the scraper asks
+//! for ([`Format`]): OpenMetrics 1.0 when its `Accept` header names it (Prometheus does), the
+//! Prometheus text format 0.0.4 otherwise (`curl`). Counters and histograms are the crate's own
+//! (atomics; a histogram takes its short lock once per batch, never per event); the relay's other
+//! state is plain atomics, read by `/readyz` too, and turned into gauges when a scrape asks
+//! ([`Metrics::render`]).
 
-use std::fmt::Write;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 /// ClickHouse failures, by kind, as counted in `outbox_relay_clickhouse_errors_total`.
 pub const CLICKHOUSE_ERROR_KINDS: [&str; 4] = ["network", "timeout", "server", "other"];
@@ -53,58 +66,19 @@ impl State {
 /// The slot's `wal_status` values, as `outbox_relay_slot_wal_status{wal_status="..."}` shows them.
 pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
-/// A histogram with fixed upper bounds.
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    sum_micro: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micro: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, value: f64) {
-        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.sum_micro.fetch_add((value * 1e6) as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}\n{name}_count {count}",
-            self.sum_micro.load(Relaxed) as f64 / 1e6
-        );
-    }
-}
-
 /// Everything `/metrics` shows.
+///
+/// The pipeline updates it once per batch (counters by `inc_by`, the three histograms by one
+/// `observe` each), never per event; the gauges are computed from these fields at scrape time.
 pub struct Metrics {
-    pub events_shipped: AtomicU64,
-    pub batches_shipped: AtomicU64,
+    pub events_shipped: Counter,
+    pub batches_shipped: Counter,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     pub batch_seconds: Histogram,
-    clickhouse_errors: [AtomicU64; 4],
-    pub postgres_errors: AtomicU64,
+    /// One series per [`CLICKHOUSE_ERROR_KINDS`], all present from the start.
+    clickhouse_errors: Family<[(&'static str, &'static str); 1], Counter>,
+    pub postgres_errors: Counter,
     /// Last position confirmed to the slot.
     pub confirmed_lsn: AtomicU64,
     /// Highest WAL position the server reported.
@@ -133,9 +107,9 @@ pub struct Metrics {
     /// Why ClickHouse failed, when it failed after it last answered.
     clickhouse_failure: Mutex<Option<String>>,
     /// Connections to the HTTP endpoint refused because it served its maximum already.
-    pub http_refused: AtomicU64,
+    pub http_refused: Counter,
     /// Failed accepts on the HTTP endpoint (e.g. out of file descriptors).
-    pub http_accept_errors: AtomicU64,
+    pub http_accept_errors: Counter,
     /// The background verifier's findings (crates/relay/src/ops/verify.rs).
     pub verify: VerifyGauges,
 }
@@ -147,14 +121,18 @@ impl Default for Metrics {
         const SECONDS: &[f64] = &[
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
+        let clickhouse_errors = Family::default();
+        for kind in CLICKHOUSE_ERROR_KINDS {
+            drop(clickhouse_errors.get_or_create(&[("kind", kind)]));
+        }
         Metrics {
-            events_shipped: AtomicU64::new(0),
-            batches_shipped: AtomicU64::new(0),
-            batch_rows: Histogram::new(ROWS),
-            batch_bytes: Histogram::new(BYTES),
-            batch_seconds: Histogram::new(SECONDS),
-            clickhouse_errors: Default::default(),
-            postgres_errors: AtomicU64::new(0),
+            events_shipped: Counter::default(),
+            batches_shipped: Counter::default(),
+            batch_rows: Histogram::new(ROWS.iter().copied()),
+            batch_bytes: Histogram::new(BYTES.iter().copied()),
+            batch_seconds: Histogram::new(SECONDS.iter().copied()),
+            clickhouse_errors,
+            postgres_errors: Counter::default(),
             confirmed_lsn: AtomicU64::new(0),
             server_wal_lsn: AtomicU64::new(0),
             pending_since_us: AtomicI64::new(0),
@@ -167,8 +145,8 @@ impl Default for Metrics {
             dead_letters: AtomicU64::new(0),
             clickhouse_ok_at_us: AtomicI64::new(0),
             clickhouse_failure: Mutex::new(None),
-            http_refused: AtomicU64::new(0),
-            http_accept_errors: AtomicU64::new(0),
+            http_refused: Counter::default(),
+            http_accept_errors: Counter::default(),
             verify: Default::default(),
         }
     }
@@ -207,8 +185,8 @@ impl Metrics {
 
     /// Records a shipped batch: its rows, RowBinary bytes and the time ClickHouse took.
     pub fn batch_shipped(&self, rows: u64, bytes: u64, flush: Duration) {
-        self.events_shipped.fetch_add(rows, Relaxed);
-        self.batches_shipped.fetch_add(1, Relaxed);
+        self.events_shipped.inc_by(rows);
+        self.batches_shipped.inc();
         self.batch_rows.observe(rows as f64);
         self.batch_bytes.observe(bytes as f64);
         self.batch_seconds.observe(flush.as_secs_f64());
@@ -263,158 +241,225 @@ impl Metrics {
 
     /// Counts a ClickHouse failure under one of [`CLICKHOUSE_ERROR_KINDS`].
     pub fn clickhouse_error(&self, kind: &str) {
-        let i = CLICKHOUSE_ERROR_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(CLICKHOUSE_ERROR_KINDS.len() - 1);
-        self.clickhouse_errors[i].fetch_add(1, Relaxed);
+        let kind = CLICKHOUSE_ERROR_KINDS
+            .into_iter()
+            .find(|k| *k == kind)
+            .unwrap_or(CLICKHOUSE_ERROR_KINDS[CLICKHOUSE_ERROR_KINDS.len() - 1]);
+        self.clickhouse_errors
+            .get_or_create(&[("kind", kind)])
+            .inc();
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, now_unix_us: i64) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut gauge = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
+    /// The exposition of everything above, in `format`, at Unix µs `now_unix_us`.
+    ///
+    /// The registry is built for each scrape (a list of handles, cheap next to a scrape every
+    /// few seconds) rather than kept with gauges set before encoding or a custom collector: its
+    /// counters and histograms are clones of the live ones (shared atomics), and every gauge is
+    /// a constant computed here from the relay's own state (the atomics `/readyz` reads too)
+    /// and `now`. So no gauge keeps a second copy of a value, two scrapes at once cannot
+    /// interleave "set, then encode", and tests render at a chosen `now`.
+    ///
+    /// Fails only if the crate refuses a value; every value here is encodable (integers within
+    /// i64, finite floats), so `/metrics` answers 500 then rather than a partial exposition.
+    pub fn render(&self, now_unix_us: i64, format: Format) -> Result<String, fmt::Error> {
+        let registry = self.registry(now_unix_us);
+        let mut out = String::with_capacity(8192);
+        match format {
+            Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry)?,
+            Format::Prometheus => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?
+            }
+        }
+        Ok(out)
+    }
+
+    fn registry(&self, now_unix_us: i64) -> Registry {
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
         let confirmed = self.confirmed_lsn.load(Relaxed);
         let server = self.server_wal_lsn.load(Relaxed);
         let pending = self.pending_since_us.load(Relaxed);
-        gauge(
-            "outbox_relay_events_shipped_total",
-            "counter",
-            "Events written to ClickHouse.",
-            self.events_shipped.load(Relaxed).to_string(),
-        );
-        gauge(
-            "outbox_relay_batches_shipped_total",
-            "counter",
-            "Batches (ClickHouse inserts) accepted.",
-            self.batches_shipped.load(Relaxed).to_string(),
-        );
-        gauge(
-            "outbox_relay_confirmed_lsn",
-            "gauge",
-            "WAL position last confirmed to the slot, as a number.",
-            confirmed.to_string(),
-        );
         let slot_lag = self.slot_lag_bytes.load(Relaxed);
-        gauge(
-            "outbox_relay_lag_bytes",
-            "gauge",
-            "WAL bytes between PostgreSQL's current position and the slot's confirmed one.",
+        let mut r = Registry::with_prefix("outbox_relay");
+        // prometheus-client appends `_total` to counters, the unit to names registered with
+        // one, and a full stop to the help text.
+        r.register(
+            "events_shipped",
+            "Events written to ClickHouse",
+            self.events_shipped.clone(),
+        );
+        r.register(
+            "batches_shipped",
+            "Batches (ClickHouse inserts) accepted",
+            self.batches_shipped.clone(),
+        );
+        r.register(
+            "confirmed_lsn",
+            "WAL position last confirmed to the slot, as a number",
+            gauge(confirmed),
+        );
+        r.register_with_unit(
+            "lag",
+            "WAL bytes between PostgreSQL's current position and the slot's confirmed one",
+            Unit::Bytes,
             if slot_lag >= 0 {
-                slot_lag.to_string()
+                ConstGauge::new(slot_lag)
             } else {
-                server.saturating_sub(confirmed).to_string()
+                gauge(server.saturating_sub(confirmed))
             },
         );
-        gauge(
-            "outbox_relay_lag_seconds",
-            "gauge",
-            "Age of the oldest committed event not yet in ClickHouse (0 when none).",
-            if pending == 0 {
-                "0".into()
+        r.register_with_unit(
+            "lag",
+            "Age of the oldest committed event not yet in ClickHouse (0 when none)",
+            Unit::Seconds,
+            ConstGauge::new(if pending == 0 {
+                0.0
             } else {
-                format!("{:.3}", (now_unix_us - pending).max(0) as f64 / 1e6)
-            },
+                (now_unix_us - pending).max(0) as f64 / 1e6
+            }),
         );
-        gauge(
-            "outbox_relay_slot_active",
-            "gauge",
-            "1 while a replication session streams from the slot.",
-            u8::from(self.replicating.load(Relaxed)).to_string(),
+        r.register(
+            "slot_active",
+            "1 while a replication session streams from the slot",
+            ConstGauge::new(i64::from(self.replicating.load(Relaxed))),
         );
-        gauge(
-            "outbox_relay_postgres_up",
-            "gauge",
-            "1 while PostgreSQL answers the relay's periodic slot query.",
-            u8::from(self.postgres_up.load(Relaxed)).to_string(),
+        r.register(
+            "postgres_up",
+            "1 while PostgreSQL answers the relay's periodic slot query",
+            ConstGauge::new(i64::from(self.postgres_up.load(Relaxed))),
         );
-        gauge(
-            "outbox_relay_dead_letters",
-            "gauge",
-            "Events in the dead-letter table.",
-            self.dead_letters.load(Relaxed).to_string(),
+        r.register(
+            "dead_letters",
+            "Events in the dead-letter table",
+            gauge(self.dead_letters.load(Relaxed)),
         );
-        gauge(
-            "outbox_relay_postgres_errors_total",
-            "counter",
-            "Replication sessions ended by a PostgreSQL error.",
-            self.postgres_errors.load(Relaxed).to_string(),
+        r.register(
+            "postgres_errors",
+            "Replication sessions ended by a PostgreSQL error",
+            self.postgres_errors.clone(),
         );
-        gauge(
-            "outbox_relay_http_connections_refused_total",
-            "counter",
-            "Connections to this endpoint closed at once because it served its maximum already.",
-            self.http_refused.load(Relaxed).to_string(),
+        r.register(
+            "http_connections_refused",
+            "Connections to this endpoint closed at once because it served its maximum already",
+            self.http_refused.clone(),
         );
-        gauge(
-            "outbox_relay_http_accept_errors_total",
-            "counter",
-            "Connections this endpoint failed to accept (e.g. out of file descriptors).",
-            self.http_accept_errors.load(Relaxed).to_string(),
+        r.register(
+            "http_accept_errors",
+            "Connections this endpoint failed to accept (e.g. out of file descriptors)",
+            self.http_accept_errors.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP outbox_relay_clickhouse_errors_total ClickHouse failures by kind.\n\
-             # TYPE outbox_relay_clickhouse_errors_total counter"
+        r.register(
+            "clickhouse_errors",
+            "ClickHouse failures by kind",
+            self.clickhouse_errors.clone(),
         );
-        for (kind, n) in CLICKHOUSE_ERROR_KINDS.iter().zip(&self.clickhouse_errors) {
-            let _ = writeln!(
-                out,
-                "outbox_relay_clickhouse_errors_total{{kind=\"{kind}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
         let state = self.state();
-        let _ = writeln!(
-            out,
-            "# HELP outbox_relay_state Why the relay is (not) shipping: 1 for the current state.\n\
-             # TYPE outbox_relay_state gauge"
+        r.register(
+            "state",
+            "Why the relay is (not) shipping: 1 for the current state",
+            OneHot {
+                label: "state",
+                values: State::ALL.map(State::name).to_vec(),
+                current: State::ALL.iter().position(|s| *s == state),
+            },
         );
-        for s in State::ALL {
-            let _ = writeln!(
-                out,
-                "outbox_relay_state{{state=\"{}\"}} {}",
-                s.name(),
-                u8::from(s == state)
-            );
-        }
         let wal_status = self.slot_wal_status.load(Relaxed) as usize;
         if wal_status < WAL_STATUSES.len() {
-            let _ = writeln!(
-                out,
-                "# HELP outbox_relay_slot_wal_status The slot's wal_status in PostgreSQL: 1 for the current one.\n\
-                 # TYPE outbox_relay_slot_wal_status gauge"
+            r.register(
+                "slot_wal_status",
+                "The slot's wal_status in PostgreSQL: 1 for the current one",
+                OneHot {
+                    label: "wal_status",
+                    values: WAL_STATUSES.to_vec(),
+                    current: Some(wal_status),
+                },
             );
-            for (i, s) in WAL_STATUSES.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "outbox_relay_slot_wal_status{{wal_status=\"{s}\"}} {}",
-                    u8::from(i == wal_status)
-                );
-            }
         }
-        self.batch_rows.render(
-            &mut out,
-            "outbox_relay_batch_rows",
-            "Rows per shipped batch.",
+        r.register(
+            "batch_rows",
+            "Rows per shipped batch",
+            self.batch_rows.clone(),
         );
-        self.batch_bytes.render(
-            &mut out,
-            "outbox_relay_batch_bytes",
-            "RowBinary bytes per shipped batch.",
+        r.register_with_unit(
+            "batch",
+            "RowBinary bytes per shipped batch",
+            Unit::Bytes,
+            self.batch_bytes.clone(),
         );
-        self.batch_seconds.render(
-            &mut out,
-            "outbox_relay_batch_flush_seconds",
-            "Time ClickHouse took to accept a batch.",
+        r.register_with_unit(
+            "batch_flush",
+            "Time ClickHouse took to accept a batch",
+            Unit::Seconds,
+            self.batch_seconds.clone(),
         );
-        self.verify.render(&mut out);
-        out
+        self.verify.register(&mut r);
+        r
+    }
+}
+
+/// The text formats `/metrics` is served in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text (ends with `# EOF`; counters' `# TYPE` lines name the family
+    /// without `_total`).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Prometheus,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it lists
+    /// `application/openmetrics-text` (without `q=0`), as Prometheus does by default; otherwise
+    /// (none, `*/*`, `text/plain`) the Prometheus text format.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        let wants_openmetrics = accept.unwrap_or_default().split(',').any(|range| {
+            let mut params = range.split(';').map(str::trim);
+            params
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+                && !params.any(|p| {
+                    p.split_once('=').is_some_and(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("q")
+                            && v.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+                    })
+                })
+        });
+        if wants_openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+}
+
+/// A gauge family with one series per value of `label`, in that order: 1 for the current value,
+/// 0 for the others (a `Family` would encode in hash order and keep state between scrapes).
+#[derive(Debug)]
+struct OneHot {
+    label: &'static str,
+    values: Vec<&'static str>,
+    current: Option<usize>,
+}
+
+impl EncodeMetric for OneHot {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        for (i, value) in self.values.iter().enumerate() {
+            encoder
+                .encode_family(&[(self.label, *value)])?
+                .encode_gauge(&i64::from(Some(i) == self.current))?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
     }
 }
 
@@ -434,7 +479,7 @@ pub struct VerifyGauges {
     pub missing: AtomicU64,
     pub extra: AtomicU64,
     /// Passes that could not check (a server down, the relay behind).
-    pub errors: AtomicU64,
+    pub errors: Counter,
 }
 
 impl Default for VerifyGauges {
@@ -443,76 +488,196 @@ impl Default for VerifyGauges {
             verified_through_us: AtomicI64::new(0),
             missing: AtomicU64::new(0),
             extra: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            errors: Counter::default(),
         }
     }
 }
 
 impl VerifyGauges {
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        for (name, kind, help, value) in [
-            (
-                "outbox_relay_verified_through_seconds",
-                "gauge",
-                "Unix time up to which every outbox event is proven in ClickHouse exactly once (0: not yet).",
-                format!("{:.6}", self.verified_through_us.load(Relaxed) as f64 / 1e6),
-            ),
-            (
-                "outbox_relay_missing_events",
-                "gauge",
-                "Outbox events the last verification found missing in ClickHouse.",
-                self.missing.load(Relaxed).to_string(),
-            ),
-            (
-                "outbox_relay_extra_events",
-                "gauge",
-                "Event ids the last verification found in ClickHouse more than once or not in the outbox.",
-                self.extra.load(Relaxed).to_string(),
-            ),
-            (
-                "outbox_relay_verify_errors_total",
-                "counter",
-                "Verification passes that could not check.",
-                self.errors.load(Relaxed).to_string(),
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
+    fn register(&self, r: &mut Registry) {
+        r.register_with_unit(
+            "verified_through",
+            "Unix time up to which every outbox event is proven in ClickHouse exactly once (0: not yet)",
+            Unit::Seconds,
+            ConstGauge::new(self.verified_through_us.load(Relaxed) as f64 / 1e6),
+        );
+        let gauge =
+            |v: &AtomicU64| ConstGauge::new(i64::try_from(v.load(Relaxed)).unwrap_or(i64::MAX));
+        r.register(
+            "missing_events",
+            "Outbox events the last verification found missing in ClickHouse",
+            gauge(&self.missing),
+        );
+        r.register(
+            "extra_events",
+            "Event ids the last verification found in ClickHouse more than once or not in the outbox",
+            gauge(&self.extra),
+        );
+        r.register(
+            "verify_errors",
+            "Verification passes that could not check",
+            self.errors.clone(),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    #[test]
-    fn renders_prometheus_text() {
+    /// The samples of an exposition: `name{labels}` (labels sorted, `le` as a number, so
+    /// `le="1"`, `le="1.0"` and `le="1e+06"` compare by value) to value.
+    fn samples(text: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut labels: Vec<String> = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let (k, v) = l.split_once('=').unwrap();
+                    let v = v.trim_matches('"');
+                    match (k, v.parse::<f64>()) {
+                        ("le", Ok(n)) => format!("le={n}"),
+                        _ => format!("{k}={v}"),
+                    }
+                })
+                .collect();
+            labels.sort();
+            let key = format!("{name}{{{}}}", labels.join(","));
+            let value = if value == "+Inf" {
+                f64::INFINITY
+            } else {
+                value.parse().unwrap()
+            };
+            assert!(out.insert(key, value).is_none(), "{line} twice");
+        }
+        out
+    }
+
+    fn shipped() -> Metrics {
         let m = Metrics::default();
         m.batch_shipped(250, 20_000, Duration::from_millis(30));
         m.batch_shipped(5, 400, Duration::from_millis(3));
         m.clickhouse_error("timeout");
+        m.clickhouse_error("no such kind");
         m.confirmed_lsn.store(100, Relaxed);
         m.server_wal_lsn.store(160, Relaxed);
-        let text = m.render(0);
+        m
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let text = shipped().render(0, Format::Prometheus).unwrap();
         for line in [
+            "# TYPE outbox_relay_events_shipped_total counter",
             "outbox_relay_events_shipped_total 255",
             "outbox_relay_batches_shipped_total 2",
             "outbox_relay_lag_bytes 60",
-            "outbox_relay_lag_seconds 0",
+            "outbox_relay_lag_seconds 0.0",
             "outbox_relay_clickhouse_errors_total{kind=\"timeout\"} 1",
+            "outbox_relay_clickhouse_errors_total{kind=\"other\"} 1",
+            "outbox_relay_clickhouse_errors_total{kind=\"network\"} 0",
+            "# TYPE outbox_relay_batch_rows histogram",
+            "outbox_relay_batch_rows_bucket{le=\"1\"} 0",
             "outbox_relay_batch_rows_bucket{le=\"10\"} 1",
             "outbox_relay_batch_rows_bucket{le=\"1000\"} 2",
             "outbox_relay_batch_rows_bucket{le=\"+Inf\"} 2",
+            "outbox_relay_batch_rows_sum 255.0",
             "outbox_relay_batch_flush_seconds_sum 0.033",
             "outbox_relay_state{state=\"starting\"} 1",
             "outbox_relay_state{state=\"streaming\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn renders_openmetrics_text() {
+        let text = shipped().render(0, Format::OpenMetrics).unwrap();
+        for line in [
+            "# TYPE outbox_relay_events_shipped counter",
+            "outbox_relay_events_shipped_total 255",
+            "# TYPE outbox_relay_lag_seconds gauge",
+            "# UNIT outbox_relay_lag_seconds seconds",
+            "outbox_relay_lag_seconds 0.0",
+            "outbox_relay_clickhouse_errors_total{kind=\"timeout\"} 1",
+            "outbox_relay_batch_rows_bucket{le=\"10.0\"} 1",
+            "outbox_relay_batch_rows_bucket{le=\"+Inf\"} 2",
+            "# UNIT outbox_relay_batch_flush_seconds seconds",
+            "outbox_relay_batch_flush_seconds_sum 0.033",
+            "outbox_relay_state{state=\"starting\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+    }
+
+    /// Every series `/metrics` showed when it was written by hand, under the same names and
+    /// labels (dashboards and alert rules keep working), and both formats carry the same samples.
+    #[test]
+    fn both_formats_carry_the_same_series() {
+        let m = shipped();
+        m.slot_seen(Some(0), Some("reserved"));
+        let open = samples(&m.render(7_000_000, Format::OpenMetrics).unwrap());
+        let text = samples(&m.render(7_000_000, Format::Prometheus).unwrap());
+        assert_eq!(open, text);
+        let mut want: Vec<String> = [
+            "events_shipped_total",
+            "batches_shipped_total",
+            "confirmed_lsn",
+            "lag_bytes",
+            "lag_seconds",
+            "slot_active",
+            "postgres_up",
+            "dead_letters",
+            "postgres_errors_total",
+            "http_connections_refused_total",
+            "http_accept_errors_total",
+            "verified_through_seconds",
+            "missing_events",
+            "extra_events",
+            "verify_errors_total",
+        ]
+        .iter()
+        .map(|n| format!("outbox_relay_{n}{{}}"))
+        .collect();
+        for kind in CLICKHOUSE_ERROR_KINDS {
+            want.push(format!(
+                "outbox_relay_clickhouse_errors_total{{kind={kind}}}"
+            ));
+        }
+        for s in State::ALL {
+            want.push(format!("outbox_relay_state{{state={}}}", s.name()));
+        }
+        for s in WAL_STATUSES {
+            want.push(format!("outbox_relay_slot_wal_status{{wal_status={s}}}"));
+        }
+        for (name, bounds) in [
+            ("batch_rows", &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6][..]),
+            ("batch_bytes", &[1e3, 1e4, 1e5, 1e6, 1e7, 1e8]),
+            (
+                "batch_flush_seconds",
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+        ] {
+            for le in bounds.iter().chain([&f64::INFINITY]) {
+                want.push(format!("outbox_relay_{name}_bucket{{le={le}}}"));
+            }
+            want.push(format!("outbox_relay_{name}_sum{{}}"));
+            want.push(format!("outbox_relay_{name}_count{{}}"));
+        }
+        want.sort();
+        assert_eq!(open.keys().cloned().collect::<Vec<_>>(), want);
     }
 
     #[test]
@@ -524,10 +689,10 @@ mod tests {
         m.pending(5_000_000);
         m.pending(7_000_000); // the oldest stays
         m.set_state(State::WaitingForClickHouse);
-        let text = m.render(25_000_000);
+        let text = m.render(25_000_000, Format::Prometheus).unwrap();
         for line in [
             "outbox_relay_lag_bytes 18000000",
-            "outbox_relay_lag_seconds 20.000",
+            "outbox_relay_lag_seconds 20.0",
             "outbox_relay_state{state=\"waiting_for_clickhouse\"} 1",
             "outbox_relay_state{state=\"streaming\"} 0",
             "outbox_relay_slot_wal_status{wal_status=\"extended\"} 1",
@@ -535,6 +700,41 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+        // Before PostgreSQL first told the slot's wal_status, the family is left out.
+        let text = Metrics::default().render(0, Format::OpenMetrics).unwrap();
+        assert!(!text.contains("outbox_relay_slot_wal_status"), "{text}");
+    }
+
+    #[test]
+    fn format_from_accept() {
+        // Prometheus 3's default scrape_protocols, then 2's.
+        let prometheus3 = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,\
+            application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;\
+            escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1";
+        let prometheus2 = "application/openmetrics-text;version=1.0.0,\
+            application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, want) in [
+            (Some(prometheus3), Format::OpenMetrics),
+            (Some(prometheus2), Format::OpenMetrics),
+            (Some("Application/OpenMetrics-Text"), Format::OpenMetrics),
+            (None, Format::Prometheus),
+            (Some("*/*"), Format::Prometheus),
+            (Some("text/plain;version=0.0.4"), Format::Prometheus),
+            (
+                Some("application/openmetrics-text; q=0, text/plain"),
+                Format::Prometheus,
+            ),
+        ] {
+            assert_eq!(Format::from_accept(accept), want, "{accept:?}");
+        }
+        assert_eq!(
+            Format::OpenMetrics.content_type(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert_eq!(
+            Format::Prometheus.content_type(),
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl Relay {
                     self.metrics.clickhouse_failed(e.to_string());
                 }
                 Err(_) => {
-                    self.metrics.postgres_errors.fetch_add(1, Relaxed);
+                    self.metrics.postgres_errors.inc();
                 }
                 Ok(()) => {}
             }

@@ -272,6 +272,17 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     }
 }
 
+/// GET `http://addr/metrics` with `Accept: accept`: (Content-Type, body).
+pub fn scrape_as(addr: &str, accept: &str) -> (String, String) {
+    let resp = ureq::get(&format!("http://{addr}/metrics"))
+        .set("Accept", accept)
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap();
+    let content_type = resp.header("Content-Type").unwrap_or_default().to_string();
+    (content_type, resp.into_string().unwrap())
+}
+
 /// The value of an unlabelled series in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -1307,7 +1307,7 @@ pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>
                 }
             }
             Err(e) => {
-                gauges.errors.fetch_add(1, Relaxed);
+                gauges.errors.inc();
                 warn!(error = %e, "verify pass could not check; will try again");
             }
         }
