@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::TempDir;
+use crate::util::TempDir;
 
 /// Whether the `openssl` command is there (tests that need it skip, saying so, when it is not).
 pub fn openssl_available() -> bool {

@@ -1,0 +1,130 @@
+//! What both servers' harnesses share: names and directories of a test's own, free ports,
+//! the Python of `.venv`, signals by pid and the wait for a starting server.
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+pub(crate) const STARTUP: Duration = Duration::from_secs(60);
+
+/// How many times a server's first start tries other ports when the chosen one was taken.
+pub(crate) const PORT_ATTEMPTS: u32 = 5;
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A name no other test in this machine's run uses: `prefix_pid_counter_nanos`.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A fresh directory under the system temp dir, removed by [`TempDir`]'s drop.
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(prefix: &str) -> Result<TempDir> {
+        let path = shared_temp_dir()?.join(unique_name(prefix));
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn python() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("RELAY_TEST_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = workspace_root().join(".venv/bin/python");
+    if !p.exists() {
+        bail!(
+            "{} is missing: run `bash tools/bootstrap.sh` (make test and make demo do)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub(crate) fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Polls `ready` until it holds; fails with the log's tail if the server exits or takes longer
+/// than [`STARTUP`].
+pub(crate) fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().ok().flatten() {
+            bail!("{what} exited during start ({status}):\n{}", tail(log));
+        }
+        if started.elapsed() > STARTUP {
+            bail!("{what} did not become ready in {STARTUP:?}:\n{}", tail(log));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub(crate) fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The temp directory, if the `postgres` user can reach it, else `/tmp` (a private `TMPDIR`,
+/// as `mktemp -d` makes, would hide the data directory from the server).
+pub(crate) fn shared_temp_dir() -> Result<PathBuf> {
+    [std::env::temp_dir(), PathBuf::from("/tmp")]
+        .into_iter()
+        .find(|d| !is_root() || traversable_by_others(d))
+        .ok_or_else(|| {
+            anyhow!(
+                "neither TMPDIR ({}) nor /tmp can be entered by the postgres user: \
+                 make one of them world-searchable (chmod o+x)",
+                std::env::temp_dir().display()
+            )
+        })
+}
+
+pub(crate) fn traversable_by_others(path: &Path) -> bool {
+    path.ancestors()
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+pub(crate) fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
