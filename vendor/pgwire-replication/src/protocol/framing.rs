@@ -808,7 +808,10 @@ mod tests {
                     .await;
             assert!(timed_out.is_err(), "waiting for the rest of the message");
             writer.write_all(&data[cut..]).await.unwrap();
-            let msg = reader.read(&mut rd).await.unwrap();
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(5), reader.read(&mut rd))
+                .await
+                .expect("bytes read before the cancellation were lost")
+                .unwrap();
             assert_eq!((msg.tag, &msg.payload[..]), (b'd', &payload[..]));
         }
     }
