@@ -107,6 +107,9 @@ pub(crate) struct Session<'a, S: Sink, P: Store> {
     present: Present,
     /// While re-sending: the rows not yet sent.
     resend: Vec<OwnedEventRow>,
+    /// When the take of messages in hand began: commits compare the batch's deadline with it
+    /// (one clock read a take of up to [`READY_BURST`] messages, not one a transaction).
+    now: tokio::time::Instant,
 }
 
 impl<'a, S: Sink, P: Store> Session<'a, S, P> {
@@ -131,6 +134,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             shipped_batches: 0,
             present: Present::default(),
             resend: Vec::new(),
+            now: tokio::time::Instant::now(),
         }
     }
 
@@ -203,7 +207,10 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                     );
                 }
                 event = source.recv() => {
-                    self.handle(&source, event?.ok_or(RelayError::StreamEnded)?).await?;
+                    self.now = tokio::time::Instant::now();
+                    if let Some(event) = self.handle_now(&source, event?.ok_or(RelayError::StreamEnded)?) {
+                        self.handle(&source, event).await?;
+                    }
                     // Under load, take the messages already received without going back
                     // through the select (its timer and shutdown futures cost more than a
                     // message); the batch's deadline is still checked at every commit.
@@ -212,7 +219,9 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                         let Some(event) = ready_now(source.recv()) else {
                             break;
                         };
-                        self.handle(&source, event?.ok_or(RelayError::StreamEnded)?).await?;
+                        if let Some(event) = self.handle_now(&source, event?.ok_or(RelayError::StreamEnded)?) {
+                            self.handle(&source, event).await?;
+                        }
                         taken += 1;
                     }
                     // At moderate rates the walsender sends a transaction's messages one by one
@@ -238,6 +247,28 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
         }
     }
 
+    /// The messages that need no waiting, handled without entering [`Session::handle`] (an
+    /// async call a message): a transaction's begin, its commit when the batch does not end
+    /// there, keepalives. Returns the event when it needs [`Session::handle`]: row data,
+    /// re-sending, a commit that ends the batch.
+    fn handle_now(&mut self, source: &impl Source, event: SourceEvent) -> Option<SourceEvent> {
+        if self.mode.is_resending() {
+            return Some(event);
+        }
+        match event {
+            SourceEvent::Begin {
+                commit_lsn,
+                commit_time_us,
+            } => self.begin(commit_lsn, commit_time_us),
+            SourceEvent::Commit { end } if !self.batch_full() => {
+                self.commit(source, end);
+            }
+            SourceEvent::KeepAlive { wal_end } => self.keepalive(source, wal_end),
+            event => return Some(event),
+        }
+        None
+    }
+
     async fn handle(&mut self, source: &impl Source, event: SourceEvent) -> Result<(), RelayError> {
         match event {
             SourceEvent::Begin {
@@ -249,18 +280,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                     *self.mode = Mode::Streaming;
                     info!("the rows of the failed insert are all in ClickHouse or dead letters");
                 }
-                if self
-                    .present
-                    .last_commit_lsn()
-                    .is_some_and(|last| commit_lsn.0 > last)
-                {
-                    self.present = Present::default();
-                }
-                self.tx = Some(Tx {
-                    commit_lsn,
-                    commit_time_us,
-                    seq: 0,
-                });
+                self.begin(commit_lsn, commit_time_us);
             }
             SourceEvent::Change { lsn, data } => {
                 let message =
@@ -268,12 +288,12 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                 self.change(message, lsn).await?;
             }
             SourceEvent::Commit { end } => {
-                let tx = self.tx.take();
-                let settled = self.progress.commit(end);
-                self.metrics
-                    .server_wal_lsn
-                    .store(self.progress.received().0, Relaxed);
                 if self.mode.is_resending() {
+                    let tx = self.tx.take();
+                    let settled = self.progress.commit(end);
+                    self.metrics
+                        .server_wal_lsn
+                        .store(self.progress.received().0, Relaxed);
                     self.confirm(source, settled);
                     let last = tx.is_some_and(|tx| self.mode.last_to_resend(tx.commit_lsn));
                     if last || self.resend.len() >= RESEND_ROWS || self.resend.is_empty() {
@@ -281,27 +301,56 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                     }
                     return Ok(());
                 }
-                self.confirm(source, settled);
-                if let Some(batch) = &mut self.batch {
-                    batch.transactions += 1;
-                    if let Some(tx) = tx {
-                        batch.last_commit_time_us = tx.commit_time_us;
-                    }
-                    if self.batch_full() {
-                        self.flush(source).await?;
-                    }
+                self.commit(source, end);
+                if self.batch_full() {
+                    self.flush(source).await?;
                 }
             }
-            SourceEvent::KeepAlive { wal_end } => {
-                let settled = self.progress.keepalive(wal_end, self.tx.is_some());
-                self.metrics
-                    .server_wal_lsn
-                    .store(self.progress.received().0, Relaxed);
-                self.confirm(source, settled);
-            }
+            SourceEvent::KeepAlive { wal_end } => self.keepalive(source, wal_end),
             SourceEvent::Other => {}
         }
         Ok(())
+    }
+
+    /// A transaction begins (streaming, or after the rows to re-send are shipped).
+    fn begin(&mut self, commit_lsn: Lsn, commit_time_us: i64) {
+        if self
+            .present
+            .last_commit_lsn()
+            .is_some_and(|last| commit_lsn.0 > last)
+        {
+            self.present = Present::default();
+        }
+        self.tx = Some(Tx {
+            commit_lsn,
+            commit_time_us,
+            seq: 0,
+        });
+    }
+
+    /// A transaction's commit while streaming: settled at once without rows held, else counted
+    /// in the batch (the caller flushes a full batch).
+    fn commit(&mut self, source: &impl Source, end: Lsn) {
+        let tx = self.tx.take();
+        let settled = self.progress.commit(end);
+        self.metrics
+            .server_wal_lsn
+            .store(self.progress.received().0, Relaxed);
+        self.confirm(source, settled);
+        if let Some(batch) = &mut self.batch {
+            batch.transactions += 1;
+            if let Some(tx) = tx {
+                batch.last_commit_time_us = tx.commit_time_us;
+            }
+        }
+    }
+
+    fn keepalive(&mut self, source: &impl Source, wal_end: Lsn) {
+        let settled = self.progress.keepalive(wal_end, self.tx.is_some());
+        self.metrics
+            .server_wal_lsn
+            .store(self.progress.received().0, Relaxed);
+        self.confirm(source, settled);
     }
 
     /// One decoded change inside a transaction.
@@ -414,7 +463,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
         self.batch.as_ref().is_some_and(|b| {
             b.insert.rows() >= self.config.batch_max_rows as u64
                 || b.insert.bytes() >= self.config.batch_max_bytes as u64
-                || tokio::time::Instant::now() >= b.deadline
+                || self.now >= b.deadline
         })
     }
 
