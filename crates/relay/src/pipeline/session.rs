@@ -289,12 +289,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             }
             SourceEvent::Commit { end } => {
                 if self.mode.is_resending() {
-                    let tx = self.tx.take();
-                    let settled = self.progress.commit(end);
-                    self.metrics
-                        .server_wal_lsn
-                        .store(self.progress.received().0, Relaxed);
-                    self.confirm(source, settled);
+                    let tx = self.settle(source, end);
                     let last = tx.is_some_and(|tx| self.mode.last_to_resend(tx.commit_lsn));
                     if last || self.resend.len() >= RESEND_ROWS || self.resend.is_empty() {
                         self.ship_resend(source).await?;
@@ -328,15 +323,22 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
         });
     }
 
-    /// A transaction's commit while streaming: settled at once without rows held, else counted
-    /// in the batch (the caller flushes a full batch).
-    fn commit(&mut self, source: &impl Source, end: Lsn) {
+    /// A transaction's commit, in either mode: ends the transaction in hand (returned), and
+    /// confirms what [`Progress::commit`] says is settled.
+    fn settle(&mut self, source: &impl Source, end: Lsn) -> Option<Tx> {
         let tx = self.tx.take();
         let settled = self.progress.commit(end);
         self.metrics
             .server_wal_lsn
             .store(self.progress.received().0, Relaxed);
         self.confirm(source, settled);
+        tx
+    }
+
+    /// A transaction's commit while streaming: settled at once without rows held, else counted
+    /// in the batch (the caller flushes a full batch).
+    fn commit(&mut self, source: &impl Source, end: Lsn) {
+        let tx = self.settle(source, end);
         if let Some(batch) = &mut self.batch {
             batch.transactions += 1;
             if let Some(tx) = tx {
