@@ -9,11 +9,16 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{Fixture, RelayProcess, parse_lsn, stderr, wait_until};
-use harness::{PgVersion, TcpGate};
+use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -198,7 +203,7 @@ fn clickhouse_port_closed_at_random_moments(v: PgVersion) {
         ],
     );
     without_block_dedup(&f);
-    let gate = gate_to_clickhouse(&mut f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
     let mut rng = Rng::new();
     let relay = f.spawn_relay();
     std::thread::scope(|s| {
@@ -213,13 +218,13 @@ fn clickhouse_port_closed_at_random_moments(v: PgVersion) {
             let moved = wait_until(LONG, || f.ch_count() > before || publisher.is_finished());
             assert!(moved, "round {round}: no progress\n{}", relay.log());
             std::thread::sleep(Duration::from_millis(rng.below(300)));
-            gate.cut();
+            gate.close();
             if round == 0 {
                 port_closed_for_a_while(f, &relay);
             } else {
                 std::thread::sleep(Duration::from_millis(rng.below(1000)));
             }
-            gate.reopen().expect("reopen the gate");
+            gate.open();
         }
         publisher.join().expect("publisher");
     });
@@ -235,7 +240,7 @@ fn clickhouse_port_closed_at_random_moments(v: PgVersion) {
 fn clickhouse_silent_until_the_timeout(v: PgVersion) {
     let mut f = Fixture::start(v, &[("RELAY_CLICKHOUSE_TIMEOUT_MS", "2000")]);
     without_block_dedup(&f);
-    let gate = gate_to_clickhouse(&mut f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
     let relay = f.spawn_relay();
     publish_random(&f, 2_000, 100, "before");
     f.wait_for_rows(2_000, LONG, Some(&relay));
@@ -247,8 +252,8 @@ fn clickhouse_silent_until_the_timeout(v: PgVersion) {
     // tries again only once it answers, so one timeout is logged per outage.
     let timed_out = wait_until(LONG, || timeouts() > before);
     assert!(timed_out, "no ClickHouse timeout logged\n{}", relay.log());
-    gate.cut();
-    gate.reopen().expect("reopen the gate");
+    gate.close();
+    gate.open();
     publish_random(&f, 2_000, 100, "after");
     assert_exactly_once(&f, &relay);
 }
@@ -259,7 +264,7 @@ fn clickhouse_silent_until_the_timeout(v: PgVersion) {
 fn sigterm_while_clickhouse_hangs_is_bounded(v: PgVersion) {
     let mut f = Fixture::start(v, &[("RELAY_SHUTDOWN_TIMEOUT_MS", "2000")]);
     without_block_dedup(&f);
-    let gate = gate_to_clickhouse(&mut f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
     let mut relay = f.spawn_relay();
     publish_random(&f, 1_000, 50, "before");
     f.wait_for_rows(1_000, LONG, Some(&relay));
@@ -314,8 +319,8 @@ fn sigterm_while_clickhouse_hangs_is_bounded(v: PgVersion) {
     );
     assert_eq!(f.ch_count(), 1_000, "rows arrived through a silent network");
 
-    gate.cut();
-    gate.reopen().expect("reopen the gate");
+    gate.close();
+    gate.open();
     let relay = f.spawn_relay();
     assert_exactly_once(&f, &relay);
 }
@@ -343,16 +348,116 @@ fn host_port(url: &str) -> String {
     rest.split('/').next().unwrap().to_string()
 }
 
-/// A gate to the fixture's ClickHouse, for the relays it starts from now on.
-fn gate_to_clickhouse(f: &mut Fixture) -> TcpGate {
-    let url = f.env_value("RELAY_CLICKHOUSE_URL");
-    let upstream = host_port(&url);
-    let gate = TcpGate::open(&upstream).expect("open the gate");
-    f.set_env(
-        "RELAY_CLICKHOUSE_URL",
-        &url.replacen(&upstream, gate.addr(), 1),
-    );
-    gate
+/// A TCP forwarder to ClickHouse on a port of its own, which can be closed (connections reset,
+/// new ones refused) and opened again: a network fault that leaves both servers running.
+struct Gate {
+    addr: String,
+    upstream: String,
+    accepting: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    /// While set, nothing passes in either direction (from each connection's next chunk on).
+    stalled: Arc<AtomicBool>,
+}
+
+impl Gate {
+    /// A gate to the fixture's ClickHouse, for the relays it starts from now on.
+    fn between_relay_and_clickhouse(f: &mut Fixture) -> Gate {
+        let url = f.env_value("RELAY_CLICKHOUSE_URL");
+        let upstream = host_port(&url);
+        let gate = Gate::new(&upstream);
+        f.set_env(
+            "RELAY_CLICKHOUSE_URL",
+            &url.replacen(&upstream, &gate.addr, 1),
+        );
+        gate
+    }
+
+    fn new(upstream: &str) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let gate = Gate {
+            addr: listener.local_addr().unwrap().to_string(),
+            upstream: upstream.to_string(),
+            accepting: Mutex::new(None),
+            connections: Arc::default(),
+            stalled: Arc::default(),
+        };
+        gate.serve(listener);
+        gate
+    }
+
+    fn open(&self) {
+        // std sets SO_REUSEADDR, so the port is free again at once.
+        self.serve(TcpListener::bind(&self.addr).expect("reopen the gate"));
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (upstream, connections, stopped, stalled) = (
+            self.upstream.clone(),
+            self.connections.clone(),
+            stop.clone(),
+            self.stalled.clone(),
+        );
+        let accept = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (Ok(client), Ok(server)) = (client, TcpStream::connect(&upstream)) else {
+                    continue;
+                };
+                let mut held = connections.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(server.try_clone().unwrap());
+                let (to_server, to_client) = (server.try_clone(), client.try_clone());
+                forward(client, to_server.unwrap(), stalled.clone());
+                forward(server, to_client.unwrap(), stalled.clone());
+            }
+        });
+        *self.accepting.lock().unwrap() = Some((stop, accept));
+    }
+
+    /// Keeps every connection open but lets nothing through: a silent network.
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops listening and resets every connection through the gate (and ends a stall).
+    fn close(&self) {
+        if let Some((stop, accept)) = self.accepting.lock().unwrap().take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = TcpStream::connect(&self.addr);
+            accept.join().expect("gate accept loop");
+        }
+        for conn in self.connections.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        self.stalled.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Copies `from` to `to` until either side ends, then ends both; holds the data while
+/// `stalled` is set.
+fn forward(mut from: TcpStream, mut to: TcpStream, stalled: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            while stalled.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    });
 }
 
 /// The walsender terminated (pg_terminate_backend), then PostgreSQL restarted, mid-stream.

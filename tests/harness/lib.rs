@@ -8,17 +8,14 @@
 //! One module per role, their public names re-exported here: `postgres.rs` (clusters, versions,
 //! TLS options, a primary with a standby), `clickhouse.rs`, [`pginstall`] (PostgreSQL 18
 //! runnable by the `postgres` user), [`tls`] (a test CA and a TLS terminator) and `util.rs`
-//! (what the servers share: names, directories, ports, the wait for a start); `gate.rs` cuts
-//! the network between the relay and a server ([`TcpGate`]).
+//! (what the servers share: names, directories, ports, the wait for a start).
 
 mod clickhouse;
-mod gate;
 pub mod pginstall;
 mod postgres;
 pub mod tls;
 mod util;
 
 pub use clickhouse::ClickHouseServer;
-pub use gate::TcpGate;
 pub use postgres::{HBA_TLS_ONLY, PgOptions, PgPair, PgServer, PgVersion, STANDBY_SLOT, TestCerts};
 pub use util::{unique_name, workspace_root};
