@@ -12,7 +12,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ on_each_postgres!(
     replay_after_clickhouse_lost_data,
     lost_slot_is_detected_and_recovered,
     invalidated_slot_is_detected_and_recovered,
+    clickhouse_compression_lz4_then_none,
 );
 
 /// A small xorshift generator: fault timing varies from run to run, and the seed is printed.
@@ -328,6 +329,33 @@ fn sigterm_while_clickhouse_hangs_is_bounded(v: PgVersion) {
     assert_exactly_once(&f, &relay);
 }
 
+/// `clickhouse_compression`: the same events cost far fewer bytes on the network to ClickHouse
+/// with `lz4` (the default) than with `none`, and either way, across a restart from one to the
+/// other, every event arrives once.
+fn clickhouse_compression_lz4_then_none(v: PgVersion) {
+    let mut f = Fixture::start(v, &[("RELAY_BATCH_MAX_ROWS", "1000")]);
+    without_block_dedup(&f);
+    let gate = Gate::between_relay_and_clickhouse(&mut f);
+    let mut sent = Vec::new();
+    for (k, compression) in ["lz4", "none"].into_iter().enumerate() {
+        f.set_env("RELAY_CLICKHOUSE_COMPRESSION", compression);
+        let before = gate.upstream_bytes();
+        let relay = f.spawn_relay();
+        publish_random(&f, 4_000, 100, compression);
+        f.wait_for_rows(4_000 * (k as u64 + 1), LONG, Some(&relay));
+        sent.push(gate.upstream_bytes() - before);
+        if k == 1 {
+            assert_exactly_once(&f, &relay);
+        }
+    }
+    let (lz4, none) = (sent[0], sent[1]);
+    println!("4,000 events to ClickHouse: {lz4} bytes with lz4, {none} bytes with none");
+    assert!(
+        none > lz4 * 3 / 2,
+        "compression made no difference: {lz4} bytes with lz4, {none} with none"
+    );
+}
+
 /// With the port closed and events waiting, the relay fails, waits for ClickHouse and confirms
 /// nothing ClickHouse does not have. `base`: the relay's failures logged before the cut.
 fn port_closed_for_a_while(f: &Fixture, relay: &RelayProcess, base: usize) {
@@ -359,6 +387,8 @@ struct Gate {
     connections: Arc<Mutex<Vec<TcpStream>>>,
     /// While set, nothing passes in either direction (from each connection's next chunk on).
     stalled: Arc<AtomicBool>,
+    /// Bytes passed from the relay to the server.
+    upstream_bytes: Arc<AtomicU64>,
 }
 
 impl Gate {
@@ -382,6 +412,7 @@ impl Gate {
             accepting: Mutex::new(None),
             connections: Arc::default(),
             stalled: Arc::default(),
+            upstream_bytes: Arc::default(),
         };
         gate.serve(listener);
         gate
@@ -394,11 +425,12 @@ impl Gate {
 
     fn serve(&self, listener: TcpListener) {
         let stop = Arc::new(AtomicBool::new(false));
-        let (upstream, connections, stopped, stalled) = (
+        let (upstream, connections, stopped, stalled, counted) = (
             self.upstream.clone(),
             self.connections.clone(),
             stop.clone(),
             self.stalled.clone(),
+            self.upstream_bytes.clone(),
         );
         let accept = std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -412,11 +444,21 @@ impl Gate {
                 held.push(client.try_clone().unwrap());
                 held.push(server.try_clone().unwrap());
                 let (to_server, to_client) = (server.try_clone(), client.try_clone());
-                forward(client, to_server.unwrap(), stalled.clone());
-                forward(server, to_client.unwrap(), stalled.clone());
+                forward(
+                    client,
+                    to_server.unwrap(),
+                    stalled.clone(),
+                    Some(counted.clone()),
+                );
+                forward(server, to_client.unwrap(), stalled.clone(), None);
             }
         });
         *self.accepting.lock().unwrap() = Some((stop, accept));
+    }
+
+    /// Bytes passed from the relay to the server so far.
+    fn upstream_bytes(&self) -> u64 {
+        self.upstream_bytes.load(Ordering::SeqCst)
     }
 
     /// Keeps every connection open but lets nothing through: a silent network.
@@ -445,8 +487,13 @@ impl Drop for Gate {
 }
 
 /// Copies `from` to `to` until either side ends, then ends both; holds the data while
-/// `stalled` is set.
-fn forward(mut from: TcpStream, mut to: TcpStream, stalled: Arc<AtomicBool>) {
+/// `stalled` is set; adds what passed to `counted`.
+fn forward(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    stalled: Arc<AtomicBool>,
+    counted: Option<Arc<AtomicU64>>,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0; 64 * 1024];
         while let Ok(n @ 1..) = from.read(&mut buf) {
@@ -455,6 +502,9 @@ fn forward(mut from: TcpStream, mut to: TcpStream, stalled: Arc<AtomicBool>) {
             }
             if to.write_all(&buf[..n]).is_err() {
                 break;
+            }
+            if let Some(counted) = &counted {
+                counted.fetch_add(n as u64, Ordering::SeqCst);
             }
         }
         let _ = from.shutdown(Shutdown::Both);

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clickhouse::Client;
 use clickhouse::insert_formatted::BufInsertFormatted;
 
-use crate::config::{ClickHouseTarget, Config, ConfigError, DEFAULT_TIMEOUT, tls_config};
+use crate::config::{
+    ClickHouseCompression, ClickHouseTarget, Config, ConfigError, DEFAULT_TIMEOUT, tls_config,
+};
 use crate::event::{EventRow, OwnedEventRow, put_string};
 
 #[cfg(test)]
@@ -210,7 +212,10 @@ impl ClickHouseTarget {
             .with_url(&self.url)
             .with_user(&self.user)
             .with_password(&self.password)
-            .with_compression(clickhouse::Compression::Lz4);
+            .with_compression(match self.compression {
+                ClickHouseCompression::Lz4 => clickhouse::Compression::Lz4,
+                ClickHouseCompression::None => clickhouse::Compression::None,
+            });
         if with_database {
             client.with_database(&self.database)
         } else {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Config, ConfigError};
+use super::{ClickHouseCompression, Config, ConfigError};
 
 /// How long a step of an insert or a query may take unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -20,6 +20,8 @@ pub struct ClickHouseTarget {
     /// For `https://`: the roots (and client certificate) to use; None: the system trust store
     /// and the built-in roots.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `clickhouse_compression`.
+    pub compression: ClickHouseCompression,
 }
 
 impl ClickHouseTarget {
@@ -27,6 +29,7 @@ impl ClickHouseTarget {
     /// `clickhouse_client_cert`, `clickhouse_client_key`) read from their files.
     pub fn from_config(config: &Config) -> Result<ClickHouseTarget, ConfigError> {
         let mut target = ClickHouseTarget::parse(&config.clickhouse_url)?;
+        target.compression = config.clickhouse_compression;
         let files = [
             ("clickhouse_ca_file", &config.clickhouse_ca_file),
             ("clickhouse_client_cert", &config.clickhouse_client_cert),
@@ -126,6 +129,7 @@ impl ClickHouseTarget {
                 database.to_string()
             },
             tls: None,
+            compression: ClickHouseCompression::default(),
         })
     }
 }
