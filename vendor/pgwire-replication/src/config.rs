@@ -406,6 +406,10 @@ pub struct ReplicationConfig {
     /// Larger buffers can smooth out processing latency spikes but use more memory.
     /// Each event is typically 100-1000 bytes depending on row size.
     ///
+    /// Events cross the channel in batches (vendored change, see VENDORED.md): the
+    /// channel and the batch being consumed hold at most this many events (2 when
+    /// it is 1).
+    ///
     /// Default: 8192 events
     pub buffer_events: usize,
 

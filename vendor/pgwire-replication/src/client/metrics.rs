@@ -72,8 +72,8 @@ impl ReplicationMetrics {
     // ── worker-side updates (crate-internal) ──
 
     #[inline]
-    pub(crate) fn record_event_forwarded(&self) {
-        self.events_forwarded.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn record_events_forwarded(&self, events: u64) {
+        self.events_forwarded.fetch_add(events, Ordering::Relaxed);
     }
 
     #[inline]
@@ -128,9 +128,9 @@ mod tests {
     fn recorders_update_their_counters() {
         let m = ReplicationMetrics::default();
 
-        m.record_event_forwarded();
-        m.record_event_forwarded();
-        assert_eq!(m.events_forwarded(), 2);
+        m.record_events_forwarded(1);
+        m.record_events_forwarded(2);
+        assert_eq!(m.events_forwarded(), 3);
 
         m.record_feedback_sent(Lsn::from_u64(42));
         assert_eq!(m.feedback_sent(), 1);

@@ -16,7 +16,7 @@ use crate::config::SslMode;
 
 use super::metrics::ReplicationMetrics;
 use super::worker::{
-    GateCommand, QueryRow, ReplicationEvent, ReplicationEventReceiver, SharedProgress, WorkerState,
+    event_channel, EventBatch, GateCommand, QueryRow, ReplicationEvent, SharedProgress, WorkerState,
 };
 
 /// The IDENTIFY_SYSTEM answer of a replication session.
@@ -88,7 +88,11 @@ pub struct TimelineHistory {
 /// }
 /// ```
 pub struct ReplicationClient {
-    rx: ReplicationEventReceiver,
+    /// Batches of events from the worker (vendored change, see VENDORED.md).
+    rx: mpsc::Receiver<EventBatch>,
+    /// What is left of the last batch received, taken by [`recv`](Self::recv)
+    /// before the channel.
+    batch: std::vec::IntoIter<ReplicationEvent>,
     progress: Arc<SharedProgress>,
     stop_tx: watch::Sender<bool>,
     metrics: Arc<ReplicationMetrics>,
@@ -105,7 +109,8 @@ impl ReplicationClient {
     ///
     /// This establishes a TCP connection (optionally upgrading to TLS),
     /// authenticates, and starts the replication stream. Events are buffered
-    /// in a channel of size `config.buffer_events`.
+    /// in a bounded channel, in batches: at most `config.buffer_events` of them
+    /// (2 if it is 1) wait for [`recv`](Self::recv).
     ///
     /// # Errors
     ///
@@ -136,7 +141,7 @@ impl ReplicationClient {
     }
 
     fn spawn(cfg: ReplicationConfig, gate: Option<mpsc::Receiver<GateCommand>>) -> Result<Self> {
-        let (tx, rx) = mpsc::channel(cfg.buffer_events);
+        let (tx, rx) = event_channel(cfg.buffer_events);
 
         // Progress is shared via atomics: cheap, monotonic, no async backpressure.
         let progress = Arc::new(SharedProgress::with_timing(
@@ -174,6 +179,7 @@ impl ReplicationClient {
 
         Ok(Self {
             rx,
+            batch: Vec::new().into_iter(),
             progress,
             stop_tx,
             metrics,
@@ -290,11 +296,20 @@ impl ReplicationClient {
     /// - `Ok(Some(event))` => received an event
     /// - `Ok(None)`        => replication ended normally (stop requested or stop_at_lsn reached)
     /// - `Err(e)`          => replication ended abnormally
+    ///
+    /// Events come in the stream's order, all of them before `Ok(None)` or
+    /// the error. Cancellation-safe: a dropped call loses no event.
     pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>> {
-        match self.rx.recv().await {
-            Some(Ok(ev)) => Ok(Some(ev)),
-            Some(Err(e)) => Err(e),
-            None => self.handle_worker_shutdown().await,
+        loop {
+            if let Some(ev) = self.batch.next() {
+                return Ok(Some(ev));
+            }
+            // The worker sends a batch per drain pass (vendored change, see
+            // VENDORED.md): one channel receive for many events.
+            match self.rx.recv().await {
+                Some(batch) => self.batch = batch.into_iter(),
+                None => return self.handle_worker_shutdown().await,
+            }
         }
     }
 
@@ -401,13 +416,10 @@ impl ReplicationClient {
     pub async fn shutdown(&mut self) -> Result<()> {
         self.stop();
 
-        // Drain events until the worker closes the channel.
-        while let Some(msg) = self.rx.recv().await {
-            match msg {
-                Ok(_ev) => {} //discard; caller can drain themselves if they need events
-                Err(e) => return Err(e),
-            }
-        }
+        // Drain events until the worker closes the channel; discard them
+        // (the caller can drain itself if it needs them).
+        self.batch = Vec::new().into_iter();
+        while self.rx.recv().await.is_some() {}
 
         self.join_mut().await
     }
@@ -503,5 +515,125 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
         }
         let mut s = tcp;
         worker.run_on_stream(&mut s).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A backend frame: tag, length, payload.
+    fn frame(tag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![tag];
+        f.extend_from_slice(&((payload.len() + 4) as i32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A CopyData frame of an XLogData message with a non-boundary payload.
+    fn xlog_frame(wal_end: u64) -> Vec<u8> {
+        let mut payload = vec![b'w'];
+        payload.extend_from_slice(&wal_end.to_be_bytes()); // wal_start
+        payload.extend_from_slice(&wal_end.to_be_bytes()); // wal_end
+        payload.extend_from_slice(&0i64.to_be_bytes()); // server_time
+        payload.extend_from_slice(b"Ichange");
+        frame(b'd', &payload)
+    }
+
+    /// A server on 127.0.0.1 that accepts one replication session (trust
+    /// authentication, START_REPLICATION accepted), writes `stream` in one go
+    /// and hands back the connection, kept open.
+    async fn scripted_server(stream: Vec<u8>) -> (u16, JoinHandle<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            // Startup message: length (itself included), then the rest.
+            let len = conn.read_i32().await.unwrap();
+            let mut startup = vec![0; len as usize - 4];
+            conn.read_exact(&mut startup).await.unwrap();
+            conn.write_all(&frame(b'R', &0i32.to_be_bytes()))
+                .await
+                .unwrap();
+            conn.write_all(&frame(b'Z', b"I")).await.unwrap();
+            // START_REPLICATION.
+            let tag = conn.read_u8().await.unwrap();
+            assert_eq!(tag, b'Q');
+            let len = conn.read_i32().await.unwrap();
+            let mut query = vec![0; len as usize - 4];
+            conn.read_exact(&mut query).await.unwrap();
+            conn.write_all(&frame(b'W', &[0, 0, 0])).await.unwrap();
+            conn.write_all(&stream).await.unwrap();
+            conn.flush().await.unwrap();
+            conn
+        });
+        (port, task)
+    }
+
+    fn config(port: u16, buffer_events: usize) -> ReplicationConfig {
+        ReplicationConfig {
+            port,
+            buffer_events,
+            status_interval: Duration::from_secs(3600),
+            idle_wakeup_interval: Duration::from_secs(3600),
+            ..Default::default()
+        }
+    }
+
+    /// The next event, failing the test rather than hanging.
+    async fn next(client: &mut ReplicationClient) -> Result<Option<ReplicationEvent>> {
+        tokio::time::timeout(Duration::from_secs(10), client.recv())
+            .await
+            .expect("recv should not hang")
+    }
+
+    fn wal_end(ev: &ReplicationEvent) -> u64 {
+        match ev {
+            ReplicationEvent::XLogData { wal_end, .. } => wal_end.as_u64(),
+            other => panic!("expected XLogData, got {other:?}"),
+        }
+    }
+
+    /// `recv` hands out the events of many batches one at a time, in the
+    /// stream's order (buffer_events 64: batches of 32).
+    #[tokio::test]
+    async fn recv_keeps_the_stream_order_across_batches() {
+        let stream: Vec<u8> = (1..=1000).flat_map(xlog_frame).collect();
+        let (port, server) = scripted_server(stream).await;
+        let mut client = ReplicationClient::connect(config(port, 64)).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            let ev = next(&mut client).await.unwrap().expect("an event");
+            seen.push(wal_end(&ev));
+        }
+        assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
+        assert_eq!(client.metrics().events_forwarded(), 1000);
+        let _conn = server.await.unwrap();
+        client.shutdown().await.unwrap();
+    }
+
+    /// A server error read with events is returned by `recv` after them.
+    #[tokio::test]
+    async fn recv_returns_an_error_after_the_events_read_before_it() {
+        let mut stream: Vec<u8> = (1..=300).flat_map(xlog_frame).collect();
+        stream.extend(frame(b'E', b"SERROR\0C58000\0Mboom\0\0"));
+        let (port, server) = scripted_server(stream).await;
+        let mut client = ReplicationClient::connect(config(port, 1024))
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let err = loop {
+            match next(&mut client).await {
+                Ok(Some(ev)) => seen.push(wal_end(&ev)),
+                Ok(None) => panic!("ended without the error"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(seen, (1..=300).collect::<Vec<_>>());
+        assert!(matches!(err, PgWireError::Server(_)), "{err:?}");
+        let _conn = server.await.unwrap();
     }
 }

@@ -177,8 +177,54 @@ pub enum ReplicationEvent {
 }
 
 /// Channel receiver type for replication events.
+///
+/// Kept for API compatibility: [`ReplicationClient`](crate::ReplicationClient)
+/// no longer uses it, its worker sends [`EventBatch`]es (vendored change, see
+/// VENDORED.md).
 pub type ReplicationEventReceiver =
     mpsc::Receiver<std::result::Result<ReplicationEvent, PgWireError>>;
+
+/// The events of one drain pass, in stream order: what the worker sends
+/// through the event channel as one item, so the channel is paid once per
+/// batch rather than once per message. Never empty.
+pub(crate) type EventBatch = Vec<ReplicationEvent>;
+
+/// What is left to do after [`WorkerState::take_copy_data`] queued a
+/// message's event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Nothing, unless the batch is full.
+    Queued,
+    /// Send a status update now: the server asked for one.
+    Reply,
+    /// `stop_at_lsn` was reached at this LSN: end the stream.
+    StopAt(Lsn),
+}
+
+/// How many messages the worker takes off its read buffer in one drain pass
+/// before it checks the stop signal and status feedback again.
+const DRAIN_BATCH: usize = 256;
+
+/// The batch size and the channel capacity (in batches) for `buffer_events`.
+///
+/// The channel and the batch the client is taking events from hold at most
+/// `(capacity + 1) * batch` events: `buffer_events` for `buffer_events >= 2`
+/// (the batch is at most half of it, so there are at least two), 2 for 1.
+/// Events the worker has parsed but not yet sent are slices of bytes it has
+/// already read (as before batching, when they sat in its read buffer).
+pub(crate) fn batch_limits(buffer_events: usize) -> (usize, usize) {
+    let batch = DRAIN_BATCH.min(buffer_events / 2).max(1);
+    let capacity = (buffer_events / batch).saturating_sub(1).max(1);
+    (batch, capacity)
+}
+
+/// The bounded channel of event batches for `buffer_events` (see
+/// [`batch_limits`]).
+pub(crate) fn event_channel(
+    buffer_events: usize,
+) -> (mpsc::Sender<EventBatch>, mpsc::Receiver<EventBatch>) {
+    mpsc::channel(batch_limits(buffer_events).1)
+}
 
 /// One row of a simple-query result: each column's text-format value, `None`
 /// for SQL NULL.
@@ -202,7 +248,12 @@ pub struct WorkerState {
     cfg: ReplicationConfig,
     progress: Arc<SharedProgress>,
     stop_rx: watch::Receiver<bool>,
-    out: mpsc::Sender<std::result::Result<ReplicationEvent, PgWireError>>,
+    out: mpsc::Sender<EventBatch>,
+    /// Events parsed and not yet sent: sent when the drain pass ends, or as
+    /// soon as `batch_size` are waiting.
+    batch: EventBatch,
+    /// At most this many events go in one channel item ([`batch_limits`]).
+    batch_size: usize,
     metrics: Arc<ReplicationMetrics>,
     /// Set to `true` once the server accepted START_REPLICATION.
     started: Option<watch::Sender<bool>>,
@@ -218,14 +269,17 @@ impl WorkerState {
         cfg: ReplicationConfig,
         progress: Arc<SharedProgress>,
         stop_rx: watch::Receiver<bool>,
-        out: mpsc::Sender<std::result::Result<ReplicationEvent, PgWireError>>,
+        out: mpsc::Sender<EventBatch>,
         metrics: Arc<ReplicationMetrics>,
     ) -> Self {
+        let batch_size = batch_limits(cfg.buffer_events).0;
         Self {
             cfg,
             progress,
             stop_rx,
             out,
+            batch: Vec::new(),
+            batch_size,
             metrics,
             started: None,
             gate: None,
@@ -367,11 +421,30 @@ impl WorkerState {
     /// dropped futures so the wait-phase `select!` is cancellation-safe. It
     /// reads the socket in large chunks and splits whole messages off its
     /// buffer without copying them (vendored change, see VENDORED.md).
+    ///
+    /// Events go to the consumer in batches (vendored change): those of one
+    /// drain pass are sent together as soon as the pass ends, a batch of
+    /// `batch_size` at once. Events parsed before an error are sent before the
+    /// worker ends with it, so the client sees them ahead of the error.
     async fn stream_loop<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         stream: &mut BufReader<S>,
     ) -> Result<()> {
         let mut last_status_sent = Instant::now() - self.cfg.status_interval;
+        let result = self.stream_events(stream, &mut last_status_sent).await;
+        if result.is_err() {
+            // Best effort: the error is what the session ends with either way.
+            let _ = self.flush_batch(stream, &mut last_status_sent).await;
+        }
+        result
+    }
+
+    /// [`stream_loop`](Self::stream_loop) up to its end or error.
+    async fn stream_events<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut BufReader<S>,
+        last_status_sent: &mut Instant,
+    ) -> Result<()> {
         let mut last_applied = self.progress.load_applied();
         // Wakes the wait phase when the consumer raises the applied LSN.
         let mut applied_rx = self.progress.subscribe();
@@ -385,10 +458,6 @@ impl WorkerState {
             reader.extend_from_slice(stream.buffer());
             std::pin::Pin::new(&mut *stream).consume(buffered);
         }
-        // How many messages to process in the tight loop before checking
-        // stop signal and sending periodic status feedback.
-        const DRAIN_BATCH: usize = 256;
-
         loop {
             // Update applied LSN from client
             let current_applied = self.progress.load_applied();
@@ -399,12 +468,14 @@ impl WorkerState {
             // Send periodic status feedback
             if last_status_sent.elapsed() >= self.cfg.status_interval {
                 self.send_feedback(stream, last_applied, false).await?;
-                last_status_sent = Instant::now();
+                *last_status_sent = Instant::now();
             }
 
             // ── Drain phase: tight loop over the messages already read ──
             // One read of the socket brings many WAL messages. Take them in a
-            // tight loop to avoid select!/timeout overhead per message.
+            // tight loop to avoid select!/timeout overhead per message, and
+            // send their events as one batch when the pass ends (with those of
+            // a message the wait phase read), never waiting for more.
             let mut drained = 0usize;
             while drained < DRAIN_BATCH {
                 let Some(msg) = reader.next_buffered()? else {
@@ -414,18 +485,19 @@ impl WorkerState {
                 if msg.tag == b'E' {
                     return Err(PgWireError::Server(parse_error_response(&msg.payload)));
                 }
-                if msg.tag == b'd'
-                    && self
-                        .handle_copy_data(
-                            stream,
-                            msg.payload,
-                            &mut last_applied,
-                            &mut last_status_sent,
-                        )
-                        .await?
-                {
-                    return Ok(());
+                if msg.tag == b'd' {
+                    let taken = self.take_copy_data(msg.payload)?;
+                    if (taken != Taken::Queued || self.batch.len() >= self.batch_size)
+                        && self
+                            .after_copy_data(stream, taken, &mut last_applied, last_status_sent)
+                            .await?
+                    {
+                        return Ok(());
+                    }
                 }
+            }
+            if self.flush_batch(stream, last_status_sent).await? {
+                return Ok(());
             }
 
             // If we drained messages, loop back to check stop/status before
@@ -454,7 +526,7 @@ impl WorkerState {
             applied_rx.mark_unchanged();
             let applied = self.progress.take_signal();
             let pending = self.last_sent.is_none_or(|sent| applied > sent);
-            let feedback_due = last_status_sent + self.cfg.status_interval;
+            let feedback_due = *last_status_sent + self.cfg.status_interval;
             let msg = tokio::select! {
                 biased;
 
@@ -470,7 +542,7 @@ impl WorkerState {
                     let applied = self.progress.load_applied();
                     last_applied = applied;
                     self.send_feedback(stream, applied, false).await?;
-                    last_status_sent = Instant::now();
+                    *last_status_sent = Instant::now();
                     continue;
                 }
 
@@ -487,7 +559,7 @@ impl WorkerState {
                             let applied = self.progress.load_applied();
                             last_applied = applied;
                             self.send_feedback(stream, applied, false).await?;
-                            last_status_sent = Instant::now();
+                            *last_status_sent = Instant::now();
                             continue;
                         }
                     }
@@ -497,64 +569,44 @@ impl WorkerState {
             if msg.tag == b'E' {
                 return Err(PgWireError::Server(parse_error_response(&msg.payload)));
             }
-            if msg.tag == b'd'
-                && self
-                    .handle_copy_data(
-                        stream,
-                        msg.payload,
-                        &mut last_applied,
-                        &mut last_status_sent,
-                    )
-                    .await?
-            {
-                return Ok(());
+            // Its events are sent with the next drain pass's, which follows
+            // without waiting.
+            if msg.tag == b'd' {
+                let taken = self.take_copy_data(msg.payload)?;
+                if (taken != Taken::Queued || self.batch.len() >= self.batch_size)
+                    && self
+                        .after_copy_data(stream, taken, &mut last_applied, last_status_sent)
+                        .await?
+                {
+                    return Ok(());
+                }
             }
         }
     }
 
-    /// Handle a CopyData message. Returns true if we should stop.
-    async fn handle_copy_data<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        stream: &mut BufReader<S>,
-        payload: Bytes,
-        last_applied: &mut Lsn,
-        last_status_sent: &mut Instant,
-    ) -> Result<bool> {
-        let cd = parse_copy_data(payload)?;
-
-        match cd {
+    /// Take a CopyData message: parse it and queue its event for the consumer,
+    /// without awaiting anything, so a message costs no future of its own. The
+    /// batch holds at most `batch_size` events after it (it held fewer before);
+    /// the caller sends a full one, and does what the result asks.
+    fn take_copy_data(&mut self, payload: Bytes) -> Result<Taken> {
+        let (event, reached) = match parse_copy_data(payload)? {
             ReplicationCopyData::KeepAlive {
                 wal_end,
                 server_time_micros,
                 reply_requested,
             } => {
                 self.metrics.set_last_wal_end(wal_end);
-
-                // Respond immediately if server requests it
-                if reply_requested {
-                    let applied = self.progress.load_applied();
-                    *last_applied = applied;
-                    self.send_feedback(stream, applied, true).await?;
-                    *last_status_sent = Instant::now();
-                    self.metrics.record_keepalive_reply();
-                }
-
-                if self
-                    .send_event_backpressured(
-                        stream,
-                        Ok(ReplicationEvent::KeepAlive {
-                            wal_end,
-                            reply_requested,
-                            server_time_micros,
-                        }),
-                        last_status_sent,
-                    )
-                    .await?
-                {
-                    return Ok(true);
-                }
-
-                Ok(false)
+                self.batch.push(ReplicationEvent::KeepAlive {
+                    wal_end,
+                    reply_requested,
+                    server_time_micros,
+                });
+                // The server asked for a status update at once.
+                return Ok(if reply_requested {
+                    Taken::Reply
+                } else {
+                    Taken::Queued
+                });
             }
             ReplicationCopyData::XLogData {
                 wal_start,
@@ -563,104 +615,73 @@ impl WorkerState {
                 data,
             } => {
                 self.metrics.set_last_wal_end(wal_end);
-
-                // If the payload is a pgoutput Begin/Commit message, emit only the boundary event.
-                if let Some(boundary_ev) = parse_pgoutput_boundary(&data)? {
-                    let reached_lsn = match boundary_ev {
-                        ReplicationEvent::Begin { final_lsn, .. } => final_lsn,
-                        ReplicationEvent::Commit { end_lsn, .. } => end_lsn,
-                        _ => wal_end, // should never happen if parser only returns Begin/Commit
-                    };
-
-                    if self
-                        .send_event_backpressured(stream, Ok(boundary_ev), last_status_sent)
-                        .await?
-                    {
-                        return Ok(true);
+                // If the payload is a pgoutput Begin/Commit (or Message)
+                // message, emit only that event, and stop at its LSN.
+                match parse_pgoutput_boundary(&data)? {
+                    Some(boundary) => {
+                        let reached = match boundary {
+                            ReplicationEvent::Begin { final_lsn, .. } => final_lsn,
+                            ReplicationEvent::Commit { end_lsn, .. } => end_lsn,
+                            _ => wal_end, // a Message
+                        };
+                        (boundary, reached)
                     }
-
-                    // Stop condition (prefer boundary LSN semantics when available)
-                    if let Some(stop_lsn) = self.cfg.stop_at_lsn {
-                        if reached_lsn >= stop_lsn {
-                            if self
-                                .send_event_backpressured(
-                                    stream,
-                                    Ok(ReplicationEvent::StoppedAt {
-                                        reached: reached_lsn,
-                                    }),
-                                    last_status_sent,
-                                )
-                                .await?
-                            {
-                                return Ok(true);
-                            }
-                            let _ = write_copy_done(stream).await;
-                            return Ok(true); // should stop.
-                        }
-                    }
-
-                    return Ok(false);
-                }
-                // Otherwise, emit raw payload
-                // Check stop condition
-                if let Some(stop_lsn) = self.cfg.stop_at_lsn {
-                    if wal_end >= stop_lsn {
-                        // Send final event, then stop signal
-                        if self
-                            .send_event_backpressured(
-                                stream,
-                                Ok(ReplicationEvent::XLogData {
-                                    wal_start,
-                                    wal_end,
-                                    server_time_micros,
-                                    data,
-                                }),
-                                last_status_sent,
-                            )
-                            .await?
-                        {
-                            return Ok(true);
-                        }
-
-                        if self
-                            .send_event_backpressured(
-                                stream,
-                                Ok(ReplicationEvent::StoppedAt { reached: wal_end }),
-                                last_status_sent,
-                            )
-                            .await?
-                        {
-                            return Ok(true);
-                        }
-
-                        let _ = write_copy_done(stream).await;
-                        return Ok(true);
-                    }
-                }
-
-                if self
-                    .send_event_backpressured(
-                        stream,
-                        Ok(ReplicationEvent::XLogData {
+                    // Otherwise, emit the raw payload.
+                    None => (
+                        ReplicationEvent::XLogData {
                             wal_start,
                             wal_end,
                             server_time_micros,
                             data,
-                        }),
-                        last_status_sent,
-                    )
-                    .await?
-                {
-                    return Ok(true);
+                        },
+                        wal_end,
+                    ),
                 }
-
-                Ok(false)
             }
+        };
+        self.batch.push(event);
+        match self.cfg.stop_at_lsn {
+            Some(stop_lsn) if reached >= stop_lsn => Ok(Taken::StopAt(reached)),
+            _ => Ok(Taken::Queued),
         }
     }
 
-    /// Forward an event to the consumer, keeping standby feedback alive under
-    /// backpressure.
+    /// The awaiting part of a CopyData message that
+    /// [`take_copy_data`](Self::take_copy_data) took: a status reply the
+    /// server asked for, a full batch to send, or the end at `stop_at_lsn`
+    /// (the batch, then `StoppedAt` and CopyDone). Returns true if we should
+    /// stop.
+    async fn after_copy_data<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut BufReader<S>,
+        taken: Taken,
+        last_applied: &mut Lsn,
+        last_status_sent: &mut Instant,
+    ) -> Result<bool> {
+        if taken == Taken::Reply {
+            let applied = self.progress.load_applied();
+            *last_applied = applied;
+            self.send_feedback(stream, applied, true).await?;
+            *last_status_sent = Instant::now();
+            self.metrics.record_keepalive_reply();
+        }
+        if self.batch.len() >= self.batch_size && self.flush_batch(stream, last_status_sent).await?
+        {
+            return Ok(true);
+        }
+        if let Taken::StopAt(reached) = taken {
+            self.batch.push(ReplicationEvent::StoppedAt { reached });
+            if self.flush_batch(stream, last_status_sent).await? {
+                return Ok(true);
+            }
+            let _ = write_copy_done(stream).await;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Send the queued events to the consumer as one channel item, keeping
+    /// standby feedback alive under backpressure. Nothing queued: nothing sent.
     ///
     /// Fast path: if the channel has capacity, send immediately — no await, no
     /// stall. When the channel is full we must **not** block silently on
@@ -673,26 +694,32 @@ impl WorkerState {
     /// control (we stop reading the socket while parked here).
     ///
     /// Returns `Ok(true)` if a stop was requested while waiting (the caller
-    /// should unwind), or `Ok(false)` once the event is delivered or the
-    /// channel is closed.
-    async fn send_event_backpressured<S: AsyncWrite + Unpin>(
+    /// should unwind; the batch is dropped), or `Ok(false)` once the batch is
+    /// delivered or the channel is closed.
+    async fn flush_batch<S: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut S,
-        event: std::result::Result<ReplicationEvent, PgWireError>,
         last_status_sent: &mut Instant,
     ) -> Result<bool> {
+        if self.batch.is_empty() {
+            return Ok(false);
+        }
+        // The next batch starts with room for as many events as this one.
+        let len = self.batch.len();
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(len));
+        let events = len as u64;
         // Fast path: capacity available.
         match self.out.try_reserve() {
             Ok(permit) => {
-                permit.send(event);
-                self.metrics.record_event_forwarded();
+                permit.send(batch);
+                self.metrics.record_events_forwarded(events);
                 return Ok(false);
             }
             Err(mpsc::error::TrySendError::Closed(())) => {
                 tracing::debug!("event channel closed, client may have disconnected");
                 return Ok(false);
             }
-            // Channel full: fall through to the backpressure wait loop. `event`
+            // Channel full: fall through to the backpressure wait loop. `batch`
             // is untouched (try_reserve carries no value), so we still own it.
             Err(mpsc::error::TrySendError::Full(())) => {}
         }
@@ -719,8 +746,8 @@ impl WorkerState {
                         .record_stall_end(stall_start.elapsed().as_micros() as u64);
                     match permit {
                         Ok(permit) => {
-                            permit.send(event);
-                            self.metrics.record_event_forwarded();
+                            permit.send(batch);
+                            self.metrics.record_events_forwarded(events);
                         }
                         Err(_closed) => {
                             tracing::debug!("event channel closed while backpressured");
@@ -1177,11 +1204,7 @@ mod tests {
     /// channels stay open for the duration of the test).
     fn test_worker(
         cfg: ReplicationConfig,
-    ) -> (
-        WorkerState,
-        watch::Sender<bool>,
-        mpsc::Receiver<std::result::Result<ReplicationEvent, PgWireError>>,
-    ) {
+    ) -> (WorkerState, watch::Sender<bool>, mpsc::Receiver<EventBatch>) {
         let progress = Arc::new(SharedProgress::new(cfg.ack_lsn.unwrap_or(cfg.start_lsn)));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (tx, rx) = mpsc::channel(16);
@@ -1580,7 +1603,7 @@ mod tests {
         let progress = Arc::new(SharedProgress::new(Lsn(0)));
         let (stop_tx, stop_rx) = watch::channel(false);
         // Receiver is held but never drained, so the channel stays full.
-        let (tx, _rx_never_drained) = mpsc::channel(cfg.buffer_events);
+        let (tx, _rx_never_drained) = event_channel(cfg.buffer_events);
         let metrics = Arc::new(ReplicationMetrics::default());
         let mut worker = WorkerState::new(cfg, progress, stop_rx, tx, Arc::clone(&metrics));
 
@@ -1654,7 +1677,7 @@ mod tests {
 
         let progress = Arc::new(SharedProgress::new(Lsn(0)));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (tx, _rx_never_drained) = mpsc::channel(cfg.buffer_events);
+        let (tx, _rx_never_drained) = event_channel(cfg.buffer_events);
         let metrics = Arc::new(ReplicationMetrics::default());
         let mut worker = WorkerState::new(cfg, progress, stop_rx, tx, Arc::clone(&metrics));
 
@@ -1764,7 +1787,8 @@ mod tests {
         server: Server,
         task: tokio::task::JoinHandle<Result<()>>,
         stop: watch::Sender<bool>,
-        _events: mpsc::Receiver<std::result::Result<ReplicationEvent, PgWireError>>,
+        events: mpsc::Receiver<EventBatch>,
+        metrics: Arc<ReplicationMetrics>,
     }
 
     fn feedback_cfg() -> ReplicationConfig {
@@ -1787,14 +1811,10 @@ mod tests {
         capacity: usize,
     ) -> Running {
         let (stop, stop_rx) = watch::channel(false);
-        let (tx, events) = mpsc::channel(16);
-        let mut worker = WorkerState::new(
-            cfg,
-            Arc::clone(progress),
-            stop_rx,
-            tx,
-            Arc::new(ReplicationMetrics::default()),
-        );
+        let (tx, events) = event_channel(cfg.buffer_events);
+        let metrics = Arc::new(ReplicationMetrics::default());
+        let mut worker =
+            WorkerState::new(cfg, Arc::clone(progress), stop_rx, tx, Arc::clone(&metrics));
         let (worker_end, end) = tokio::io::duplex(capacity);
         let task = tokio::spawn(async move {
             let mut buf = BufReader::with_capacity(1024, worker_end);
@@ -1808,7 +1828,8 @@ mod tests {
             },
             task,
             stop,
-            _events: events,
+            events,
+            metrics,
         }
     }
 
@@ -2162,5 +2183,154 @@ mod tests {
         assert_eq!(r.server.status().await.applied, 50);
         assert_eq!(seen(&s).len(), 1);
         r.task.abort();
+    }
+
+    // ── Batches of events (vendored change) ───────────────────────────────
+
+    /// The `wal_end` of each event, which in these tests are `XLogData`.
+    fn wal_ends(batch: &[ReplicationEvent]) -> Vec<u64> {
+        batch
+            .iter()
+            .map(|ev| match ev {
+                ReplicationEvent::XLogData { wal_end, .. } => wal_end.as_u64(),
+                other => panic!("expected XLogData, got {other:?}"),
+            })
+            .collect()
+    }
+
+    /// A config where nothing but a message wakes the worker for an hour.
+    fn quiet_cfg(buffer_events: usize) -> ReplicationConfig {
+        ReplicationConfig {
+            status_interval: std::time::Duration::from_secs(3600),
+            idle_wakeup_interval: std::time::Duration::from_secs(3600),
+            buffer_events,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batch_limits_bound_the_events_waiting_for_the_consumer() {
+        // The relay's setting: 3 batches of 256 in the channel, one being taken.
+        assert_eq!(batch_limits(1024), (256, 3));
+        assert_eq!(batch_limits(8192), (256, 31));
+        assert_eq!(batch_limits(2), (1, 1));
+        assert_eq!(batch_limits(1), (1, 1));
+        assert_eq!(batch_limits(0), (1, 1));
+        for buffer_events in 0..5000 {
+            let (batch, capacity) = batch_limits(buffer_events);
+            assert!((1..=DRAIN_BATCH).contains(&batch));
+            assert!(capacity >= 1);
+            // In the channel, plus the batch the client is taking from.
+            let waiting = (capacity + 1) * batch;
+            assert!(
+                waiting <= buffer_events.max(2),
+                "{buffer_events}: {capacity} batches of {batch}"
+            );
+            // And not much below it: the batch is the only rounding.
+            assert!(waiting + batch > buffer_events.min(2 * DRAIN_BATCH));
+        }
+    }
+
+    /// A message alone on the stream reaches the consumer at once: the batch
+    /// goes when the drain pass ends, without waiting for more messages.
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_event_is_sent_without_waiting_for_more() {
+        let progress = Arc::new(SharedProgress::new(Lsn(0)));
+        let mut r = run_stream_with(quiet_cfg(1024), &progress, 64 * 1024);
+        assert_eq!(r.server.status().await.applied, 0);
+        for lsn in [1, 2] {
+            r.server.send(&xlog_frame(lsn, b"Ilone")).await;
+            // Paused time: if the worker waited, time would jump to its hour.
+            let batch = tokio::time::timeout(SECOND, r.events.recv())
+                .await
+                .expect("the lone event should not wait for more")
+                .expect("the worker is running");
+            assert_eq!(wal_ends(&batch), vec![lsn]);
+        }
+        r.task.abort();
+    }
+
+    /// Many messages read at once go in batches of at most the batch size,
+    /// in the stream's order; a consumer that does not take them holds the
+    /// worker at one batch in the channel (buffer_events 8: batches of 4).
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_consumer_bounds_the_events_in_flight() {
+        let progress = Arc::new(SharedProgress::new(Lsn(0)));
+        let cfg = ReplicationConfig {
+            status_interval: SECOND,
+            ..quiet_cfg(8)
+        };
+        let mut r = run_stream_with(cfg, &progress, 64 * 1024);
+        assert_eq!(r.server.status().await.applied, 0);
+        let frames: Vec<u8> = (1..=100).flat_map(|lsn| xlog_frame(lsn, b"I")).collect();
+        r.server.send(&frames).await;
+        // The next status update comes from the worker stalled on a full
+        // channel (nothing is pending and the idle wakeup is an hour away).
+        assert_eq!(r.server.status().await.applied, 0);
+        assert_eq!(r.metrics.stall_count(), 1);
+        assert_eq!(r.metrics.events_forwarded(), 4, "one batch of 4 in flight");
+
+        let mut seen = Vec::new();
+        while seen.len() < 100 {
+            let batch = r.events.recv().await.expect("the worker is running");
+            assert!((1..=4).contains(&batch.len()), "{} events", batch.len());
+            seen.extend(wal_ends(&batch));
+            assert!(r.metrics.events_forwarded() <= seen.len() as u64 + 4);
+        }
+        assert_eq!(seen, (1..=100).collect::<Vec<_>>());
+        r.task.abort();
+    }
+
+    /// Events read before an error are delivered, then the worker ends with it.
+    #[tokio::test(start_paused = true)]
+    async fn events_read_before_an_error_are_sent_before_it() {
+        let progress = Arc::new(SharedProgress::new(Lsn(0)));
+        let mut r = run_stream_with(quiet_cfg(1024), &progress, 64 * 1024);
+        assert_eq!(r.server.status().await.applied, 0);
+        let mut frames: Vec<u8> = (1..=5).flat_map(|lsn| xlog_frame(lsn, b"I")).collect();
+        frames.extend(frame(b'E', b"SERROR\0C58000\0Mboom\0\0"));
+        r.server.send(&frames).await;
+        let res = (&mut r.task).await.expect("the worker does not panic");
+        assert!(matches!(res, Err(PgWireError::Server(_))), "{res:?}");
+        let mut seen = Vec::new();
+        while let Some(batch) = r.events.recv().await {
+            seen.extend(wal_ends(&batch));
+        }
+        assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+    }
+
+    /// stop_at_lsn: the events up to the stop LSN and StoppedAt reach the
+    /// consumer, in one batch with the events read with them, before CopyDone.
+    #[tokio::test(start_paused = true)]
+    async fn stop_at_lsn_sends_the_batch_then_ends() {
+        let progress = Arc::new(SharedProgress::new(Lsn(0)));
+        let cfg = ReplicationConfig {
+            stop_at_lsn: Some(Lsn(6)),
+            ..quiet_cfg(1024)
+        };
+        let mut r = run_stream_with(cfg, &progress, 64 * 1024);
+        assert_eq!(r.server.status().await.applied, 0);
+        let frames: Vec<u8> = (1..=10).flat_map(|lsn| xlog_frame(lsn, b"I")).collect();
+        r.server.send(&frames).await;
+        let res = (&mut r.task).await.expect("the worker does not panic");
+        assert!(res.is_ok(), "{res:?}");
+        let mut events = Vec::new();
+        while let Some(batch) = r.events.recv().await {
+            events.extend(batch);
+        }
+        let (last, data) = events.split_last().expect("events");
+        assert_eq!(wal_ends(data), vec![1, 2, 3, 4, 5, 6]);
+        assert!(
+            matches!(last, ReplicationEvent::StoppedAt { reached } if *reached == Lsn(6)),
+            "{last:?}"
+        );
+        // CopyDone followed the status update.
+        let msg = r
+            .server
+            .reader
+            .read(&mut r.server.end)
+            .await
+            .expect("CopyDone");
+        assert_eq!(msg.tag, b'c');
     }
 }
