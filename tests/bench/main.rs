@@ -123,7 +123,16 @@ fn main() -> Result<()> {
         vec![None]
     };
     for pinning in variants.iter().filter(|_| !only_verify) {
-        for (shape, per_tx) in [("", events), ("_single_tx", 1)] {
+        // BENCH_SHAPES=one or =single: only the one-transaction or the single-event backlog.
+        let shapes = std::env::var("BENCH_SHAPES").unwrap_or_default();
+        for (shape, per_tx) in [("", events), ("_single_tx", 1)]
+            .into_iter()
+            .filter(|(shape, _)| match shapes.as_str() {
+                "one" => shape.is_empty(),
+                "single" => !shape.is_empty(),
+                _ => true,
+            })
+        {
             let shape = format!("{shape}{}", if pinning.is_some() { "_pinned" } else { "" });
             let pins = pinning.as_ref().map(|p| p.apply(&bench)).transpose()?;
             let drained = bench.drain_pairs(&shape, per_tx, pairs, pins.as_ref(), &mut push);
@@ -244,10 +253,20 @@ impl Bench {
     }
 
     fn relay_command(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        self.relay_command_of(&self.relay_bin, args, extra)
+    }
+
+    /// [`Bench::relay_command`] with the relay build `bin` (setup is always this commit's).
+    fn relay_command_of(
+        &self,
+        bin: &std::path::Path,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> Command {
         // Setup with this commit's relay, whichever build runs: its schema is a superset.
         let bin = match args.first() {
             Some(&"setup") => harness::workspace_root().join("target/release/outbox-relay"),
-            _ => self.relay_bin.clone(),
+            _ => bin.to_path_buf(),
         };
         let mut cmd = Command::new(bin);
         cmd.args(args)
@@ -325,7 +344,33 @@ impl Bench {
         let millions = self.events as f64 / 1e6;
         for pair in 0..pairs {
             let wal = self.drain_recvlogical(end, pins)?;
-            let relay = self.drain_relay(end, pins)?;
+            let relay = self.drain_relay(end, pins, &self.relay_bin)?;
+            // BENCH_COMPARE_BIN: another relay build drains the same backlog in every pair,
+            // right after this one; its figures get the suffix `_cmp` (drain-only output).
+            if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
+                let cmp = self.drain_relay(end, pins, std::path::Path::new(&other))?;
+                let cmp_rate = self.events as f64 / cmp.seconds;
+                eprintln!(
+                    "bench: drain{shape} pair {}/{pairs}: compared build {cmp_rate:.0} ev/s",
+                    pair + 1
+                );
+                push(format!("relay_events_per_s{shape}_cmp"), cmp_rate);
+                push(
+                    format!("relay_to_wal_ratio{shape}_cmp"),
+                    cmp_rate * wal.seconds / self.events as f64,
+                );
+                push(format!("relay_peak_rss_mb{shape}_cmp"), cmp.rss_mb);
+                for (key, cpu) in [
+                    ("relay", cmp.consumer_cpu),
+                    ("walsender_serving_relay", cmp.walsender_cpu),
+                    ("clickhouse", cmp.clickhouse_cpu),
+                ] {
+                    push(
+                        format!("{key}_cpu_s_per_million_events{shape}_cmp"),
+                        cpu / millions,
+                    );
+                }
+            }
             let (wal_rate, relay_rate) = (
                 self.events as f64 / wal.seconds,
                 self.events as f64 / relay.seconds,
@@ -405,10 +450,10 @@ impl Bench {
     /// `outbox-relay run` draining a fresh copy of the backlog's slot into an empty table, from
     /// its start until the slot's confirmed position reaches `end` (status interval 100 ms, so
     /// the end is seen promptly).
-    fn drain_relay(&self, end: u64, pins: Option<&Pins>) -> Result<Pass> {
+    fn drain_relay(&self, end: u64, pins: Option<&Pins>, bin: &std::path::Path) -> Result<Pass> {
         self.ch.query("TRUNCATE TABLE bench.event_log")?;
         self.fresh_slot(SLOT, SLOT_BASE)?;
-        let cmd = self.relay_command(&["run"], &[("RELAY_STATUS_INTERVAL_MS", "100")]);
+        let cmd = self.relay_command_of(bin, &["run"], &[("RELAY_STATUS_INTERVAL_MS", "100")]);
         let clickhouse = self.clickhouse_cpu();
         let started = Instant::now();
         let mut child = on_cpus(cmd, pins).stderr(Stdio::null()).spawn()?;
