@@ -44,8 +44,9 @@ const LINGER_BELOW: usize = 8;
 const LINGER: Duration = Duration::from_millis(1);
 
 /// A transaction that has brought this many rows is a large one: the walsender decodes it as
-/// fast as it can, and a relay that stops reading for [`LINGER`] whenever it caught up with it
-/// slowed it down (one 1,000,000-row transaction drained at 0.84 of the speed without it).
+/// fast as it can, and a relay whose thread stopped reading for [`LINGER`] whenever it caught up
+/// slowed it down (one 1,000,000-row transaction drained at 0.84 of the speed). In a large
+/// transaction only the session's task waits, the replication worker reads on.
 const LINGER_ROWS: u32 = 256;
 
 /// How long the relay's thread waits for more transactions after a small take while a batch is
@@ -236,14 +237,19 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                     // the transaction in hand, or, while a batch waits for its deadline anyway,
                     // the next transactions. Under load the takes are large and nothing waits.
                     if taken < LINGER_BELOW {
-                        let linger = if self.tx.as_ref().is_some_and(|tx| tx.seq < LINGER_ROWS) {
-                            LINGER
-                        } else if self.tx.is_some() {
-                            Duration::ZERO
-                        } else if self.batch.is_some() {
-                            BATCH_LINGER.min(self.config.batch_max_wait() / 10)
-                        } else {
-                            Duration::ZERO
+                        let linger = match &self.tx {
+                            Some(tx) if tx.seq >= LINGER_ROWS => {
+                                // A large transaction: the walsender sends as fast as it
+                                // decodes. Only this task waits; the replication worker keeps
+                                // reading the socket meanwhile, so the walsender never stalls.
+                                tokio::time::sleep(LINGER).await;
+                                Duration::ZERO
+                            }
+                            Some(_) => LINGER,
+                            None if self.batch.is_some() => {
+                                BATCH_LINGER.min(self.config.batch_max_wait() / 10)
+                            }
+                            None => Duration::ZERO,
                         };
                         if !linger.is_zero() {
                             std::thread::sleep(linger);
