@@ -345,67 +345,76 @@ impl Bench {
         for pair in 0..pairs {
             let wal = self.drain_recvlogical(end, pins)?;
             let relay = self.drain_relay(end, pins, &self.relay_bin)?;
-            // BENCH_COMPARE_BIN: another relay build drains the same backlog in every pair,
-            // right after this one; its figures get the suffix `_cmp` (drain-only output).
-            if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
-                let cmp = self.drain_relay(end, pins, std::path::Path::new(&other))?;
-                let cmp_rate = self.events as f64 / cmp.seconds;
-                eprintln!(
-                    "bench: drain{shape} pair {}/{pairs}: compared build {cmp_rate:.0} ev/s",
-                    pair + 1
-                );
-                push(format!("relay_events_per_s{shape}_cmp"), cmp_rate);
-                push(
-                    format!("relay_to_wal_ratio{shape}_cmp"),
-                    cmp_rate * wal.seconds / self.events as f64,
-                );
-                push(format!("relay_peak_rss_mb{shape}_cmp"), cmp.rss_mb);
-                for (key, cpu) in [
-                    ("relay", cmp.consumer_cpu),
-                    ("walsender_serving_relay", cmp.walsender_cpu),
-                    ("clickhouse", cmp.clickhouse_cpu),
-                ] {
-                    push(
-                        format!("{key}_cpu_s_per_million_events{shape}_cmp"),
-                        cpu / millions,
-                    );
-                }
-            }
-            let (wal_rate, relay_rate) = (
-                self.events as f64 / wal.seconds,
-                self.events as f64 / relay.seconds,
-            );
+            let relay_rate = self.push_relay_pass(&relay, &wal, shape, push);
+            let wal_rate = self.events as f64 / wal.seconds;
             eprintln!(
                 "bench: drain{shape} pair {}/{pairs}: pg_recvlogical {wal_rate:.0} ev/s, relay \
                  {relay_rate:.0} ev/s ({:.2})",
                 pair + 1,
                 relay_rate / wal_rate
             );
+            // BENCH_COMPARE_BIN: another relay build drains the same backlog in every pair,
+            // right after this one; its figures get the suffix `_cmp` (drain-only output).
+            if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
+                let cmp = self.drain_relay(end, pins, std::path::Path::new(&other))?;
+                let cmp_rate = self.push_relay_pass(&cmp, &wal, &format!("{shape}_cmp"), push);
+                eprintln!(
+                    "bench: drain{shape} pair {}/{pairs}: compared build {cmp_rate:.0} ev/s ({:.2})",
+                    pair + 1,
+                    cmp_rate / wal_rate
+                );
+            }
             push(format!("wal_limit_events_per_s{shape}"), wal_rate);
-            push(format!("relay_events_per_s{shape}"), relay_rate);
-            push(format!("relay_to_wal_ratio{shape}"), relay_rate / wal_rate);
-            push(format!("relay_peak_rss_mb{shape}"), relay.rss_mb);
             for (key, cpu) in [
-                ("relay", relay.consumer_cpu),
                 ("pg_recvlogical", wal.consumer_cpu),
-                ("walsender_serving_relay", relay.walsender_cpu),
                 ("walsender_serving_wal_limit", wal.walsender_cpu),
-                ("clickhouse", relay.clickhouse_cpu),
             ] {
                 push(
                     format!("{key}_cpu_s_per_million_events{shape}"),
                     cpu / millions,
                 );
             }
-            for (during, (busy, waiting)) in [("wal_limit", wal.shares), ("relay", relay.shares)] {
-                push(format!("walsender_busy_during_{during}{shape}"), busy);
-                push(
-                    format!("walsender_cpu_wait_during_{during}{shape}"),
-                    waiting,
-                );
-            }
+            let (busy, waiting) = wal.shares;
+            push(format!("walsender_busy_during_wal_limit{shape}"), busy);
+            push(
+                format!("walsender_cpu_wait_during_wal_limit{shape}"),
+                waiting,
+            );
         }
         Ok(())
+    }
+
+    /// A relay drain's figures against the same pair's `pg_recvlogical` drain, pushed under
+    /// `{key}{suffix}`; returns the relay's events per second.
+    fn push_relay_pass(
+        &self,
+        relay: &Pass,
+        wal: &Pass,
+        suffix: &str,
+        push: &mut impl FnMut(String, f64),
+    ) -> f64 {
+        let millions = self.events as f64 / 1e6;
+        let rate = self.events as f64 / relay.seconds;
+        push(format!("relay_events_per_s{suffix}"), rate);
+        push(
+            format!("relay_to_wal_ratio{suffix}"),
+            wal.seconds / relay.seconds,
+        );
+        push(format!("relay_peak_rss_mb{suffix}"), relay.rss_mb);
+        for (key, cpu) in [
+            ("relay", relay.consumer_cpu),
+            ("walsender_serving_relay", relay.walsender_cpu),
+            ("clickhouse", relay.clickhouse_cpu),
+        ] {
+            push(
+                format!("{key}_cpu_s_per_million_events{suffix}"),
+                cpu / millions,
+            );
+        }
+        let (busy, waiting) = relay.shares;
+        push(format!("walsender_busy_during_relay{suffix}"), busy);
+        push(format!("walsender_cpu_wait_during_relay{suffix}"), waiting);
+        rate
     }
 
     /// pg_recvlogical (pgoutput, proto 1, binary, to /dev/null) draining a fresh copy of the
