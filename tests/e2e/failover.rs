@@ -59,6 +59,9 @@ impl Setup {
             .expect("primary + standby");
         let db = harness::unique_name("app");
         pair.primary.create_database(&db).expect("create database");
+        // Commands reach the standby's copy of the database (`status` asks each standby).
+        pair.wait_for_standby()
+            .expect("the standby replays the new database");
         let ch_db = harness::unique_name("analytics");
         let slot = harness::unique_name("slot");
         let url = format!(

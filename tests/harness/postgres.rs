@@ -532,6 +532,30 @@ impl PgPair {
         Self::start_opts(version, keep_standby_slots_setting, true)
     }
 
+    /// Waits until the standby has replayed everything the primary wrote so far (a database
+    /// just created on the primary, for example, exists on the standby from then on).
+    pub fn wait_for_standby(&self) -> Result<()> {
+        let lsn = self
+            .primary
+            .psql("postgres", "SELECT pg_current_wal_lsn()")?
+            .trim()
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let replayed = self.standby.psql(
+                "postgres",
+                &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+            )?;
+            if replayed.trim() == "t" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the standby did not replay the primary's WAL up to {lsn} within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// [`PgPair::start`]; without `dbname_in_conninfo` the standby's primary_conninfo lacks
     /// `dbname` (a trap: slot sync cannot work).
     pub fn start_opts(

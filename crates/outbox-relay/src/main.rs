@@ -181,20 +181,9 @@ fn main() -> ExitCode {
     code
 }
 
-/// The error and its causes, `a: b: c`, leaving out a cause whose text is already there (the
-/// relay's errors name their causes themselves).
+/// The error and its causes, `a: b: c` ([`relay::error_chain`]).
 fn error_chain(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&line);
-        }
-    }
-    text
+    relay::error_chain(e.as_ref())
 }
 
 /// `run` stopped on SIGTERM/SIGINT but ClickHouse had not accepted the last batch within

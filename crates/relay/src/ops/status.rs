@@ -82,7 +82,7 @@ async fn standby_status(
     let client = match pg::connect_host(target).await {
         Ok(c) => c,
         Err(e) => {
-            s.error = Some(e.to_string());
+            s.error = Some(crate::error_chain(&e));
             return s;
         }
     };
@@ -98,7 +98,7 @@ async fn standby_status(
     {
         Ok(r) => r,
         Err(e) => {
-            s.error = Some(e.to_string());
+            s.error = Some(crate::error_chain(&e));
             return s;
         }
     };
@@ -154,7 +154,7 @@ async fn standby_status(
                 "the slot is not here: after a failover to this host it would be missing".into(),
             );
         }
-        Err(e) => s.error = Some(e.to_string()),
+        Err(e) => s.error = Some(crate::error_chain(&e)),
     }
     s
 }
