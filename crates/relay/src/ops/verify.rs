@@ -6,9 +6,8 @@
 //! commit time, ClickHouse no xmin): the outbox's BRIN index and ClickHouse's monthly partitions
 //! and sort key serve exactly such ranges, and the purge deletes by it, so the retained range is
 //! a range of windows too. Per window each database computes, by itself, the row count and the
-//! sum (mod 2^64) of a 64-bit hash of each event id: the first 8 bytes of `md5(<uuid text>)` as a
-//! big-endian signed integer ([`id_hash`]), which PostgreSQL (`('x'||substr(md5(..),1,16))::bit(64)::int8`)
-//! and ClickHouse (`reinterpretAsInt64(reverse(substring(MD5(..),1,8)))`) compute identically. No
+//! sum (mod 2^64) of a 64-bit hash of each event id: PostgreSQL's own `uuid_hash_extended(id, 0)`
+//! (lookup3; [`id_hash`] in Rust, [`ch_hashed`] in ClickHouse, the steps written once). No
 //! event rows travel while windows match.
 //!
 //! An event is only compared once the live relay has passed it: the outbox is read in a snapshot
@@ -16,9 +15,10 @@
 //! right after S was taken (the fence of [`crate::ops::replay`]). That position is also the cut:
 //! ClickHouse's rows are compared when their `commit_lsn` is below it (a transaction committed at
 //! or past it committed after S), so the rows the relay ships while a pass runs are neither
-//! missing nor extra. The few a race leaves on the wrong side (committed below the cut but after
-//! S) are looked up by id before a window is narrowed, and rows ClickHouse holds that S does not
-//! see are looked up in the outbox again before they are called extra.
+//! missing nor extra. The few a race leaves on the wrong side (committed below the cut but not
+//! seen by S: their commit was being written while S was taken) are accounted for before a
+//! window is narrowed ([`Checker::race`]), and rows ClickHouse holds that S does not see are
+//! looked up in the outbox again before they are called extra.
 //!
 //! The background verifier carries sums from pass to pass ([`Memory`]) so a pass hashes only the
 //! rows that came since the last one: on the outbox's side the rows of transactions below the
@@ -48,24 +48,143 @@ const NARROW_ROWS: u64 = 20_000;
 const MAX_BUCKET_BITS: u32 = 16;
 /// Ids read per query when comparing id by id.
 const ID_PAGE: usize = 5_000;
-/// Most rows shipped since the last pass that a differing window's ids are looked up for
-/// before it is narrowed.
+/// Most rows committed while a pass took its snapshot that a differing window's ids are looked
+/// up for before it is narrowed.
 const RACE_IDS: usize = 50_000;
 
-/// The 64-bit hash of an event id both databases compute: the first 8 bytes of the MD5 of its
-/// text (lower-case, hyphenated) as a big-endian signed integer.
-pub fn id_hash(id_text: &str) -> i64 {
-    use md5::Digest;
-    let digest = md5::Md5::digest(id_text.as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(first)
+/// The 64-bit hash of an event id both databases compute: PostgreSQL's
+/// `uuid_hash_extended(id, 0)`, Bob Jenkins' lookup3 over the id's 16 bytes (PostgreSQL's
+/// `hash_bytes_extended` on a little-endian server), which costs PostgreSQL about as much as
+/// reading the row (md5 of the id's text cost it 0.85 µs a row); ClickHouse computes the same
+/// steps column by column ([`ch_hashed`]). The steps live here once, in [`MIX`] and [`FINAL`].
+pub fn id_hash(id: &[u8; 16]) -> i64 {
+    let word = |i: usize| u32::from_le_bytes([id[i], id[i + 1], id[i + 2], id[i + 3]]);
+    let mut v = [0, 4, 8].map(|i| HASH_INIT.wrapping_add(word(i)));
+    for (x, y, z, k) in MIX {
+        v[x] = v[x].wrapping_sub(v[z]) ^ v[z].rotate_left(k);
+        v[z] = v[z].wrapping_add(v[y]);
+    }
+    v[0] = v[0].wrapping_add(word(12));
+    for (x, y, k) in FINAL {
+        v[x] = (v[x] ^ v[y]).wrapping_sub(v[y].rotate_left(k));
+    }
+    ((u64::from(v[1]) << 32) | u64::from(v[2])) as i64
 }
 
+/// [`id_hash`] of an id as text (`None`: not a UUID).
+pub fn id_hash_text(id: &str) -> Option<i64> {
+    crate::event::parse_uuid(id).map(|bytes| id_hash(&bytes))
+}
+
+/// lookup3's starting state for a 16-byte key and seed 0: `0x9e3779b9 + 16 + 3923095`.
+const HASH_INIT: u32 = 0x9e37_79b9_u32.wrapping_add(16).wrapping_add(3_923_095);
+/// lookup3's `mix()` of the state (a, b, c) = (0, 1, 2), a line each: `x = (x - z) ^ rot(z, k);
+/// z = z + y`.
+const MIX: [(usize, usize, usize, u32); 6] = [
+    (0, 1, 2, 4),
+    (1, 2, 0, 6),
+    (2, 0, 1, 8),
+    (0, 1, 2, 16),
+    (1, 2, 0, 19),
+    (2, 0, 1, 4),
+];
+/// lookup3's `final()`, a line each: `x = (x ^ y) - rot(y, k)`.
+const FINAL: [(usize, usize, u32); 7] = [
+    (2, 1, 14),
+    (0, 2, 11),
+    (1, 0, 25),
+    (2, 1, 16),
+    (0, 2, 4),
+    (1, 0, 14),
+    (2, 1, 24),
+];
+
 /// PostgreSQL's expression of [`id_hash`] for the outbox row `o`.
-pub const PG_HASH: &str = "('x' || substr(md5(o.event_id::text), 1, 16))::bit(64)::int8";
-/// ClickHouse's expression of [`id_hash`].
-pub const CH_HASH: &str = "reinterpretAsInt64(reverse(substring(MD5(toString(event_id)), 1, 8)))";
+pub const PG_HASH: &str = "uuid_hash_extended(o.event_id, 0)";
+
+/// A ClickHouse subquery over the rows of `table` matching `filter`: the `payload` columns
+/// (`(expression, name)`) and `_h`, the [`id_hash`] of `event_id`. One nested query a step of
+/// [`MIX`] and [`FINAL`], each over the previous one's columns: the steps written as one
+/// expression would reuse each other's results so often that ClickHouse's query tree (aliases
+/// are expanded) would grow past its limit. About 0.15 µs a row.
+pub fn ch_hashed(payload: &[(&str, &str)], table: &str, filter: &str) -> String {
+    // Each level selects the payload's names, then its own columns.
+    let level = |own: Vec<String>, from: &str| {
+        let cols: Vec<String> = payload
+            .iter()
+            .map(|(_, name)| name.to_string())
+            .chain(own)
+            .collect();
+        format!("SELECT {} FROM {from}", cols.join(", "))
+    };
+    let mut sql = format!(
+        "SELECT {} FROM {table} WHERE {filter}",
+        payload
+            .iter()
+            .map(|(e, n)| format!("{e} AS {n}, "))
+            .collect::<String>()
+            + "UUIDStringToNum(toString(event_id)) AS _id"
+    );
+    let word = |i: usize| format!("reinterpretAsUInt32(substring(_id, {}, 4))", 1 + 4 * i);
+    let mut own: Vec<String> = (0..3)
+        .map(|x| {
+            format!(
+                "toUInt32(plus(toUInt32({HASH_INIT}), {})) AS _v{x}_0",
+                word(x)
+            )
+        })
+        .collect();
+    own.push(format!("{} AS _w3", word(3)));
+    sql = level(own, &format!("({sql})"));
+    let mut v = ["_v0_0", "_v1_0", "_v2_0"].map(String::from);
+    let mut step = 0;
+    // One level: `set` gives some of a, b, c new values from the previous level's.
+    let mut next = |sql: &mut String, v: &mut [String; 3], set: Vec<(usize, String)>| {
+        step += 1;
+        let mut own = Vec::new();
+        for (x, name) in v.iter_mut().enumerate() {
+            match set.iter().find(|(y, _)| *y == x) {
+                Some((_, e)) => {
+                    *name = format!("_v{x}_{step}");
+                    own.push(format!("{e} AS {name}"));
+                }
+                None => own.push(name.clone()),
+            }
+        }
+        own.push("_w3".into());
+        *sql = level(own, &format!("({sql})"));
+    };
+    for (x, y, z, k) in MIX {
+        let set = vec![
+            (
+                x,
+                format!(
+                    "bitXor(toUInt32(minus({}, {})), bitRotateLeft({}, {k}))",
+                    v[x], v[z], v[z]
+                ),
+            ),
+            (z, format!("toUInt32(plus({}, {}))", v[z], v[y])),
+        ];
+        next(&mut sql, &mut v, set);
+    }
+    let set = vec![(0, format!("toUInt32(plus({}, _w3))", v[0]))];
+    next(&mut sql, &mut v, set);
+    for (x, y, k) in FINAL {
+        let set = vec![(
+            x,
+            format!(
+                "toUInt32(minus(bitXor({}, {}), bitRotateLeft({}, {k})))",
+                v[x], v[y], v[y]
+            ),
+        )];
+        next(&mut sql, &mut v, set);
+    }
+    let h = format!(
+        "reinterpretAsInt64(bitOr(bitShiftLeft(toUInt64({}), 32), toUInt64({}))) AS _h",
+        v[1], v[2]
+    );
+    format!("({})", level(vec![h], &format!("({sql})")))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -88,7 +207,16 @@ pub enum VerifyError {
     },
     #[error("{0}")]
     Range(String),
+    #[error(
+        "PostgreSQL hashes event ids differently from this relay (uuid_hash_extended of \
+         {PROBE_ID} is {postgres}, the relay computes {relay}): a big-endian server? verify \
+         cannot compare checksums with it; set verify_interval_s = 0"
+    )]
+    HashDiffers { postgres: i64, relay: i64 },
 }
+
+/// The id whose hash each pass asks PostgreSQL for before it trusts [`PG_HASH`].
+const PROBE_ID: &str = "00112233-4455-6677-8899-aabbccddeeff";
 
 /// The time range to verify, in Unix microseconds of `event_date_time`: `[from_us, until_us)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -486,23 +614,39 @@ impl Checker<'_> {
         let old = format!("commit_lsn < {prev}");
         let new = format!("commit_lsn >= {prev} AND {}", Self::ch_cut(cut));
         let after = format!("NOT ({})", Self::ch_cut(cut));
-        let sql = format!(
-            "SELECT toInt64(intDiv(toUnixTimestamp64Micro(event_date_time) - toInt64({from}), toInt64({width}))),
-                    countIf({old}), sumIf(commit_lsn, {old}),
-                    countIf({new}), sumIf(commit_lsn, {new}),
-                    sum(if({new}, {CH_HASH}, toInt64(0))),
-                    countIf({after}), maxIf(commit_lsn, {after})
-               FROM {table} WHERE {filter} GROUP BY 1
-             SETTINGS short_circuit_function_evaluation = 'force_enable'",
-            from = range.from_us,
-            table = TABLE,
-            filter = self.ch_where(range, None)
+        let bin = format!(
+            "toInt64(intDiv(toUnixTimestamp64Micro(event_date_time) - toInt64({}), toInt64({width})))",
+            range.from_us
         );
-        type Row = (i64, u64, u64, u64, u64, i64, u64, u64);
+        let sql = format!(
+            "SELECT {bin}, countIf({old}), sumIf(commit_lsn, {old}),
+                    countIf({new}), sumIf(commit_lsn, {new}),
+                    countIf({after}), maxIf(commit_lsn, {after})
+               FROM {TABLE} WHERE {} GROUP BY 1",
+            self.ch_where(range, None)
+        );
+        type Row = (i64, u64, u64, u64, u64, u64, u64);
         let rows: Vec<Row> = self.sink.fetch_all(&sql).await?;
+        // The id hashes of the rows from `prev` to the cut only (the others' are remembered).
+        let mut sums = HashMap::new();
+        if rows.iter().any(|r| r.3 > 0) {
+            let hashed = ch_hashed(
+                &[(bin.as_str(), "w")],
+                TABLE,
+                &format!("{} AND {new}", self.ch_where(range, None)),
+            );
+            let sql = format!("SELECT w, sum(_h) FROM {hashed} GROUP BY w");
+            sums = self
+                .sink
+                .fetch_all::<(i64, i64)>(&sql)
+                .await?
+                .into_iter()
+                .collect();
+        }
         Ok(rows
             .into_iter()
-            .map(|(w, on, ofp, n, fp, sum, an, amax)| {
+            .map(|(w, on, ofp, n, fp, an, amax)| {
+                let sum = sums.get(&w).copied().unwrap_or_default();
                 let window = ChWindow {
                     old: (on, ofp),
                     new: ChPart { n, fp, sum },
@@ -545,10 +689,9 @@ impl Checker<'_> {
         cut: Option<u64>,
     ) -> Result<Sums, SinkError> {
         let sql = format!(
-            "SELECT {}, count(), sum({CH_HASH}) FROM {} WHERE {} GROUP BY 1",
+            "SELECT {}, count(), sum(_h) FROM {} GROUP BY 1",
             ch_bucket(bits),
-            TABLE,
-            self.ch_where(range, cut)
+            ch_hashed(&[], TABLE, &self.ch_where(range, cut))
         );
         let rows: Vec<(i64, u64, i64)> = self.sink.fetch_all(&sql).await?;
         Ok(rows.into_iter().map(|(b, n, s)| (b, (n, s))).collect())
@@ -586,37 +729,100 @@ impl Checker<'_> {
         buckets: Option<&[i64]>,
         cut: Option<u64>,
     ) -> Result<HashMap<String, u64>, SinkError> {
-        let filter = match buckets {
+        let sql = match buckets {
             Some(b) => format!(
-                " AND {} IN ({})",
+                "SELECT id, count() FROM {} WHERE {} IN ({}) GROUP BY id",
+                ch_hashed(
+                    &[("toString(event_id)", "id")],
+                    TABLE,
+                    &self.ch_where(range, cut)
+                ),
                 ch_bucket(bits),
                 b.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
             ),
-            None => String::new(),
+            None => format!(
+                "SELECT toString(event_id), count() FROM {} WHERE {} GROUP BY event_id",
+                TABLE,
+                self.ch_where(range, cut)
+            ),
         };
-        let sql = format!(
-            "SELECT toString(event_id), count() FROM {} WHERE {}{filter} GROUP BY event_id",
-            TABLE,
-            self.ch_where(range, cut)
-        );
         let rows: Vec<(String, u64)> = self.sink.fetch_all(&sql).await?;
         Ok(rows.into_iter().collect())
     }
 
-    /// Rows ClickHouse holds in `range` with `commit_lsn` from `prev` to `cut` that the snapshot
-    /// does not see and the outbox holds now (their transaction committed while the snapshot was
-    /// taken, below the cut): their count and hash sum. `None` when there are too many to look
-    /// up (the window is narrowed instead).
+    /// Rows ClickHouse holds in `range` below the cut that the snapshot does not see and the
+    /// outbox holds now: transactions committing while the snapshot was taken. Their count and
+    /// hash sum, from two kinds: (1) those still running for the snapshot (its xip) whose commit
+    /// record was written before `lo`, the WAL position read just before the snapshot (a commit
+    /// waiting for its flush or a synchronous standby): the outbox's rows of each such
+    /// transaction, grouped by transaction, matched (count and hash sum) with ClickHouse's
+    /// rows from `prev` to `lo` grouped by `commit_lsn`; (2) those that committed from `lo` to
+    /// the cut: ClickHouse's few rows there, looked up by id in the snapshot and in the outbox
+    /// now. `None` when (2) holds more than [`RACE_IDS`] rows (the window is narrowed instead).
+    #[allow(clippy::too_many_arguments)]
     async fn race(
         &self,
         tx: &Transaction<'_>,
         control: &Client,
         range: Range,
-        prev: u64,
-        cut: u64,
+        snapshot: &str,
+        scan_from: i64,
+        (prev, lo, cut): (u64, u64, u64),
     ) -> Result<Option<(u64, i64)>, VerifyError> {
+        let mut race = (0u64, 0i64);
+        let mut add = |n: u64, sum: i64| race = (race.0 + n, race.1.wrapping_add(sum));
+        // (1) Running for the snapshot, committed below `lo`.
         let sql = format!(
-            "SELECT DISTINCT toString(event_id) FROM {} WHERE {} AND commit_lsn >= {prev} LIMIT {}",
+            "SELECT count(*)::int8, coalesce(sum({PG_HASH}), 0)::text FROM {} o
+              WHERE {} AND o.event_date_time >= {}
+                AND o.xmin::text::int8 IN (SELECT x::text::int8 & 4294967295
+                                             FROM pg_snapshot_xip($4::text::pg_snapshot) x)
+              GROUP BY o.xmin",
+            outbox_table(self.config),
+            self.outbox_where(),
+            pg_time(3)
+        );
+        let running = control
+            .query(
+                &sql,
+                &[
+                    &range.from_us,
+                    &range.until_us,
+                    &scan_from.max(range.from_us),
+                    &snapshot,
+                ],
+            )
+            .await
+            .map_err(PgError::query("verify racing transactions"))?;
+        let lo = lo.clamp(prev, cut);
+        if !running.is_empty() && prev < lo {
+            let hashed = ch_hashed(
+                &[("commit_lsn", "l")],
+                TABLE,
+                &format!(
+                    "{} AND commit_lsn >= {prev} AND commit_lsn < {lo}",
+                    self.ch_where(range, None)
+                ),
+            );
+            let held: HashSet<(u64, i64)> = self
+                .sink
+                .fetch_all::<(u64, i64)>(&format!(
+                    "SELECT count(), sum(_h) FROM {hashed} GROUP BY l"
+                ))
+                .await?
+                .into_iter()
+                .collect();
+            for (n, sum) in running
+                .iter()
+                .map(|r| (r.get::<_, i64>(0) as u64, wrap_sum(&r.get::<_, String>(1))))
+                .filter(|t| held.contains(t))
+            {
+                add(n, sum);
+            }
+        }
+        // (2) Committed from `lo` to the cut.
+        let sql = format!(
+            "SELECT DISTINCT toString(event_id) FROM {} WHERE {} AND commit_lsn >= {lo} LIMIT {}",
             TABLE,
             self.ch_where(range, Some(cut)),
             RACE_IDS + 1
@@ -625,19 +831,22 @@ impl Checker<'_> {
         if ids.len() > RACE_IDS {
             return Ok(None);
         }
-        let held = format!(
-            "SELECT o.event_id::text FROM {} o WHERE o.event_id = ANY($1::text[]::uuid[])",
-            outbox_table(self.config)
-        );
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let seen = ids_held(tx, &held, &ids, "verify ids in the snapshot").await?;
-        let now = ids_held(control, &held, &ids, "verify ids").await?;
-        let race = ids
-            .iter()
-            .filter(|id| !seen.contains(**id) && now.contains(**id));
-        Ok(Some(race.fold((0, 0i64), |(n, sum), id| {
-            (n + 1, sum.wrapping_add(id_hash(id)))
-        })))
+        if !ids.is_empty() {
+            let held = format!(
+                "SELECT o.event_id::text FROM {} o WHERE o.event_id = ANY($1::text[]::uuid[])",
+                outbox_table(self.config)
+            );
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let seen = ids_held(tx, &held, &ids, "verify ids in the snapshot").await?;
+            let now = ids_held(control, &held, &ids, "verify ids").await?;
+            for id in ids
+                .iter()
+                .filter(|id| !seen.contains(**id) && now.contains(**id))
+            {
+                add(1, id_hash_text(id).unwrap_or_default());
+            }
+        }
+        Ok(Some(race))
     }
 
     /// The missing and extra ids of a differing window. A large window is first grouped by the
@@ -699,10 +908,10 @@ fn pg_bucket(bits: u32) -> String {
     format!("(({PG_HASH} >> {}) & {})", 64 - bits, (1i64 << bits) - 1)
 }
 
-/// The same in ClickHouse (logical shift of the unsigned hash).
+/// The same in ClickHouse, of [`ch_hashed`]'s `_h` (logical shift of the unsigned hash).
 fn ch_bucket(bits: u32) -> String {
     format!(
-        "toInt64(bitAnd(bitShiftRight(reinterpretAsUInt64(reverse(substring(MD5(toString(event_id)), 1, 8))), {}), {}))",
+        "toInt64(bitAnd(bitShiftRight(reinterpretAsUInt64(_h), {}), {}))",
         64 - bits,
         (1u64 << bits) - 1
     )
@@ -819,26 +1028,61 @@ async fn compare(
         )));
     }
     let width = options.window_us;
+    let started = std::time::Instant::now();
     let control = pg::connect(&config.postgres_url).await?;
     let mut reader = pg::connect(&config.postgres_url).await?;
     let tx = pg::read_snapshot(&mut reader, "verify snapshot").await?;
-    // The first statement takes the snapshot S; the WAL insert position it reads next is the
-    // cut: a transaction S sees committed below it, one whose commit is at or past it committed
-    // after S. ClickHouse's rows are compared below the cut, so the rows the relay ships while
-    // the pass runs are neither missing nor extra.
-    let row = tx
+    // The WAL position before the snapshot (see [`Checker::race`]).
+    let lo: i64 = control
         .query_one(
-            "SELECT pg_current_wal_insert_lsn()::text,
-                    (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8,
-                    pg_snapshot_xmin(pg_current_snapshot())::text::int8,
-                    pg_snapshot_xmax(pg_current_snapshot())::text::int8,
-                    floor(extract(epoch FROM statement_timestamp()) * 1000000)::int8",
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
             &[],
         )
         .await
-        .map_err(PgError::query("verify snapshot"))?;
-    let (fence, cut, xmin, xmax, started_us): (String, i64, i64, i64, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        .map_err(PgError::query("verify snapshot"))?
+        .get(0);
+    let lo = lo as u64;
+    // The first statement takes the snapshot S; the WAL insert position it reads next is the
+    // cut: a transaction S sees committed below it, one whose commit is at or past it committed
+    // after S. ClickHouse's rows are compared below the cut, so the rows the relay ships while
+    // the pass runs are neither missing nor extra. A simple query: the extended protocol would
+    // take S when the statement is parsed and read the cut a round trip later, and the
+    // transactions committing in between are the ones ClickHouse holds below the cut and S does
+    // not see (see [`Checker::race`]).
+    let first = format!(
+        "SELECT pg_current_wal_insert_lsn()::text,
+                (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8,
+                pg_snapshot_xmin(pg_current_snapshot())::text::int8,
+                pg_snapshot_xmax(pg_current_snapshot())::text::int8,
+                floor(extract(epoch FROM statement_timestamp()) * 1000000)::int8,
+                uuid_hash_extended('{PROBE_ID}'::uuid, 0),
+                pg_current_snapshot()::text"
+    );
+    let row = tx
+        .simple_query(&first)
+        .await
+        .map_err(PgError::query("verify snapshot"))?
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .ok_or_else(|| PgError::NotReady("the snapshot query returned no row".into()))?;
+    let text = |i: usize| row.get(i).unwrap_or_default().to_string();
+    let int = |i: usize| {
+        text(i).parse::<i64>().map_err(|_| {
+            PgError::NotReady(format!(
+                "verify snapshot: column {i} is not a number: {:?}",
+                text(i)
+            ))
+        })
+    };
+    let (fence, cut, xmin, xmax, started_us) = (text(0), int(1)?, int(2)?, int(3)?, int(4)?);
+    let (postgres, relay) = (int(5)?, id_hash_text(PROBE_ID).unwrap_or_default());
+    let snapshot = text(6);
+    if postgres != relay {
+        return Err(VerifyError::HashDiffers { postgres, relay });
+    }
     let cut = cut as u64;
     // An open-ended range starts at the oldest row, so windows are aligned to something near
     // the data.
@@ -860,6 +1104,7 @@ async fn compare(
             .min(range.until_us - 1);
     }
     wait_for_fence(&control, config, &fence, options.wait).await?;
+    let waited = started.elapsed();
 
     let checker = Checker { config, sink };
     if memory.width_us != width {
@@ -1004,6 +1249,7 @@ async fn compare(
         next,
     });
 
+    let outbox_done = started.elapsed();
     // ClickHouse: remembered sums of the rows below the last cut, while their count and
     // commit_lsn sum are unchanged and no mutation came, plus the rows from that cut to this one.
     let mutations: u64 = sink
@@ -1027,6 +1273,7 @@ async fn compare(
         let r = remembered.get(w).copied().unwrap_or_default();
         ch.get(w).map_or((0, 0), |c| c.old) != (r.n, r.fp)
     });
+    let stale_windows = stale.len();
     for w in stale {
         remembered.remove(&w);
         ch.remove(&w);
@@ -1057,6 +1304,16 @@ async fn compare(
         ch.remove(w);
         ch.extend(checker.ch_sums(window_range(*w), width, 0, None).await?);
     }
+    // Where a pass's time went (`log_level = "info,relay::ops::verify=debug"`).
+    tracing::debug!(
+        waited_for_relay_ms = waited.as_millis() as u64,
+        outbox_ms = (outbox_done - waited).as_millis() as u64,
+        clickhouse_ms = (started.elapsed() - outbox_done).as_millis() as u64,
+        outbox_scanned_from = %format_us(scan_from),
+        clickhouse_windows_rehashed = stale_windows + uncut.len(),
+        hashed_rows = hashed,
+        "verify: sums read"
+    );
     let mut clickhouse: Sums = Sums::new();
     let mut below_cut = HashMap::new();
     for (w, c) in &ch {
@@ -1114,7 +1371,9 @@ async fn compare(
         }
         if p != c
             && !uncut.contains(&w)
-            && let Some(race) = checker.race(&tx, &control, window, prev, cut).await?
+            && let Some(race) = checker
+                .race(&tx, &control, window, &snapshot, scan_from, (prev, lo, cut))
+                .await?
             && (p.0 + race.0, p.1.wrapping_add(race.1)) == c
         {
             // Rows of transactions committing while S was taken: in ClickHouse below the cut,
@@ -1132,6 +1391,7 @@ async fn compare(
         let (missing, extra) = found;
         // Rows committed after the snapshot are in ClickHouse but not in it, and an event
         // dead-lettered or purged since is not missing: look again.
+
         let extra = settle_extras(&control, config, extra).await?;
         let missing = settle_missing(&control, config, missing).await?;
         if missing.is_empty() && extra.is_empty() {
@@ -1364,17 +1624,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn id_hash_is_the_first_8_md5_bytes_big_endian() {
-        // Computed independently (Python: int.from_bytes(md5(s).digest()[:8], 'big',
-        // signed=True)); tests/e2e/verify.rs checks PostgreSQL and ClickHouse against id_hash.
-        assert_eq!(
-            id_hash("00000000-0000-0000-0000-000000000000"),
-            -6950804328280008906
-        );
-        assert_eq!(
-            id_hash("0b7d1f3e-8e3c-4f0b-9a63-2f8f8c1d2e4a"),
-            -7428792537869403823
-        );
+    fn id_hash_is_postgresql_uuid_hash_extended() {
+        // PostgreSQL 15 (x86_64): SELECT uuid_hash_extended(id::uuid, 0); tests/e2e/verify.rs
+        // checks PostgreSQL and ClickHouse against id_hash for thousands of ids.
+        for (id, expected) in [
+            ("00000000-0000-0000-0000-000000000000", -6859010066814654381),
+            ("00112233-4455-6677-8899-aabbccddeeff", 4462459420613485749),
+            ("0b7d1f3e-8e3c-4f0b-9a63-2f8f8c1d2e4a", -3756612805458225549),
+            ("ffffffff-ffff-ffff-ffff-ffffffffffff", 293445543803463785),
+            ("018f6b2e-9c1a-7d3e-8f00-123456789abc", 770517717516070150),
+        ] {
+            assert_eq!(id_hash_text(id), Some(expected), "{id}");
+        }
+        assert_eq!(id_hash_text("not a uuid"), None);
     }
 
     #[test]
