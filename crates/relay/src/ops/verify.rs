@@ -208,11 +208,16 @@ pub enum VerifyError {
     #[error("{0}")]
     Range(String),
     #[error(
-        "PostgreSQL hashes event ids differently from this relay (uuid_hash_extended of \
-         {PROBE_ID} is {postgres}, the relay computes {relay}): a big-endian server? verify \
-         cannot compare checksums with it; set verify_interval_s = 0"
+        "{server} hashes event ids differently from this relay (the hash of {PROBE_ID} is \
+         {got} there, the relay computes {relay}): a big-endian server, or a ClickHouse that \
+         evaluates 32-bit arithmetic differently? verify cannot compare checksums with it; set \
+         verify_interval_s = 0 and report the server's version"
     )]
-    HashDiffers { postgres: i64, relay: i64 },
+    HashDiffers {
+        server: &'static str,
+        got: i64,
+        relay: i64,
+    },
 }
 
 /// The id whose hash each pass asks PostgreSQL for before it trusts [`PG_HASH`].
@@ -275,6 +280,9 @@ pub struct VerifyReport {
     /// verifier's cost: after its first pass, the rows that came since the last one).
     #[serde(skip)]
     pub hashed_rows: u64,
+    /// Windows compared id by id (their sums differed after the race was accounted for).
+    #[serde(skip)]
+    pub narrowed_windows: u64,
 }
 
 impl VerifyReport {
@@ -461,6 +469,8 @@ pub struct Memory {
     resweep_rows: u64,
     pg: Option<PgMemory>,
     ch: Option<ChMemory>,
+    /// ClickHouse computed [`id_hash`] of [`PROBE_ID`] as the relay does.
+    clickhouse_hash_checked: bool,
 }
 
 impl Memory {
@@ -752,83 +762,90 @@ impl Checker<'_> {
 
     /// Rows ClickHouse holds in `range` below the cut that the snapshot does not see and the
     /// outbox holds now: transactions committing while the snapshot was taken. Their count and
-    /// hash sum, from two kinds: (1) those still running for the snapshot (its xip) whose commit
-    /// record was written before `lo`, the WAL position read just before the snapshot (a commit
-    /// waiting for its flush or a synchronous standby): the outbox's rows of each such
-    /// transaction, grouped by transaction, matched (count and hash sum) with ClickHouse's
-    /// rows from `prev` to `lo` grouped by `commit_lsn`; (2) those that committed from `lo` to
-    /// the cut: ClickHouse's few rows there, looked up by id in the snapshot and in the outbox
-    /// now. `None` when (2) holds more than [`RACE_IDS`] rows (the window is narrowed instead).
-    #[allow(clippy::too_many_arguments)]
+    /// hash sum, from two kinds: (1) with `snapshot` given, those still running for it (its
+    /// xip) whose commit record was written before `lo`, the WAL position read just before the
+    /// snapshot (a commit waiting for its flush or a synchronous standby): the outbox's rows of
+    /// each such transaction, grouped by transaction, matched (count and hash sum) with
+    /// ClickHouse's rows from `prev` to `lo` grouped by `commit_lsn`; (2) those that committed
+    /// from `lo` to the cut: ClickHouse's rows there, looked up by id in the snapshot and in the
+    /// outbox now. `None` when (2) holds more than [`RACE_IDS`] rows, or an id ClickHouse also
+    /// holds elsewhere in the window (a duplicate, which (1) may have counted already): the
+    /// window is narrowed instead. Kind (1) does not see rows written in a savepoint (their xmin
+    /// is the subtransaction's); the caller then asks again by id from `prev` (`lo = prev`).
     async fn race(
         &self,
-        tx: &Transaction<'_>,
-        control: &Client,
+        (tx, control): (&Transaction<'_>, &Client),
         range: Range,
-        snapshot: &str,
+        snapshot: Option<&str>,
         scan_from: i64,
         (prev, lo, cut): (u64, u64, u64),
     ) -> Result<Option<(u64, i64)>, VerifyError> {
         let mut race = (0u64, 0i64);
         let mut add = |n: u64, sum: i64| race = (race.0 + n, race.1.wrapping_add(sum));
-        // (1) Running for the snapshot, committed below `lo`.
-        let sql = format!(
-            "SELECT count(*)::int8, coalesce(sum({PG_HASH}), 0)::text FROM {} o
-              WHERE {} AND o.event_date_time >= {}
-                AND o.xmin::text::int8 IN (SELECT x::text::int8 & 4294967295
-                                             FROM pg_snapshot_xip($4::text::pg_snapshot) x)
-              GROUP BY o.xmin",
-            outbox_table(self.config),
-            self.outbox_where(),
-            pg_time(3)
-        );
-        let running = control
-            .query(
-                &sql,
-                &[
-                    &range.from_us,
-                    &range.until_us,
-                    &scan_from.max(range.from_us),
-                    &snapshot,
-                ],
-            )
-            .await
-            .map_err(PgError::query("verify racing transactions"))?;
         let lo = lo.clamp(prev, cut);
-        if !running.is_empty() && prev < lo {
-            let hashed = ch_hashed(
-                &[("commit_lsn", "l")],
-                TABLE,
-                &format!(
-                    "{} AND commit_lsn >= {prev} AND commit_lsn < {lo}",
-                    self.ch_where(range, None)
-                ),
+        // (1) Running for the snapshot, committed below `lo`.
+        if let Some(snapshot) = snapshot
+            && prev < lo
+        {
+            let sql = format!(
+                "SELECT count(*)::int8, coalesce(sum({PG_HASH}), 0)::text FROM {} o
+                  WHERE {} AND o.event_date_time >= {}
+                    AND o.xmin::text::int8 IN (SELECT x::text::int8 & 4294967295
+                                                 FROM pg_snapshot_xip($4::text::pg_snapshot) x)
+                  GROUP BY o.xmin",
+                outbox_table(self.config),
+                self.outbox_where(),
+                pg_time(3)
             );
-            let held: HashSet<(u64, i64)> = self
-                .sink
-                .fetch_all::<(u64, i64)>(&format!(
-                    "SELECT count(), sum(_h) FROM {hashed} GROUP BY l"
-                ))
-                .await?
-                .into_iter()
-                .collect();
-            for (n, sum) in running
-                .iter()
-                .map(|r| (r.get::<_, i64>(0) as u64, wrap_sum(&r.get::<_, String>(1))))
-                .filter(|t| held.contains(t))
-            {
-                add(n, sum);
+            let running = control
+                .query(
+                    &sql,
+                    &[
+                        &range.from_us,
+                        &range.until_us,
+                        &scan_from.max(range.from_us),
+                        &snapshot,
+                    ],
+                )
+                .await
+                .map_err(PgError::query("verify racing transactions"))?;
+            if !running.is_empty() {
+                let hashed = ch_hashed(
+                    &[("commit_lsn", "l")],
+                    TABLE,
+                    &format!(
+                        "{} AND commit_lsn >= {prev} AND commit_lsn < {lo}",
+                        self.ch_where(range, None)
+                    ),
+                );
+                let held: HashSet<(u64, i64)> = self
+                    .sink
+                    .fetch_all::<(u64, i64)>(&format!(
+                        "SELECT count(), sum(_h) FROM {hashed} GROUP BY l"
+                    ))
+                    .await?
+                    .into_iter()
+                    .collect();
+                for (n, sum) in running
+                    .iter()
+                    .map(|r| (r.get::<_, i64>(0) as u64, wrap_sum(&r.get::<_, String>(1))))
+                    .filter(|t| held.contains(t))
+                {
+                    add(n, sum);
+                }
             }
         }
-        // (2) Committed from `lo` to the cut.
+        // (2) Committed from `lo` to the cut, with the rows ClickHouse holds of each id in the
+        // window.
+        let within = self.ch_where(range, Some(cut));
         let sql = format!(
-            "SELECT DISTINCT toString(event_id) FROM {} WHERE {} AND commit_lsn >= {lo} LIMIT {}",
-            TABLE,
-            self.ch_where(range, Some(cut)),
+            "SELECT toString(event_id), count() FROM {TABLE} WHERE {within} AND event_id IN
+               (SELECT event_id FROM {TABLE} WHERE {within} AND commit_lsn >= {lo})
+             GROUP BY event_id LIMIT {}",
             RACE_IDS + 1
         );
-        let ids: Vec<String> = self.sink.fetch_all(&sql).await?;
-        if ids.len() > RACE_IDS {
+        let ids: Vec<(String, u64)> = self.sink.fetch_all(&sql).await?;
+        if ids.len() > RACE_IDS || ids.iter().any(|(_, rows)| *rows > 1) {
             return Ok(None);
         }
         if !ids.is_empty() {
@@ -836,7 +853,7 @@ impl Checker<'_> {
                 "SELECT o.event_id::text FROM {} o WHERE o.event_id = ANY($1::text[]::uuid[])",
                 outbox_table(self.config)
             );
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let ids: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
             let seen = ids_held(tx, &held, &ids, "verify ids in the snapshot").await?;
             let now = ids_held(control, &held, &ids, "verify ids").await?;
             for id in ids
@@ -1050,13 +1067,13 @@ async fn compare(
     // transactions committing in between are the ones ClickHouse holds below the cut and S does
     // not see (see [`Checker::race`]).
     let first = format!(
-        "SELECT pg_current_wal_insert_lsn()::text,
-                (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8,
+        "SELECT w.l::text, (w.l - '0/0'::pg_lsn)::int8,
                 pg_snapshot_xmin(pg_current_snapshot())::text::int8,
                 pg_snapshot_xmax(pg_current_snapshot())::text::int8,
                 floor(extract(epoch FROM statement_timestamp()) * 1000000)::int8,
                 uuid_hash_extended('{PROBE_ID}'::uuid, 0),
-                pg_current_snapshot()::text"
+                pg_current_snapshot()::text
+           FROM (SELECT pg_current_wal_insert_lsn() AS l) w"
     );
     let row = tx
         .simple_query(&first)
@@ -1078,10 +1095,14 @@ async fn compare(
         })
     };
     let (fence, cut, xmin, xmax, started_us) = (text(0), int(1)?, int(2)?, int(3)?, int(4)?);
-    let (postgres, relay) = (int(5)?, id_hash_text(PROBE_ID).unwrap_or_default());
+    let (got, relay) = (int(5)?, id_hash_text(PROBE_ID).unwrap_or_default());
     let snapshot = text(6);
-    if postgres != relay {
-        return Err(VerifyError::HashDiffers { postgres, relay });
+    if got != relay {
+        return Err(VerifyError::HashDiffers {
+            server: "PostgreSQL",
+            got,
+            relay,
+        });
     }
     let cut = cut as u64;
     // An open-ended range starts at the oldest row, so windows are aligned to something near
@@ -1261,6 +1282,28 @@ async fn compare(
         .first()
         .copied()
         .unwrap_or_default();
+    if !memory.clickhouse_hash_checked {
+        let probe = ch_hashed(
+            &[],
+            &format!("(SELECT toUUID('{PROBE_ID}') AS event_id)"),
+            "1",
+        );
+        let got = sink
+            .fetch_all::<i64>(&format!("SELECT _h FROM {probe}"))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or_default();
+        let relay = id_hash_text(PROBE_ID).unwrap_or_default();
+        if got != relay {
+            return Err(VerifyError::HashDiffers {
+                server: "ClickHouse",
+                got,
+                relay,
+            });
+        }
+        memory.clickhouse_hash_checked = true;
+    }
     let ch_memory = memory.ch.take().filter(|m| m.mutations == mutations);
     let prev = ch_memory.as_ref().map_or(0, |m| m.cut.min(cut));
     let mut remembered = ch_memory.map(|m| m.windows).unwrap_or_default();
@@ -1369,20 +1412,35 @@ async fn compare(
                 }
             }
         }
-        if p != c
-            && !uncut.contains(&w)
-            && let Some(race) = checker
-                .race(&tx, &control, window, &snapshot, scan_from, (prev, lo, cut))
-                .await?
-            && (p.0 + race.0, p.1.wrapping_add(race.1)) == c
-        {
+        if p != c && !uncut.contains(&w) {
             // Rows of transactions committing while S was taken: in ClickHouse below the cut,
-            // not in S.
-            continue;
+            // not in S. First by transaction and by the few ids past `lo`, then (rows written
+            // in a savepoint) by every id since the last pass.
+            let mut settled = false;
+            for (snapshot, lo) in [(Some(snapshot.as_str()), lo), (None, prev)] {
+                if let Some(race) = checker
+                    .race(
+                        (&tx, &control),
+                        window,
+                        snapshot,
+                        scan_from,
+                        (prev, lo, cut),
+                    )
+                    .await?
+                    && (p.0 + race.0, p.1.wrapping_add(race.1)) == c
+                {
+                    settled = true;
+                    break;
+                }
+            }
+            if settled {
+                continue;
+            }
         }
         if p == c {
             continue;
         }
+        report.narrowed_windows += 1;
         let window_cut = (!uncut.contains(&w)).then_some(cut);
         let mut found = (Vec::new(), Vec::new());
         checker
@@ -1391,7 +1449,6 @@ async fn compare(
         let (missing, extra) = found;
         // Rows committed after the snapshot are in ClickHouse but not in it, and an event
         // dead-lettered or purged since is not missing: look again.
-
         let extra = settle_extras(&control, config, extra).await?;
         let missing = settle_missing(&control, config, missing).await?;
         if missing.is_empty() && extra.is_empty() {
