@@ -770,8 +770,9 @@ impl Checker<'_> {
     /// from `lo` to the cut: ClickHouse's rows there, looked up by id in the snapshot and in the
     /// outbox now. `None` when (2) holds more than [`RACE_IDS`] rows, or an id ClickHouse also
     /// holds elsewhere in the window (a duplicate, which (1) may have counted already): the
-    /// window is narrowed instead. Kind (1) does not see rows written in a savepoint (their xmin
-    /// is the subtransaction's); the caller then asks again by id from `prev` (`lo = prev`).
+    /// window is narrowed instead. Some racing transactions escape both kinds (under load, in
+    /// tests, transactions that wrote in a savepoint); the caller then asks again by id from
+    /// `prev` (`lo = prev`).
     async fn race(
         &self,
         (tx, control): (&Transaction<'_>, &Client),
@@ -1414,8 +1415,8 @@ async fn compare(
         }
         if p != c && !uncut.contains(&w) {
             // Rows of transactions committing while S was taken: in ClickHouse below the cut,
-            // not in S. First by transaction and by the few ids past `lo`, then (rows written
-            // in a savepoint) by every id since the last pass.
+            // not in S. First by transaction and by the few ids past `lo`, then by every id
+            // since the last pass.
             let mut settled = false;
             for (snapshot, lo) in [(Some(snapshot.as_str()), lo), (None, prev)] {
                 if let Some(race) = checker
