@@ -535,10 +535,12 @@ fn background_passes_hash_only_what_came_and_still_see_every_loss(v: PgVersion) 
     drop(relay);
 }
 
-/// Background passes while events keep coming, in transactions of 1, 50 and 200 rows and some
-/// with rows written in a savepoint: no pass reports an event in flight as missing or extra
+/// Background passes while events keep coming (at most 1,000 transactions a second, which a debug
+/// build of the relay keeps up with beside another test), in transactions of 1, 50 and 200 rows
+/// and some with rows written in a savepoint: no pass reports an event in flight as missing or extra
 /// (the transactions committing while a pass takes its snapshot are accounted for by
-/// transaction or by id, or the window is compared id by id, which must find nothing either).
+/// transaction or by id, almost never by comparing the window id by id, which must find
+/// nothing either).
 fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
     let f = Fixture::start(v, &[("RELAY_VERIFY_INTERVAL_S", "0")]);
     let relay = f.spawn_relay();
@@ -583,6 +585,7 @@ fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
                                END;
                              END IF;
                              COMMIT;
+                             PERFORM pg_sleep(0.001);
                              i := i + 1;
                            END LOOP;
                          END $$;",
@@ -598,15 +601,17 @@ fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
         .unwrap();
     let mut sink = None;
     let mut memory = relay::ops::verify::Memory::new(10_000);
+    let mut narrowed = 0;
     let mut pass = |memory: &mut relay::ops::verify::Memory| {
         let report = runtime
             .block_on(relay::ops::verify::verify_pass(&config, &mut sink, memory))
             .unwrap_or_else(|e| panic!("pass could not check: {e}"));
         assert!(report.complete(), "an event in flight reported: {report:?}");
         assert!(report.differing_windows.is_empty(), "{report:?}");
+        narrowed += report.narrowed_windows;
         report
     };
-    for _ in 0..8 {
+    for _ in 0..24 {
         pass(&mut memory);
         assert!(!publisher.is_finished(), "the publisher stopped");
     }
@@ -620,4 +625,11 @@ fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
     f.wait_for_rows(total, Duration::from_secs(120), Some(&relay));
     let last = pass(&mut memory);
     assert_eq!(last.outbox_events, total, "{last:?}");
+    // Races come in most passes here; they are accounted for without comparing the window id
+    // by id (one such comparison is allowed: a racing transaction still running after the
+    // snapshot's later xmax, with more rows since the last pass than are looked up by id).
+    assert!(
+        narrowed <= 1,
+        "{narrowed} windows compared id by id in 25 passes"
+    );
 }

@@ -762,22 +762,24 @@ impl Checker<'_> {
 
     /// Rows ClickHouse holds in `range` below the cut that the snapshot does not see and the
     /// outbox holds now: transactions committing while the snapshot was taken. Their count and
-    /// hash sum, from two kinds: (1) with `snapshot` given, those still running for it (its
-    /// xip) whose commit record was written before `lo`, the WAL position read just before the
-    /// snapshot (a commit waiting for its flush or a synchronous standby): the outbox's rows of
+    /// hash sum, from two kinds: (1) with `snapshot` given (with its xmax and the xmax read
+    /// right after it), those still running for it whose commit record was written before
+    /// `lo`, the WAL position read just before the snapshot: the ones in its xip, and those
+    /// with an xid from its xmax to the later one (a snapshot's xmax is one past the newest
+    /// completed xid, so a transaction that got a newer xid and was committing while the
+    /// snapshot was taken is in neither its xip nor its view): the outbox's rows of
     /// each such transaction, grouped by transaction, matched (count and hash sum) with
     /// ClickHouse's rows from `prev` to `lo` grouped by `commit_lsn`; (2) those that committed
     /// from `lo` to the cut: ClickHouse's rows there, looked up by id in the snapshot and in the
     /// outbox now. `None` when (2) holds more than [`RACE_IDS`] rows, or an id ClickHouse also
     /// holds elsewhere in the window (a duplicate, which (1) may have counted already): the
-    /// window is narrowed instead. Some racing transactions escape both kinds (under load, in
-    /// tests, transactions that wrote in a savepoint); the caller then asks again by id from
-    /// `prev` (`lo = prev`).
+    /// window is narrowed instead. A racing transaction still running after the later xmax
+    /// escapes both kinds; the caller then asks again by id from `prev` (`lo = prev`).
     async fn race(
         &self,
         (tx, control): (&Transaction<'_>, &Client),
         range: Range,
-        snapshot: Option<&str>,
+        snapshot: Option<(&str, i64, i64)>,
         scan_from: i64,
         (prev, lo, cut): (u64, u64, u64),
     ) -> Result<Option<(u64, i64)>, VerifyError> {
@@ -785,18 +787,20 @@ impl Checker<'_> {
         let mut add = |n: u64, sum: i64| race = (race.0 + n, race.1.wrapping_add(sum));
         let lo = lo.clamp(prev, cut);
         // (1) Running for the snapshot, committed below `lo`.
-        if let Some(snapshot) = snapshot
+        if let Some((snapshot, xmax, xmax_after)) = snapshot
             && prev < lo
         {
             let sql = format!(
                 "SELECT count(*)::int8, coalesce(sum({PG_HASH}), 0)::text FROM {} o
                   WHERE {} AND o.event_date_time >= {}
-                    AND o.xmin::text::int8 IN (SELECT x::text::int8 & 4294967295
-                                                 FROM pg_snapshot_xip($4::text::pg_snapshot) x)
+                    AND (o.xmin::text::int8 IN (SELECT x::text::int8 & 4294967295
+                                                  FROM pg_snapshot_xip($4::text::pg_snapshot) x)
+                         OR ({xid8})::text::int8 >= $5 AND ({xid8})::text::int8 < $6)
                   GROUP BY o.xmin",
                 outbox_table(self.config),
                 self.outbox_where(),
-                pg_time(3)
+                pg_time(3),
+                xid8 = replay::XID8
             );
             let running = control
                 .query(
@@ -806,6 +810,8 @@ impl Checker<'_> {
                         &range.until_us,
                         &scan_from.max(range.from_us),
                         &snapshot,
+                        &xmax,
+                        &xmax_after,
                     ],
                 )
                 .await
@@ -1105,6 +1111,15 @@ async fn compare(
             relay,
         });
     }
+    // The first xid not yet completed right after S (see [`Checker::race`]).
+    let xmax_after: i64 = control
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("verify snapshot"))?
+        .get(0);
     let cut = cut as u64;
     // An open-ended range starts at the oldest row, so windows are aligned to something near
     // the data.
@@ -1418,7 +1433,8 @@ async fn compare(
             // not in S. First by transaction and by the few ids past `lo`, then by every id
             // since the last pass.
             let mut settled = false;
-            for (snapshot, lo) in [(Some(snapshot.as_str()), lo), (None, prev)] {
+            let running = (snapshot.as_str(), xmax, xmax_after);
+            for (snapshot, lo) in [(Some(running), lo), (None, prev)] {
                 if let Some(race) = checker
                     .race(
                         (&tx, &control),
