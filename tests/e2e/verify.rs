@@ -418,6 +418,19 @@ fn verify_a_million_events() {
     assert_eq!(missing(&report), deleted.into_iter().collect());
 }
 
+/// The configuration the tests' in-process background passes run with: no grace period,
+/// 10-minute windows.
+fn pass_config(f: &Fixture) -> relay::Config {
+    relay::Config {
+        postgres_url: f.pg.url(&f.db),
+        clickhouse_url: f.ch.url(&f.ch_db),
+        slot: f.slot.clone(),
+        verify_grace_s: 0,
+        verify_window_s: 600,
+        ..relay::Config::default()
+    }
+}
+
 /// The background verifier's memory (crates/relay/src/verify.rs, `Memory`): a pass after the first
 /// hashes only the rows that came since, yet still finds rows lost in windows it verified before:
 /// on the outbox's side (a transaction open across a pass, committed after it, never shipped; rows
@@ -429,14 +442,7 @@ fn background_passes_hash_only_what_came_and_still_see_every_loss(v: PgVersion) 
     let mut relay = f.spawn_relay();
     publish_spread(&f, 3_000, 60, "spread");
     f.wait_for_rows(3_000, Duration::from_secs(60), Some(&relay));
-    let config = relay::Config {
-        postgres_url: f.pg.url(&f.db),
-        clickhouse_url: f.ch.url(&f.ch_db),
-        slot: f.slot.clone(),
-        verify_grace_s: 0,
-        verify_window_s: 600,
-        ..relay::Config::default()
-    };
+    let config = pass_config(&f);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -544,14 +550,7 @@ fn background_passes_hash_only_what_came_and_still_see_every_loss(v: PgVersion) 
 fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
     let f = Fixture::start(v, &[("RELAY_VERIFY_INTERVAL_S", "0")]);
     let relay = f.spawn_relay();
-    let config = relay::Config {
-        postgres_url: f.pg.url(&f.db),
-        clickhouse_url: f.ch.url(&f.ch_db),
-        slot: f.slot.clone(),
-        verify_grace_s: 0,
-        verify_window_s: 600,
-        ..relay::Config::default()
-    };
+    let config = pass_config(&f);
     let url = f.pg.url(&f.db);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publishing = stop.clone();
