@@ -239,12 +239,25 @@ pub fn describe(error: &clickhouse::error::Error) -> String {
         }
         skip = false;
         // An io::Error's source() skips the error it wraps (and hyper-rustls wraps tokio-rustls'
-        // io::Error in another): look inside.
-        while let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            e = inner;
+        // io::Error in another): look inside. On the way, the server closing the connection in
+        // the handshake (tokio-rustls' "tls handshake eof"): a plain port under load does that
+        // instead of answering in plain text.
+        while let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if hint.is_none()
+                && io.kind() == std::io::ErrorKind::UnexpectedEof
+                && io.to_string().contains("handshake")
+            {
+                hint = Some(
+                    "the server did not answer in TLS (it closed the connection in the \
+                     handshake): is this ClickHouse's HTTPS port (8443 by default)? For the \
+                     plain HTTP port use http://"
+                        .to_string(),
+                );
+            }
+            match io.get_ref() {
+                Some(inner) => e = inner,
+                None => break,
+            }
         }
         if hint.is_none() {
             hint = e.downcast_ref::<rustls::Error>().map(tls_hint);
@@ -770,5 +783,20 @@ impl BatchInsert {
             table: self.table.clone(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod describe_tests {
+    #[test]
+    fn a_handshake_closed_by_the_server_is_named() {
+        // hyper-rustls wraps tokio-rustls' io::Error in another one.
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        let outer = std::io::Error::other(eof);
+        let text = super::describe(&clickhouse::error::Error::Network(Box::new(outer)));
+        assert!(text.contains("did not answer in TLS"), "{text}");
+        let other = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body ended early");
+        let text = super::describe(&clickhouse::error::Error::Network(Box::new(other)));
+        assert!(!text.contains("did not answer in TLS"), "{text}");
     }
 }
