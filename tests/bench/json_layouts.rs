@@ -163,6 +163,7 @@ fn row<'a>(i: u64, kind: usize, context: &'a str) -> EventRow<'a> {
         metadata_version: 1,
         commit_lsn: 0,
         tx_seq: i as u32,
+        xid: 0,
         sentry_trace: None,
     }
 }
@@ -202,7 +203,7 @@ fn main() -> Result<()> {
             "CREATE TABLE bench.{table} (
                 event_id UUID, event_type LowCardinality(String),
                 event_date_time DateTime64(6, 'UTC'), environment LowCardinality(String),
-                {}, metadata_version UInt64, commit_lsn UInt64, tx_seq UInt32,
+                {}, metadata_version UInt64, commit_lsn UInt64, tx_seq UInt32, xid UInt64,
                 trace_id String, source LowCardinality(String))
              ENGINE = MergeTree PARTITION BY toYYYYMM(event_date_time)
              ORDER BY (event_type, event_date_time, event_id)",

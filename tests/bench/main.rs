@@ -987,6 +987,7 @@ fn row(i: u64, context: &str) -> EventRow<'_> {
         metadata_version: 1,
         commit_lsn: 0,
         tx_seq: i as u32,
+        xid: 0,
         sentry_trace: None,
     }
 }

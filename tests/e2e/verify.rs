@@ -188,42 +188,6 @@ fn verify_finds_and_repairs_every_kind_of_difference(v: PgVersion) {
     publish_spread(&f, 5_000, 120, "spread");
     f.wait_for_rows(5_000, Duration::from_secs(60), Some(&relay));
 
-    // PostgreSQL, ClickHouse and id_hash compute the same hash for every id.
-    let pg_hashes: Vec<(String, i64)> = f
-        .sql(&format!(
-            "SELECT o.event_id, {} FROM event_outbox o ORDER BY 1",
-            relay::ops::verify::PG_HASH
-        ))
-        .lines()
-        .map(|l| {
-            let (id, h) = l.split_once('|').unwrap();
-            (id.to_string(), h.parse().unwrap())
-        })
-        .collect();
-    let ch_hashes: Vec<(String, i64)> = f
-        .ch(&format!(
-            "SELECT id, _h FROM {} ORDER BY 1 FORMAT TSV",
-            relay::ops::verify::ch_hashed(&[("toString(event_id)", "id")], "{db}.event_log", "1")
-        ))
-        .lines()
-        .map(|l| {
-            let (id, h) = l.split_once('\t').unwrap();
-            (id.to_string(), h.parse().unwrap())
-        })
-        .collect();
-    assert_eq!(pg_hashes.len(), 5_000);
-    assert_eq!(
-        pg_hashes, ch_hashes,
-        "PostgreSQL and ClickHouse hash ids alike"
-    );
-    for (id, h) in &pg_hashes {
-        assert_eq!(
-            relay::ops::verify::id_hash_text(id),
-            Some(*h),
-            "id_hash({id})"
-        );
-    }
-
     // Complete: exit 0, and the background verifier says so.
     let (code, report) = verify(&f, &[]);
     assert_eq!(code, 0, "{report}");
@@ -627,8 +591,10 @@ fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
     // Races come in most passes here; they are accounted for without comparing the window id
     // by id (one such comparison is allowed: a racing transaction still running after the
     // snapshot's later xmax, with more rows since the last pass than are looked up by id).
-    assert!(
-        narrowed <= 1,
+    // Each row's xid tells which side of the snapshot it is on: no window is ever compared id
+    // by id for a race.
+    assert_eq!(
+        narrowed, 0,
         "{narrowed} windows compared id by id in 25 passes"
     );
 }

@@ -66,19 +66,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Prove that ClickHouse holds every outbox event exactly once (for this outbox's source),
-    /// window by window, and list the exact missing and extra event ids.
+    /// Prove that ClickHouse holds every event the outbox holds exactly once and as published
+    /// (for this outbox's source), window by window, and list the exact missing, extra and
+    /// altered event ids.
     ///
     /// Exit codes: 0 complete, 1 differences found (after --repair: found, missing ones
-    /// re-shipped; run again to confirm), 2 could not check (a server, the configuration, the
-    /// relay not passing the snapshot within --wait-s).
+    /// re-shipped; run again to confirm), 2 could not check (a server, the configuration, a bad
+    /// --from-lsn, the relay not passing the snapshot within --wait-s, a migration kept it from
+    /// locking the outbox that long).
     Verify {
-        /// Start of the range (event_date_time): RFC 3339 or an age like 6h; default: the
-        /// retained outbox (one window past the purge horizon).
-        #[arg(long, conflicts_with = "from_lsn")]
+        /// Only events with an event_date_time from this time on: RFC 3339 or an age like 6h;
+        /// default: every event the outbox holds, whatever its time.
+        #[arg(long)]
         since: Option<String>,
-        /// Verify the windows holding events committed after this WAL position (as `replay
-        /// --from-lsn` chooses them).
+        /// Only events committed after this WAL position (as `replay --from-lsn` chooses
+        /// them); a position past the server's WAL is refused.
         #[arg(long)]
         from_lsn: Option<pgoutput::Lsn>,
         /// End of the range (exclusive): RFC 3339 or an age; default: no end.
@@ -91,7 +93,8 @@ enum Command {
         /// reported, never deleted.
         #[arg(long)]
         repair: bool,
-        /// How long to wait for the live relay to pass verify's snapshot.
+        /// How long to wait for the live relay to pass verify's snapshot (and to try again
+        /// after giving way to a migration that waited on verify's locks).
         #[arg(long, default_value_t = 60)]
         wait_s: u64,
         /// Machine-readable output.
@@ -297,7 +300,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
 
 /// `outbox-relay verify`: Ok(true) when complete, Ok(false) when differences were found.
 async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
-    use relay::ops::verify::{self, Options, Range};
+    use relay::ops::verify::{self, Options};
     let Command::Verify {
         since,
         from_lsn,
@@ -313,33 +316,24 @@ async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
     let now = relay::metrics::unix_now_us();
     let window_s = window_s.unwrap_or(config.verify_window_s);
     anyhow::ensure!(window_s >= 1, "--window-s must be at least 1");
-    let window_us = window_s as i64 * 1_000_000;
-    let mut range = verify::default_range(&config, now, window_us);
-    if let Some(since) = &since {
-        range.from_us =
-            verify::parse_time(since, now).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
-    }
-    if let Some(lsn) = from_lsn {
-        match verify::range_from_lsn(&config, lsn).await? {
-            Some(from) => range.from_us = from.div_euclid(window_us) * window_us,
-            None => {
-                println!("no outbox event was committed after {lsn}: nothing to verify");
-                return Ok(true);
-            }
-        }
-    }
-    if let Some(until) = &until {
-        range.until_us =
-            verify::parse_time(until, now).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
-    }
-    if since.is_none() && from_lsn.is_none() && config.outbox_retention_hours == 0 {
-        // The whole outbox: verify starts at its oldest row.
-        range.from_us = i64::MIN / 4;
-    }
+    let time = |flag: &str, text: &Option<String>| -> anyhow::Result<Option<i64>> {
+        text.as_deref()
+            .map(|t| verify::parse_time(t, now).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+            .transpose()
+    };
+    // The outbox's CHECK allows times from 1900-01-01 to 2300-01-01.
+    let range = match (time("--since", &since)?, time("--until", &until)?) {
+        (None, None) => None,
+        (from, until) => Some((
+            from.unwrap_or(-2_208_988_800_000_000),
+            until.unwrap_or(10_413_792_000_000_000),
+        )),
+    };
     let sink = clickhouse_sink(&config).await?;
     let options = Options {
-        range: Range { ..range },
-        window_us,
+        range,
+        from_lsn,
+        window_us: window_s as i64 * 1_000_000,
         wait: std::time::Duration::from_secs(wait_s),
         repair,
     };
@@ -347,46 +341,75 @@ async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
     let report = verify::verify(&config, &sink, &options).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+        return Ok(report.complete());
+    }
+    let what = match (&options.range, &report.proof_start) {
+        (Some(_), _) => format!("events from {} to {}", report.from, report.until),
+        (None, None) => "every event the outbox holds".to_string(),
+        (None, Some(p)) => format!(
+            "every event the outbox holds committed after checkpoint {} of {} ({})",
+            p.checkpoint_lsn, p.recorded_at, p.why
+        ),
+    };
+    println!(
+        "source {}: {what}, in {} windows of {} s: {} outbox events, {} ClickHouse rows, \
+         {} missing, {} extra, {} altered ({:.1} s)",
+        report.source,
+        report.windows,
+        report.window_seconds,
+        report.outbox_events,
+        report.clickhouse_rows,
+        report.missing.len(),
+        report.extra.len(),
+        report.altered.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for w in &report.differing_windows {
         println!(
-            "source {}: {} to {} in {} windows of {} s: {} outbox events, {} ClickHouse rows, \
-             {} missing, {} extra ({:.1} s)",
-            report.source,
-            report.from,
-            report.until,
-            report.windows,
-            report.window_seconds,
-            report.outbox_events,
-            report.clickhouse_rows,
-            report.missing.len(),
-            report.extra.len(),
-            started.elapsed().as_secs_f64()
+            "window {} .. {}: {} outbox events, {} ClickHouse rows: {} missing, {} extra, {} \
+             altered",
+            w.from, w.until, w.outbox_events, w.clickhouse_rows, w.missing, w.extra, w.altered
         );
-        for w in &report.differing_windows {
-            println!(
-                "window {} .. {}: {} outbox events, {} ClickHouse rows: {} missing, {} extra",
-                w.from, w.until, w.outbox_events, w.clickhouse_rows, w.missing, w.extra
-            );
-        }
-        for id in &report.missing {
-            println!("missing {id}");
-        }
-        for e in &report.extra {
-            println!("extra {} ({} rows, {})", e.event_id, e.rows, e.kind);
-        }
-        for (source, rows) in &report.other_sources {
-            println!("other source {source:?}: {rows} rows (not checked here)");
-        }
-        if let Some(r) = &report.repair {
-            println!(
-                "repair: {} missing events re-shipped, {} were there already, {} dead letters; \
-                 extras are not deleted",
-                r.shipped, r.already_there, r.dead_letters
-            );
-        }
-        if report.complete() {
-            println!("complete: every outbox event is in ClickHouse exactly once");
-        }
+    }
+    for id in &report.missing {
+        println!("missing {id}");
+    }
+    for e in &report.extra {
+        println!("extra {} ({} rows, {})", e.event_id, e.rows, e.kind);
+    }
+    for id in &report.altered {
+        println!(
+            "altered {id} (ClickHouse holds other content than the outbox: docs/operations.md, \"Verifying completeness\")"
+        );
+    }
+    if report.unlisted > 0 {
+        println!(
+            "{} more differences are not listed (at most {} missing and {} of each other kind \
+             are): run verify again after a repair",
+            report.unlisted,
+            verify::MAX_MISSING,
+            verify::MAX_OTHER
+        );
+    }
+    if report.outside_proof > 0 {
+        println!(
+            "{} ClickHouse rows of this source belong to events the outbox no longer holds \
+             (purged): outside the proof",
+            report.outside_proof
+        );
+    }
+    for (source, rows) in &report.other_sources {
+        println!("other source {source:?}: {rows} rows (not checked here)");
+    }
+    if let Some(r) = &report.repair {
+        println!(
+            "repair: {} missing events re-shipped, {} were there already, {} dead letters; \
+             extras and altered events are not touched",
+            r.shipped, r.already_there, r.dead_letters
+        );
+    }
+    if report.complete() {
+        println!("complete: every outbox event is in ClickHouse exactly once, as published");
     }
     Ok(report.complete())
 }

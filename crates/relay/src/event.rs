@@ -18,6 +18,11 @@ pub struct EventRow<'a> {
     pub commit_lsn: u64,
     /// Position of the event within that transaction, from 0.
     pub tx_seq: u32,
+    /// The 64-bit id (xid8) of the PostgreSQL transaction that published the event: its
+    /// top-level transaction on the live stream, the outbox row's `xmin` when read with SQL
+    /// (replay); 0 when not known. `verify` tells with it which rows a PostgreSQL snapshot sees
+    /// ([`widen_xid`]).
+    pub xid: u64,
     /// The publisher's trace, as recorded in the optional `sentry_trace` outbox column.
     pub sentry_trace: Option<&'a [u8]>,
 }
@@ -35,6 +40,7 @@ impl EventRow<'_> {
         out.extend_from_slice(&self.metadata_version.to_le_bytes());
         out.extend_from_slice(&self.commit_lsn.to_le_bytes());
         out.extend_from_slice(&self.tx_seq.to_le_bytes());
+        out.extend_from_slice(&self.xid.to_le_bytes());
         put_string(out, self.trace_id().unwrap_or_default().as_bytes());
     }
 
@@ -75,6 +81,7 @@ pub struct OwnedEventRow {
     pub metadata_version: u64,
     pub commit_lsn: u64,
     pub tx_seq: u32,
+    pub xid: u64,
     pub sentry_trace: Option<Vec<u8>>,
 }
 
@@ -89,6 +96,7 @@ impl OwnedEventRow {
             metadata_version: row.metadata_version,
             commit_lsn: row.commit_lsn,
             tx_seq: row.tx_seq,
+            xid: row.xid,
             sentry_trace: row.sentry_trace.map(<[u8]>::to_vec),
         }
     }
@@ -103,6 +111,7 @@ impl OwnedEventRow {
             metadata_version: self.metadata_version,
             commit_lsn: self.commit_lsn,
             tx_seq: self.tx_seq,
+            xid: self.xid,
             sentry_trace: self.sentry_trace.as_deref(),
         }
     }
@@ -154,6 +163,20 @@ pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
+/// The 64-bit transaction id (xid8) whose low 32 bits are `xid`, nearest to `reference` (a
+/// recent xid8 of the same server): PostgreSQL keeps every live transaction within 2^31 of the
+/// next one, and the replication stream sends 32-bit xids.
+pub fn widen_xid(xid: u32, reference: u64) -> u64 {
+    let candidate = (reference & !0xffff_ffff) | u64::from(xid);
+    if candidate > reference.saturating_add(1 << 31) && candidate >= 1 << 32 {
+        candidate - (1 << 32)
+    } else if candidate.saturating_add(1 << 31) < reference {
+        candidate + (1 << 32)
+    } else {
+        candidate
+    }
+}
+
 /// FNV-1a, for content-derived deduplication tokens.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -176,6 +199,7 @@ mod tests {
             metadata_version: 2,
             commit_lsn: 3,
             tx_seq: 4,
+            xid: 5,
             sentry_trace: None,
         };
         let mut out = Vec::new();
@@ -188,7 +212,8 @@ mod tests {
         assert_eq!(&out[18..26], &1i64.to_le_bytes());
         assert_eq!(out[26], 0);
         assert_eq!(&out[27..29], &[200 | 0x80, 1]);
-        assert_eq!(out.len(), 29 + 200 + 8 + 8 + 4 + 1);
+        assert_eq!(&out[29 + 200 + 8 + 8 + 4..][..8], &5u64.to_le_bytes());
+        assert_eq!(out.len(), 29 + 200 + 8 + 8 + 4 + 8 + 1);
     }
 
     #[test]
@@ -205,6 +230,7 @@ mod tests {
                 metadata_version: 1,
                 commit_lsn: 0,
                 tx_seq: 0,
+                xid: 0,
                 sentry_trace: Some(raw),
             };
             assert_eq!(row.trace_id(), Some("771a43a4192642f0b136d5159a501700"));
@@ -212,6 +238,24 @@ mod tests {
                 row.sentry_trace_header().as_deref(),
                 Some("771a43a4192642f0b136d5159a501700-a1b2c3d4e5f60718-1")
             );
+        }
+    }
+
+    #[test]
+    fn xids_widen_to_the_nearest_epoch() {
+        let e = 7u64 << 32;
+        assert_eq!(widen_xid(100, e + 200), e + 100);
+        assert_eq!(widen_xid(300, e + 200), e + 300);
+        // Just past the epoch's start, an xid from the end of the previous epoch.
+        assert_eq!(widen_xid(u32::MAX - 5, e + 10), e - 6);
+        // Near the epoch's end, an xid of the next epoch.
+        assert_eq!(widen_xid(3, e + u64::from(u32::MAX) - 2), e + (1 << 32) + 3);
+        // Epoch 0 never goes below zero.
+        assert_eq!(widen_xid(u32::MAX, 10), u64::from(u32::MAX));
+        for (x, r) in [(5u32, 3u64), (1 << 31, 1), (0, (1 << 33) + 5)] {
+            let w = widen_xid(x, r);
+            assert_eq!(w as u32, x);
+            assert!(w.abs_diff(r) <= 1 << 31 || r < 1 << 31, "{x} {r} {w}");
         }
     }
 

@@ -478,8 +478,12 @@ pub struct VerifyGauges {
     pub verified_through_us: AtomicI64,
     pub missing: AtomicU64,
     pub extra: AtomicU64,
+    /// Events ClickHouse holds with other content than the outbox's.
+    pub altered: AtomicU64,
     /// Passes that could not check (a server down, the relay behind).
     pub errors: Counter,
+    /// Passes that gave way to a session waiting on their locks (a migration), not checked.
+    pub yielded: Counter,
 }
 
 impl Default for VerifyGauges {
@@ -488,7 +492,9 @@ impl Default for VerifyGauges {
             verified_through_us: AtomicI64::new(0),
             missing: AtomicU64::new(0),
             extra: AtomicU64::new(0),
+            altered: AtomicU64::new(0),
             errors: Counter::default(),
+            yielded: Counter::default(),
         }
     }
 }
@@ -514,9 +520,19 @@ impl VerifyGauges {
             gauge(&self.extra),
         );
         r.register(
+            "altered_events",
+            "Event ids the last verification found in ClickHouse with other content than the outbox's",
+            gauge(&self.altered),
+        );
+        r.register(
             "verify_errors",
             "Verification passes that could not check",
             self.errors.clone(),
+        );
+        r.register(
+            "verify_yielded",
+            "Verification passes that gave way to a session waiting on their locks (a migration): not checked",
+            self.yielded.clone(),
         );
     }
 }
@@ -644,7 +660,9 @@ mod tests {
             "verified_through_seconds",
             "missing_events",
             "extra_events",
+            "altered_events",
             "verify_errors_total",
+            "verify_yielded_total",
         ]
         .iter()
         .map(|n| format!("outbox_relay_{n}{{}}"))

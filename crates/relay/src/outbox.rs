@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 
 use crate::event::{EventRow, OwnedEventRow, fnv1a, parse_uuid};
 use crate::pg::{PgError, quote_pg_ident};
+use crate::store::checkpoint::ROW_XID8;
 
 /// PostgreSQL type OIDs the outbox columns may have.
 mod oid {
@@ -136,12 +137,12 @@ impl OutboxLayout {
         })
     }
 
-    /// Turns one inserted tuple into an event row, borrowing its strings.
+    /// Turns one inserted tuple into an event row, borrowing its strings; `(commit_lsn,
+    /// tx_seq, xid)` say where it came from (see [`EventRow`]).
     pub fn row<'a>(
         &self,
         tuple: &'a TupleData,
-        commit_lsn: u64,
-        tx_seq: u32,
+        (commit_lsn, tx_seq, xid): (u64, u32, u64),
     ) -> Result<EventRow<'a>, RowError> {
         Ok(EventRow {
             event_id: uuid(value(tuple, self.event_id, "event_id")?)?,
@@ -152,6 +153,7 @@ impl OutboxLayout {
             metadata_version: version(value(tuple, self.metadata_version, "metadata_version")?)?,
             commit_lsn,
             tx_seq,
+            xid,
             sentry_trace: self
                 .sentry_trace
                 .and_then(|f| match tuple.columns.get(f.index) {
@@ -169,7 +171,7 @@ impl OutboxLayout {
 pub struct SqlLayout {
     layout: Result<OutboxLayout, crate::outbox::SchemaError>,
     columns: Vec<(String, u32)>,
-    /// `o."col"::text, ...` in column order.
+    /// `o."col"::text, ...` in column order, then the row's xid8 ([`ROW_XID8`]) as text.
     pub select: String,
 }
 
@@ -199,6 +201,7 @@ impl SqlLayout {
         let select = columns
             .iter()
             .map(|(n, _)| format!("o.{}::text", quote_pg_ident(n)))
+            .chain([format!("({ROW_XID8})::text")])
             .collect::<Vec<_>>()
             .join(", ");
         Ok(SqlLayout {
@@ -221,9 +224,15 @@ impl SqlLayout {
             })
             .collect();
         let tuple = pgoutput::TupleData { columns };
+        let xid = row
+            .try_get::<_, Option<String>>(self.columns.len())
+            .ok()
+            .flatten()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0);
         let mapped = match &self.layout {
             Ok(layout) => layout
-                .row(&tuple, 0, 0)
+                .row(&tuple, (0, 0, xid))
                 .map(|r| OwnedEventRow::new(&r))
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),

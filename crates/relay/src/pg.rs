@@ -10,6 +10,9 @@ use tokio_postgres::error::SqlState;
 
 use crate::pgtls::{self, CertProblem, PgTls, Seen, SslMode, Target};
 
+mod guard;
+pub use guard::{GuardHandle, Guarded, LOCK_TIMEOUT, Waiter};
+
 /// Errors talking SQL to PostgreSQL.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -43,6 +46,13 @@ pub enum PgError {
     /// failover trap); the relay says so and retries instead of hanging silently.
     #[error("{0}")]
     Blocked(String),
+    /// Work on the application's tables gave way to a session that waited on its locks (a
+    /// migration, see [`Guarded`]); trying again later does help.
+    #[error(
+        "gave way to {0}, which waited on a lock the relay held on the outbox: the relay never \
+         keeps the application or a migration waiting; it tries again later"
+    )]
+    Yielded(Waiter),
     /// The slot is missing on a server promoted from a standby: it was not synchronized before
     /// the failover. Cured by `failover_recovery` (or an operator's `setup --recreate-slot` and
     /// `replay`).
@@ -535,6 +545,20 @@ pub async fn read_snapshot<'c>(
         .start()
         .await
         .map_err(PgError::query(what))
+}
+
+/// The server's next 64-bit transaction id (the xmax of a snapshot taken now): the replication
+/// stream's 32-bit xids are widened next to it ([`crate::event::widen_xid`]).
+pub async fn next_xid(client: &Client) -> Result<u64, PgError> {
+    let next: i64 = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("next transaction id"))?
+        .get(0);
+    Ok(next as u64)
 }
 
 /// The server's current WAL position (`pg_current_wal_lsn()`) as text, read in `tx`.

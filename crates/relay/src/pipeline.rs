@@ -301,6 +301,7 @@ impl Relay {
         self.metrics
             .dead_letters
             .store(deadletter::count(&sql, config).await?, Relaxed);
+        let xid_reference = pg::next_xid(&sql).await?;
         let store = PgStore {
             sql,
             config,
@@ -309,6 +310,7 @@ impl Relay {
         };
         let mut session = Session::new(config, sink, store, &self.metrics, mode);
         session.coverage_replay = coverage_replay;
+        session.xid_reference = xid_reference;
         session.start(start).await?;
         let source = PgSource::connect(config, &target, start, &seen).await?;
         info!(slot = %config.slot, from_lsn = %start, primary = %primary.endpoint, "streaming");

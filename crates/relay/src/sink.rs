@@ -119,7 +119,7 @@ impl Insert for BatchInsert {
 
 /// The ClickHouse columns the relay writes, in RowBinary order.
 pub const COLUMNS: &str = "event_id, event_type, event_date_time, environment, event_context, \
-                           metadata_version, commit_lsn, tx_seq, trace_id, source";
+                           metadata_version, commit_lsn, tx_seq, xid, trace_id, source";
 
 /// What each written column may be in an existing table: the types whose RowBinary encoding is
 /// the one [`EventRow::encode`] writes (a `String` can be `LowCardinality`, the time zone of a
@@ -137,6 +137,7 @@ pub const COLUMN_TYPES: &[(&str, &[&str])] = &[
     ("metadata_version", &["UInt64"]),
     ("commit_lsn", &["UInt64"]),
     ("tx_seq", &["UInt32"]),
+    ("xid", &["UInt64"]),
     ("trace_id", &["String", "LowCardinality(String)"]),
     ("source", &["LowCardinality(String)", "String"]),
 ];
@@ -694,6 +695,20 @@ impl ClickHouseSink {
         self.bounded(query, request).await
     }
 
+    /// Runs a query and reads its rows one at a time (each within the timeout), for results too
+    /// large to hold: memory stays that of one chunk of the response.
+    pub fn cursor<T: clickhouse::Row>(&self, query: &str) -> Result<Cursor<T>, SinkError> {
+        let error = |source| SinkError::Query {
+            query: query.into(),
+            source,
+        };
+        Ok(Cursor {
+            rows: self.query(query).fetch::<T>().map_err(error)?,
+            query: query.into(),
+            timeout: self.timeout,
+        })
+    }
+
     /// Runs a statement that returns nothing (DDL).
     pub async fn execute(&self, query: &str) -> Result<(), SinkError> {
         self.bounded(query, self.client.query(query).execute())
@@ -736,6 +751,26 @@ pub const OURS: &str = "source IN ({source:String}, '')";
 /// --print-sql` prints for people to run (queries use server-side parameters instead).
 pub fn quote_ch_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// The rows of a query, read as they arrive ([`ClickHouseSink::cursor`]).
+pub struct Cursor<T: clickhouse::Row> {
+    rows: clickhouse::query::RowCursor<T>,
+    query: String,
+    timeout: Duration,
+}
+
+impl<T: clickhouse::RowOwned + clickhouse::RowRead> Cursor<T> {
+    /// The next row; `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<T>, SinkError> {
+        let result = tokio::time::timeout(self.timeout, self.rows.next())
+            .await
+            .unwrap_or(Err(clickhouse::error::Error::TimedOut));
+        result.map_err(|source| SinkError::Query {
+            query: self.query.clone(),
+            source,
+        })
+    }
 }
 
 /// One batch's insert, open while the batch fills.

@@ -3,6 +3,10 @@
 //!
 //! Deleting a row never loses its event: the relay ships from the WAL, where the insert stays
 //! until the slot has confirmed it. The rows kept are what `replay` re-ships from.
+//!
+//! The deletes run on a guarded connection ([`crate::pg::Guarded`]): a migration that queues
+//! behind one (and the application's inserts behind the migration) ends it at once; the purge
+//! goes on at its next interval.
 
 use std::time::Duration;
 
@@ -22,12 +26,17 @@ const CHUNK: i64 = 10_000;
 /// then sees committed), never from `event_date_time`, which the publisher sets: a backdated
 /// event stays as long as any other and `replay` can still find it.
 pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
-    let Some(snapshot) = crate::store::checkpoint::retention_snapshot(&client, config).await?
-    else {
+    let mut guarded = pg::Guarded::connect(&config.postgres_url).await?;
+    let (client, guard) = guarded.split();
+    guard.run(purge(config, client)).await
+}
+
+async fn purge(config: &Config, client: &mut tokio_postgres::Client) -> Result<u64, PgError> {
+    let client = &*client;
+    let Some(snapshot) = crate::store::checkpoint::retention_snapshot(client, config).await? else {
         // No checkpoint is that old yet: nothing is known to have committed before then.
-        crate::store::checkpoint::purge_checkpoints(&client, config).await?;
-        crate::store::deadletter::purge_shipped(&client, config).await?;
+        crate::store::checkpoint::purge_checkpoints(client, config).await?;
+        crate::store::deadletter::purge_shipped(client, config).await?;
         return Ok(0);
     };
     let sql = format!(
@@ -47,8 +56,8 @@ pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
         total += deleted;
         if deleted < CHUNK as u64 {
             // Checkpoints are only useful while the outbox rows they point at are kept.
-            crate::store::checkpoint::purge_checkpoints(&client, config).await?;
-            crate::store::deadletter::purge_shipped(&client, config).await?;
+            crate::store::checkpoint::purge_checkpoints(client, config).await?;
+            crate::store::deadletter::purge_shipped(client, config).await?;
             return Ok(total);
         }
     }
@@ -69,6 +78,9 @@ pub async fn purge_forever(config: Config) {
                 retention_hours = config.outbox_retention_hours,
                 "outbox purged"
             ),
+            Err(e @ PgError::Yielded(_)) => {
+                info!(error = %e, "outbox purge gave way; it goes on at its next interval")
+            }
             Err(e) => warn!(error = %e, "outbox purge failed; will try again"),
         }
     }

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::event::{OwnedEventRow, fnv1a};
 use crate::outbox::SqlLayout;
-use crate::pg::{self, PgError};
+use crate::pg::{self, Guarded, PgError};
 use crate::sink::resend::Resend;
 use crate::sink::{ClickHouseSink, SinkError};
 use crate::store::checkpoint::ROW_XID8;
@@ -109,78 +109,181 @@ pub async fn replay_tables(
         checkpoint_snapshot_lsn: base.as_ref().map(|(_, lsn)| lsn.clone()),
         ..ReplayReport::default()
     };
+    let snapshot = base.map(|(snapshot, _)| snapshot);
+    let started = Instant::now();
+    loop {
+        let mut attempt = ReplayReport::default();
+        let mut reader = Guarded::connect(&config.postgres_url).await?;
+        let (reader, guard) = reader.split();
+        let pass = Pass {
+            config,
+            sink,
+            control: &control,
+            wait,
+            dry_run,
+        };
+        let result = guard
+            .run(pass.replay(reader, tables, snapshot.as_deref(), &mut attempt))
+            .await;
+        report.add(&attempt);
+        match result {
+            Err(ReplayError::Postgres(PgError::Yielded(waiter))) if started.elapsed() < wait => {
+                info!(%waiter, "replay gave way to a migration; starting again (what shipped stays)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(report),
+        }
+    }
+}
 
-    let mut reader = pg::connect(&config.postgres_url).await?;
-    let names = match tables {
-        None => vec![outbox_table(config)],
-        Some(oids) => {
-            let mut names = Vec::new();
-            for oid in oids {
-                let row = reader
-                    .query_opt(
-                        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
-                           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
-                        &[&i64::from(*oid)],
-                    )
+/// One attempt of a re-ship (replay or repair) on a guarded connection.
+struct Pass<'a> {
+    config: &'a Config,
+    sink: &'a ClickHouseSink,
+    /// Holds replay's lock; fence waits and dead letters go through it.
+    control: &'a Client,
+    wait: Duration,
+    dry_run: bool,
+}
+
+impl Pass<'_> {
+    /// Replay from the tables with these oids (see [`replay_tables`]): the rows `snapshot`
+    /// (`None`: the whole outbox) does not see.
+    async fn replay(
+        &self,
+        reader: &mut Client,
+        tables: Option<&[u32]>,
+        snapshot: Option<&str>,
+        report: &mut ReplayReport,
+    ) -> Result<(), ReplayError> {
+        let (config, control) = (self.config, self.control);
+        let names = match tables {
+            None => vec![outbox_table(config)],
+            Some(oids) => {
+                let mut names = Vec::new();
+                for oid in oids {
+                    let row = reader
+                        .query_opt(
+                            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+                               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
+                            &[&i64::from(*oid)],
+                        )
+                        .await
+                        .map_err(PgError::query("outbox table by oid"))?;
+                    match row {
+                        Some(row) => names.push(row.get::<_, String>(0)),
+                        None => warn!(oid, "a table to re-ship from no longer exists: skipped"),
+                    }
+                }
+                names
+            }
+        };
+        let mut layouts = Vec::with_capacity(names.len());
+        for name in &names {
+            layouts.push((name.clone(), SqlLayout::read_table(reader, name).await?));
+        }
+        let tx = self
+            .snapshot(reader, &names, "replay snapshot", report)
+            .await?;
+        for (table, layout) in &layouts {
+            let statement = tx
+                .prepare(&candidates_sql(config, table, &layout.select))
+                .await
+                .map_err(PgError::query("replay query"))?;
+            let portal = tx
+                .bind(&statement, &[&snapshot])
+                .await
+                .map_err(PgError::query("replay query"))?;
+            loop {
+                let rows = tx
+                    .query_portal(&portal, CHUNK)
                     .await
-                    .map_err(PgError::query("outbox table by oid"))?;
-                match row {
-                    Some(row) => names.push(row.get::<_, String>(0)),
-                    None => warn!(oid, "a table to re-ship from no longer exists: skipped"),
+                    .map_err(PgError::query("replay read"))?;
+                if rows.is_empty() {
+                    break;
+                }
+                self.ship_rows(control, layout, &rows, report).await?;
+                info!(
+                    candidates = report.candidates,
+                    shipped = report.shipped,
+                    "replay progress"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the read-only snapshot the rows are read in, the tables locked first (a table
+    /// rewrite such as `ALTER TABLE ... TYPE` committed after the snapshot would show them
+    /// empty to it; the guard gives way to it instead), and waits until the live relay passed
+    /// it, so that it never ships them again.
+    async fn snapshot<'c>(
+        &self,
+        reader: &'c mut Client,
+        tables: &[String],
+        what: &'static str,
+        report: &mut ReplayReport,
+    ) -> Result<tokio_postgres::Transaction<'c>, ReplayError> {
+        let tx = pg::read_snapshot(reader, what).await?;
+        if !tables.is_empty() {
+            tx.batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                tables.join(", ")
+            ))
+            .await
+            .map_err(PgError::query("replay lock on the outbox"))?;
+        }
+        // The first query takes the snapshot; the WAL position is read after it.
+        report.fence_lsn = pg::wal_position(&tx, what).await?;
+        if !self.dry_run {
+            wait_for_fence(self.control, self.config, &report.fence_lsn, self.wait).await?;
+        }
+        Ok(tx)
+    }
+
+    /// Maps a chunk of outbox rows and ships the events ClickHouse does not hold
+    /// ([`ship_chunk`]); a row that cannot become an event is kept as a dead letter, as the
+    /// live stream does (`dead-letters retry` ships it once the row is fixed).
+    async fn ship_rows(
+        &self,
+        control: &Client,
+        layout: &SqlLayout,
+        rows: &[tokio_postgres::Row],
+        report: &mut ReplayReport,
+    ) -> Result<(), ReplayError> {
+        let (config, dry_run) = (self.config, self.dry_run);
+        report.candidates += rows.len() as u64;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            match layout.event(row) {
+                Ok(event) => events.push(event),
+                Err((why, raw)) => {
+                    let id = layout.fallback_id(&raw);
+                    if !dry_run
+                        && deadletter::record_unmapped(control, config, &id, (0, 0), &raw, &why)
+                            .await?
+                    {
+                        report.dead_letters += 1;
+                    }
                 }
             }
-            names
         }
-    };
-    let mut layouts = Vec::with_capacity(names.len());
-    for name in &names {
-        layouts.push((name.clone(), SqlLayout::read_table(&reader, name).await?));
+        ship_chunk(config, self.sink, control, events, dry_run, report).await
     }
-    let tx = pg::read_snapshot(&mut reader, "replay snapshot").await?;
-    // A table rewrite (ALTER TABLE ... TYPE) is not MVCC-safe: committed after this snapshot,
-    // it would show the table empty to it. The lock, taken before the snapshot, keeps rewrites
-    // out until the replay is done (inserts go on).
-    if !names.is_empty() {
-        tx.batch_execute(&format!(
-            "LOCK TABLE {} IN ACCESS SHARE MODE",
-            names.join(", ")
-        ))
-        .await
-        .map_err(PgError::query("replay lock on the outbox"))?;
-    }
-    // The first query takes the snapshot; the WAL position is read after it.
-    report.fence_lsn = pg::wal_position(&tx, "replay snapshot").await?;
-    if !dry_run {
-        wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
-    }
+}
 
-    let snapshot = base.map(|(snapshot, _)| snapshot);
-    for (table, layout) in &layouts {
-        let statement = tx
-            .prepare(&candidates_sql(config, table, &layout.select))
-            .await
-            .map_err(PgError::query("replay query"))?;
-        let portal = tx
-            .bind(&statement, &[&snapshot])
-            .await
-            .map_err(PgError::query("replay query"))?;
-        loop {
-            let rows = tx
-                .query_portal(&portal, CHUNK)
-                .await
-                .map_err(PgError::query("replay read"))?;
-            if rows.is_empty() {
-                break;
-            }
-            ship_rows(config, sink, &control, layout, &rows, dry_run, &mut report).await?;
-            info!(
-                candidates = report.candidates,
-                shipped = report.shipped,
-                "replay progress"
-            );
+impl ReplayReport {
+    /// Adds what an attempt shipped; its counts of what it found replace the earlier ones.
+    fn add(&mut self, attempt: &ReplayReport) {
+        self.candidates = attempt.candidates;
+        self.already_there = attempt.already_there;
+        self.shipped += attempt.shipped;
+        self.dead_letters += attempt.dead_letters;
+        if !attempt.fence_lsn.is_empty() {
+            self.fence_lsn = attempt.fence_lsn.clone();
         }
     }
-    Ok(report)
 }
 
 /// Re-ships the outbox rows with these event ids that ClickHouse does not hold, exactly once,
@@ -195,22 +298,28 @@ pub async fn reship_ids(
 ) -> Result<ReplayReport, ReplayError> {
     let control = replay_lock(config).await?;
     let mut report = ReplayReport::default();
-    let mut reader = pg::connect(&config.postgres_url).await?;
-    let layout = SqlLayout::read_table(&reader, &outbox_table(config)).await?;
-    let tx = pg::read_snapshot(&mut reader, "repair snapshot").await?;
-    report.fence_lsn = pg::wal_position(&tx, "repair snapshot").await?;
-    wait_for_fence(&control, config, &report.fence_lsn, wait).await?;
-    let sql = format!(
-        "SELECT {} FROM {} o WHERE o.event_id::text = ANY($1)",
-        layout.select,
-        outbox_table(config)
-    );
-    for chunk in ids.chunks(CHUNK as usize) {
-        let rows = tx
-            .query(&sql, &[&chunk])
-            .await
-            .map_err(PgError::query("repair read"))?;
-        ship_rows(config, sink, &control, &layout, &rows, false, &mut report).await?;
+    let started = Instant::now();
+    loop {
+        let mut attempt = ReplayReport::default();
+        let mut reader = Guarded::connect(&config.postgres_url).await?;
+        let (reader, guard) = reader.split();
+        let pass = Pass {
+            config,
+            sink,
+            control: &control,
+            wait,
+            dry_run: false,
+        };
+        let result = guard.run(pass.reship(reader, ids, &mut attempt)).await;
+        report.add(&attempt);
+        match result {
+            Err(ReplayError::Postgres(PgError::Yielded(waiter))) if started.elapsed() < wait => {
+                info!(%waiter, "repair gave way to a migration; starting again (what shipped stays)");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+            Ok(()) => break,
+        }
     }
     info!(
         candidates = report.candidates,
@@ -220,34 +329,37 @@ pub async fn reship_ids(
     Ok(report)
 }
 
-/// Maps a chunk of outbox rows and ships the events ClickHouse does not hold ([`ship_chunk`]);
-/// a row that cannot become an event is kept as a dead letter, as the live stream does
-/// (`dead-letters retry` ships it once the row is fixed).
-async fn ship_rows(
-    config: &Config,
-    sink: &ClickHouseSink,
-    control: &Client,
-    layout: &SqlLayout,
-    rows: &[tokio_postgres::Row],
-    dry_run: bool,
-    report: &mut ReplayReport,
-) -> Result<(), ReplayError> {
-    report.candidates += rows.len() as u64;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in rows {
-        match layout.event(row) {
-            Ok(event) => events.push(event),
-            Err((why, raw)) => {
-                let id = layout.fallback_id(&raw);
-                if !dry_run
-                    && deadletter::record_unmapped(control, config, &id, (0, 0), &raw, &why).await?
-                {
-                    report.dead_letters += 1;
-                }
-            }
+impl Pass<'_> {
+    /// The rows with these ids, as [`reship_ids`] ships them.
+    async fn reship(
+        &self,
+        reader: &mut Client,
+        ids: &[String],
+        report: &mut ReplayReport,
+    ) -> Result<(), ReplayError> {
+        let outbox = outbox_table(self.config);
+        let layout = SqlLayout::read_table(reader, &outbox).await?;
+        let tx = self
+            .snapshot(
+                reader,
+                std::slice::from_ref(&outbox),
+                "repair snapshot",
+                report,
+            )
+            .await?;
+        let sql = format!(
+            "SELECT {} FROM {outbox} o WHERE o.event_id::text = ANY($1)",
+            layout.select
+        );
+        for chunk in ids.chunks(CHUNK as usize) {
+            let rows = tx
+                .query(&sql, &[&chunk])
+                .await
+                .map_err(PgError::query("repair read"))?;
+            self.ship_rows(self.control, &layout, &rows, report).await?;
         }
+        Ok(())
     }
-    ship_chunk(config, sink, control, events, dry_run, report).await
 }
 
 /// Takes replay's lock (one re-sender per slot at a time: a replay, `verify --repair`) on a
@@ -341,9 +453,6 @@ pub(crate) async fn wait_for_fence(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-
-/// The outbox row `o`'s xmin as an xid8 (see [`ROW_XID8`]).
-pub(crate) const XID8: &str = ROW_XID8;
 
 /// Outbox rows the base snapshot ($1, NULL for all) does not see, minus dead letters.
 fn candidates_sql(config: &Config, outbox: &str, select: &str) -> String {

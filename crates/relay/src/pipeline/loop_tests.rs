@@ -202,6 +202,7 @@ fn stream_from(wal: &[Tx], start: Lsn) -> Vec<SourceEvent> {
         events.push(SourceEvent::Begin {
             commit_lsn: tx.commit_lsn,
             commit_time_us: 1_767_225_600_000_000,
+            xid: tx.commit_lsn.0 as u32,
         });
         for (seq, id) in tx.events.iter().enumerate() {
             let lsn = Lsn(tx.commit_lsn.0 - 500 + seq as u64);

@@ -59,6 +59,8 @@ struct Tx {
     /// Unix µs.
     commit_time_us: i64,
     seq: u32,
+    /// Its 64-bit transaction id (see [`crate::event::widen_xid`]).
+    xid: u64,
 }
 
 /// The batch being filled: an open insert plus what it covers.
@@ -116,6 +118,9 @@ pub(crate) struct Session<'a, S: Sink, P: Store> {
     /// When the take of messages in hand began: commits compare the batch's deadline with it
     /// (one clock read a take of up to [`READY_BURST`] messages, not one a transaction).
     now: tokio::time::Instant,
+    /// The newest 64-bit transaction id known (the server's next one when the session started,
+    /// then the stream's): the stream's 32-bit xids are widened next to it.
+    pub(super) xid_reference: u64,
 }
 
 impl<'a, S: Sink, P: Store> Session<'a, S, P> {
@@ -141,6 +146,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             present: Present::default(),
             resend: Vec::new(),
             now: tokio::time::Instant::now(),
+            xid_reference: 0,
         }
     }
 
@@ -272,7 +278,8 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             SourceEvent::Begin {
                 commit_lsn,
                 commit_time_us,
-            } => self.begin(commit_lsn, commit_time_us),
+                xid,
+            } => self.begin(commit_lsn, commit_time_us, xid),
             SourceEvent::Commit { end } if !self.batch_full() => {
                 self.commit(source, end);
             }
@@ -287,13 +294,14 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             SourceEvent::Begin {
                 commit_lsn,
                 commit_time_us,
+                xid,
             } => {
                 if self.mode.ends_before(commit_lsn) {
                     self.ship_resend(source).await?;
                     *self.mode = Mode::Streaming;
                     info!("the rows of the failed insert are all in ClickHouse or dead letters");
                 }
-                self.begin(commit_lsn, commit_time_us);
+                self.begin(commit_lsn, commit_time_us, xid);
             }
             SourceEvent::Change { lsn, data } => {
                 let message =
@@ -321,7 +329,9 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
     }
 
     /// A transaction begins (streaming, or after the rows to re-send are shipped).
-    fn begin(&mut self, commit_lsn: Lsn, commit_time_us: i64) {
+    fn begin(&mut self, commit_lsn: Lsn, commit_time_us: i64, xid: u32) {
+        let xid = crate::event::widen_xid(xid, self.xid_reference);
+        self.xid_reference = self.xid_reference.max(xid);
         if self
             .present
             .last_commit_lsn()
@@ -333,6 +343,7 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
             commit_lsn,
             commit_time_us,
             seq: 0,
+            xid,
         });
     }
 
@@ -409,11 +420,11 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
                     return Ok(());
                 }
                 let tx = self.tx.as_mut().ok_or(RelayError::Protocol(lsn))?;
-                let (commit_lsn, tx_seq) = (tx.commit_lsn, tx.seq);
+                let (commit_lsn, tx_seq, xid) = (tx.commit_lsn, tx.seq, tx.xid);
                 tx.seq += 1;
                 let mapped = match &relation.layout {
                     Ok(layout) => layout
-                        .row(&insert.tuple, commit_lsn.0, tx_seq)
+                        .row(&insert.tuple, (commit_lsn.0, tx_seq, xid))
                         .map_err(|e| e.to_string()),
                     Err(why) => Err(why.clone()),
                 };

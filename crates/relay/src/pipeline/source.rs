@@ -26,10 +26,12 @@ const REPLICATION_BUFFER_EVENTS: usize = 1_024;
 /// One message of the replication stream, as the relay loop reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceEvent {
-    /// A transaction begins; it commits at `commit_lsn`, at `commit_time_us` (Unix µs).
+    /// A transaction begins; it commits at `commit_lsn`, at `commit_time_us` (Unix µs); `xid`
+    /// is its (32-bit) transaction id.
     Begin {
         commit_lsn: Lsn,
         commit_time_us: i64,
+        xid: u32,
     },
     /// A pgoutput message at WAL position `lsn` (see [`pgoutput::decode`]).
     Change { lsn: Lsn, data: Bytes },
@@ -101,10 +103,11 @@ impl Source for PgSource {
             ReplicationEvent::Begin {
                 final_lsn,
                 commit_time_micros,
-                ..
+                xid,
             } => SourceEvent::Begin {
                 commit_lsn: lsn(final_lsn),
                 commit_time_us: pgoutput::pg_to_unix_micros(commit_time_micros),
+                xid,
             },
             ReplicationEvent::XLogData {
                 data, wal_start, ..

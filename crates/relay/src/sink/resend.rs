@@ -81,6 +81,7 @@ mod tests {
             metadata_version: 1,
             commit_lsn: 1,
             tx_seq: u32::from(n),
+            xid: 0,
             sentry_trace: None,
         }
     }

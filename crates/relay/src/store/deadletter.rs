@@ -210,12 +210,15 @@ pub async fn retry(
     let rows = client
         .query(
             &format!(
-                "SELECT event_id::text, commit_lsn::text, tx_seq, event_type,
-                        (extract(epoch FROM event_date_time) * 1000000)::int8, environment,
-                        event_context, metadata_version, sentry_trace, raw IS NOT NULL
-                   FROM {table} WHERE ($1::text IS NULL OR event_id = $1::text::uuid)
-                    AND shipped_at IS NULL
-                  ORDER BY commit_lsn, tx_seq"
+                "SELECT d.event_id::text, d.commit_lsn::text, d.tx_seq, d.event_type,
+                        (extract(epoch FROM d.event_date_time) * 1000000)::int8, d.environment,
+                        d.event_context, d.metadata_version, d.sentry_trace, d.raw IS NOT NULL,
+                        (SELECT ({xid8})::text FROM {outbox} o WHERE o.event_id = d.event_id)
+                   FROM {table} d WHERE ($1::text IS NULL OR d.event_id = $1::text::uuid)
+                    AND d.shipped_at IS NULL
+                  ORDER BY d.commit_lsn, d.tx_seq",
+                xid8 = crate::store::checkpoint::ROW_XID8,
+                outbox = outbox_table(config),
             ),
             &[&event_id],
         )
@@ -245,6 +248,11 @@ pub async fn retry(
             }
         };
         (row.commit_lsn, row.tx_seq) = position;
+        // Its transaction, as replay writes it: the outbox row's (0 once it is purged).
+        row.xid = r
+            .get::<_, Option<String>>(10)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0);
         if !sink
             .existing_ids(std::slice::from_ref(&id))
             .await?
@@ -279,6 +287,7 @@ fn typed_letter(r: &tokio_postgres::Row, id: &str) -> Result<OwnedEventRow, Stri
         event_id: parse_uuid(id).ok_or_else(|| format!("{id} is not a UUID"))?,
         commit_lsn: 0,
         tx_seq: 0,
+        xid: 0,
         event_type: r
             .get::<_, Option<String>>(3)
             .ok_or_else(missing)?

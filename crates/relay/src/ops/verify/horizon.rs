@@ -1,0 +1,147 @@
+//! Where the proof starts: a checkpoint's snapshot H; the rows of transactions H sees are
+//! outside it on both sides. The newest of:
+//!
+//! - **the purge's reach**: the outbox purge deletes the rows its checkpoint's snapshot sees
+//!   (`outbox_retention_hours`), so H is the newest checkpoint recorded before the retention
+//!   horizon rounded up a step and one more step (a step is an hour, less for a retention under
+//!   a day): never behind what a purge running during the pass may delete, and the same for a
+//!   whole step, so the background verifier's sums stay valid that long;
+//! - **`--from-lsn`**: the newest checkpoint whose snapshot predates that position (as replay);
+//! - **the first rows with a transaction id**: ClickHouse rows shipped before `xid` existed
+//!   hold 0 there, so the proof starts at the first checkpoint recorded past them.
+
+use pgoutput::Lsn;
+use tokio_postgres::Client;
+
+use super::VerifyError;
+use super::snapshot::Snapshot;
+use crate::config::Config;
+use crate::ops::replay;
+use crate::pg::PgError;
+use crate::sink::{ClickHouseSink, OURS, TABLE};
+use crate::store::schema::checkpoints_table;
+
+/// A checkpoint whose snapshot bounds the proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Horizon {
+    pub snapshot: Snapshot,
+    /// The checkpoint's `snapshot_lsn`.
+    pub lsn: Lsn,
+    pub recorded_at: String,
+    /// Why it bounds the proof (for the report).
+    pub why: &'static str,
+}
+
+/// The step the purge's reach is rounded by, in seconds: an hour, or a 24th of the retention.
+pub fn step_s(config: &Config) -> u64 {
+    (config.outbox_retention_hours * 3600 / 24).clamp(60, 3600)
+}
+
+/// The horizon of a pass (see the module's comment); `None` when the whole outbox is in the
+/// proof.
+pub async fn find(
+    client: &Client,
+    config: &Config,
+    sink: &ClickHouseSink,
+    from_lsn: Option<Lsn>,
+) -> Result<Option<Horizon>, VerifyError> {
+    let table = checkpoints_table(config);
+    let columns = "snapshot::text, snapshot_lsn::text,
+                   to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+    let mut found: Vec<Horizon> = Vec::new();
+    if config.outbox_retention_hours > 0 {
+        let sql = format!(
+            "SELECT {columns} FROM {table} WHERE slot = $1
+                AND recorded_at < date_bin(make_interval(secs => $2), now() - make_interval(hours => $3),
+                                           'epoch') + 2 * make_interval(secs => $2)
+              ORDER BY snapshot_lsn DESC LIMIT 1"
+        );
+        let row = client
+            .query_opt(
+                &sql,
+                &[
+                    &config.slot,
+                    &(step_s(config) as f64),
+                    &i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX),
+                ],
+            )
+            .await
+            .map_err(PgError::query("verify horizon"))?;
+        found.extend(row.and_then(|r| horizon(&r, "the outbox retention")));
+    }
+    if let Some(from) = from_lsn {
+        let now: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(PgError::query("verify horizon"))?
+            .get(0);
+        if now.parse::<Lsn>().is_ok_and(|now| from > now) {
+            return Err(VerifyError::Range(format!(
+                "--from-lsn {from} is past the server's WAL, which is at {now}: nothing was \
+                 committed there yet (a typo? `outbox-relay status` shows the slot's position)"
+            )));
+        }
+        let base = replay::base_snapshot(client, config, from)
+            .await
+            .map_err(VerifyError::Repair)?;
+        if let Some((snapshot, lsn)) = base {
+            let row = client
+                .query_opt(
+                    &format!(
+                        "SELECT {columns} FROM {table} WHERE slot = $1 AND snapshot::text = $2
+                           AND snapshot_lsn = $3::text::pg_lsn LIMIT 1"
+                    ),
+                    &[&config.slot, &snapshot, &lsn],
+                )
+                .await
+                .map_err(PgError::query("verify horizon"))?;
+            found.extend(row.and_then(|r| horizon(&r, "--from-lsn")));
+        }
+    }
+    let floor = found.iter().map(|h| h.lsn.0).max().unwrap_or(0);
+    // ClickHouse rows past the horizon with no transaction id: shipped before `xid` existed.
+    let before_xid: Vec<u64> = sink
+        .fetch_all(&format!(
+            "SELECT max(commit_lsn) FROM {TABLE}
+              WHERE {OURS} AND xid = 0 AND commit_lsn > 0 AND commit_lsn >= {floor}"
+        ))
+        .await?;
+    if let Some(&last) = before_xid.first().filter(|l| **l > 0) {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT {columns} FROM {table} WHERE slot = $1
+                        AND confirmed_lsn > $2::text::pg_lsn
+                      ORDER BY snapshot_lsn LIMIT 1"
+                ),
+                &[&config.slot, &Lsn(last).to_string()],
+            )
+            .await
+            .map_err(PgError::query("verify horizon"))?;
+        let first = match row {
+            Some(r) => horizon(&r, "the first checkpoint of a relay writing xid"),
+            // Nothing shipped with an xid was checkpointed yet: nothing is provable yet.
+            None => client
+                .query_one(
+                    "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text,
+                            to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+                    &[],
+                )
+                .await
+                .ok()
+                .and_then(|r| horizon(&r, "no checkpoint of a relay writing xid yet")),
+        };
+        found.extend(first);
+    }
+    Ok(found.into_iter().max_by_key(|h| h.lsn.0))
+}
+
+/// A checkpoint row (snapshot, snapshot_lsn, recorded_at) as a horizon.
+fn horizon(row: &tokio_postgres::Row, why: &'static str) -> Option<Horizon> {
+    Some(Horizon {
+        snapshot: Snapshot::parse(&row.get::<_, String>(0))?,
+        lsn: row.get::<_, String>(1).parse().ok()?,
+        recorded_at: row.get(2),
+        why,
+    })
+}
