@@ -1,5 +1,7 @@
 """The system check: the outbox table and its columns are there."""
 
+import io
+
 import pytest
 from django.core.checks import Error, Warning
 from django.core.management import call_command
@@ -7,7 +9,7 @@ from django.core.management.base import SystemCheckError
 from django.db import connection
 from django.test.utils import override_settings
 
-from outbox_relay_django.checks import check_outbox_table
+from outbox_relay_django.checks import check_outbox_published, check_outbox_table
 
 pytestmark = pytest.mark.django_db
 
@@ -47,3 +49,16 @@ def test_missing_and_changed_columns():
 
 def test_other_databases_are_not_its_business():
     assert check_outbox_table(databases=["other"]) == []
+
+
+def test_deploy_warns_without_a_publication():
+    # The test database never saw `outbox-relay setup`.
+    assert ids(check_outbox_published()) == [(Warning, "outbox_relay.W003")]
+    out, err = io.StringIO(), io.StringIO()
+    call_command("check", deploy=True, stdout=out, stderr=err)
+    assert "outbox_relay.W003" in out.getvalue() + err.getvalue()
+    call_command("check", stdout=out, stderr=err)  # not without --deploy
+    assert (out.getvalue() + err.getvalue()).count("outbox_relay.W003") == 1
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE PUBLICATION test_outbox_pub FOR TABLE event_outbox")
+    assert check_outbox_published() == []

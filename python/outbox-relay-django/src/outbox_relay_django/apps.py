@@ -12,6 +12,7 @@ class OutboxRelayConfig(AppConfig):
     verbose_name = "outbox-relay"
 
     def ready(self) -> None:
-        from .checks import check_outbox_table
+        from .checks import check_outbox_published, check_outbox_table
 
         checks.register(check_outbox_table, "outbox_relay")
+        checks.register(check_outbox_published, "outbox_relay", deploy=True)

@@ -1,4 +1,5 @@
-"""``manage.py check``: the outbox table and the columns publishing needs are there."""
+"""``manage.py check``: the outbox table and the columns publishing needs are there; with
+``--deploy``, also that a publication covers it (``outbox-relay setup`` ran)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,42 @@ def check_outbox_table(
                 )
             )
     return messages
+
+
+def check_outbox_published(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Iterable[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """``manage.py check --deploy``: a publication covers the outbox table. Without one,
+    ``outbox-relay setup`` has not run against this database, no slot streams the outbox, and
+    events published now are never shipped."""
+    if app_configs is not None and not any(c.label == APP_LABEL for c in app_configs):
+        return []
+    alias = conf.database()
+    if databases is not None and alias not in databases:
+        return []
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return []  # check_outbox_table says so
+    table = qualified_table(conf.schema(), conf.table())
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT to_regclass(%s) IS NOT NULL, EXISTS (SELECT 1 FROM pg_publication_tables "
+                "WHERE schemaname = %s AND tablename = %s)",
+                [table, conf.schema(), conf.table()],
+            )
+            exists, published = cursor.fetchone()
+    except DatabaseError:
+        return []  # check_outbox_table says so
+    if not exists or published:
+        return []
+    return [
+        Warning(
+            f"no publication covers the outbox table {table} in database {alias!r}: "
+            "`outbox-relay setup` has not run there, and events published now are never shipped",
+            hint="run `outbox-relay setup` before the application publishes (docs/publishing.md)",
+            id="outbox_relay.W003",
+        )
+    ]
