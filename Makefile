@@ -5,6 +5,8 @@ CARGO ?= cargo
 # A nextest filter expression, e.g. TEST_FILTER='not test(/kill9/)'.
 TEST_FILTER ?= all()
 VENV_BIN := .venv/bin
+# The Django publishing package (docs/publishing.md).
+DJANGO_PKG := python/outbox-relay-django
 
 .PHONY: demo test lint fmt bootstrap build fuzz bench bench-json deny
 
@@ -26,6 +28,9 @@ lint: bootstrap
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(VENV_BIN)/actionlint .github/workflows/*.yml
 	$(VENV_BIN)/hadolint deploy/Dockerfile
+	$(VENV_BIN)/ruff check $(DJANGO_PKG)
+	$(VENV_BIN)/ruff format --check $(DJANGO_PKG)
+	cd $(DJANGO_PKG) && $(CURDIR)/$(VENV_BIN)/mypy --strict src
 	@if command -v docker-compose >/dev/null; then docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: valid"; \
 	 elif docker compose version >/dev/null 2>&1; then docker compose config -q && echo "docker-compose.yml: valid"; \
 	 else echo "docker compose not installed: docker-compose.yml not validated"; fi

@@ -33,6 +33,22 @@ impl Fixture {
     /// Like [`start`](Self::start), on a PostgreSQL server the test started itself (e.g. with
     /// TLS); `RELAY_POSTGRES_URL` may be overridden in `extra_env` (`{db}`: the database).
     pub fn start_on(pg: PgServer, extra_env: &[(&str, &str)]) -> Fixture {
+        let fixture = Fixture::start_on_without_setup(pg, extra_env);
+        let out = fixture.relay(&["setup"]);
+        assert!(out.status.success(), "setup failed: {}", stderr(&out));
+        fixture
+    }
+
+    /// Like [`start`](Self::start), without `outbox-relay setup`: the test runs it when it wants
+    /// (e.g. after an application's own migration made the outbox table).
+    pub fn start_without_setup(version: PgVersion, extra_env: &[(&str, &str)]) -> Fixture {
+        Fixture::start_on_without_setup(
+            PgServer::start(version).expect("start PostgreSQL"),
+            extra_env,
+        )
+    }
+
+    fn start_on_without_setup(pg: PgServer, extra_env: &[(&str, &str)]) -> Fixture {
         let ch = ClickHouseServer::start().expect("start ClickHouse");
         // Names of this test's own, so tests can share an external server.
         let db = harness::unique_name("app");
@@ -56,17 +72,14 @@ impl Fixture {
             env.retain(|(key, _)| key != k);
             env.push((k.to_string(), v.replace("{db}", &db)));
         }
-        let fixture = Fixture {
+        Fixture {
             pg,
             ch,
             db,
             ch_db,
             slot,
             env,
-        };
-        let out = fixture.relay(&["setup"]);
-        assert!(out.status.success(), "setup failed: {}", stderr(&out));
-        fixture
+        }
     }
 
     /// Moves the fixture to new databases and a new slot on the same servers (dropping the old
