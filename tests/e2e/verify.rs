@@ -22,7 +22,9 @@ macro_rules! on_each_postgres {
 on_each_postgres!(
     verify_finds_and_repairs_every_kind_of_difference,
     background_passes_hash_only_what_came_and_still_see_every_loss,
-    passes_under_load_report_nothing_in_flight
+    passes_under_load_report_nothing_in_flight,
+    every_retained_event_whatever_its_time,
+    altered_events_are_named
 );
 
 const GRACE_S: u64 = 1;
@@ -597,4 +599,158 @@ fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
         narrowed, 0,
         "{narrowed} windows compared id by id in 25 passes"
     );
+}
+
+/// Waits until the relay recorded a checkpoint past the last event ClickHouse holds: its
+/// snapshot sees every event shipped so far.
+fn wait_for_checkpoint(f: &Fixture, relay: &RelayProcess) {
+    let last: u64 = f
+        .ch("SELECT max(commit_lsn) FROM {db}.event_log")
+        .trim()
+        .parse()
+        .unwrap();
+    let recorded = wait_until(Duration::from_secs(60), || {
+        f.sql(&format!(
+            "SELECT count(*) FROM event_outbox_checkpoints
+              WHERE confirmed_lsn > '{:X}/{:X}'::pg_lsn",
+            last >> 32,
+            last & 0xffff_ffff
+        ))
+        .trim()
+            != "0"
+    });
+    assert!(recorded, "no checkpoint past {last}\n{}", relay.log());
+}
+
+/// Issue 24's second point: verify's range is the retained outbox whatever the events' own
+/// times (backdated 5 days, 1990, forward-dated 2030), and a ClickHouse row whose outbox row
+/// was purged is outside the proof, never extra.
+fn every_retained_event_whatever_its_time(v: PgVersion) {
+    let addr = free_addr();
+    let f = Fixture::start(
+        v,
+        &[
+            ("RELAY_METRICS_ADDR", addr.as_str()),
+            ("RELAY_VERIFY_INTERVAL_S", "1"),
+            ("RELAY_VERIFY_GRACE_S", "1"),
+            ("RELAY_OUTBOX_RETENTION_HOURS", "1"),
+            ("RELAY_PURGE_INTERVAL_S", "1"),
+        ],
+    );
+    let relay = f.spawn_relay();
+    // A forward-dated event and ordinary ones, shipped and checkpointed; then the checkpoints
+    // are made two hours old, so the purge deletes what they see.
+    f.sql(
+        "INSERT INTO event_outbox (event_type, event_date_time, event_context)
+         VALUES ('dated.2030', '2030-06-01 12:00:00+00', '{}')",
+    );
+    f.publish(20, 10, "early");
+    f.wait_for_rows(21, Duration::from_secs(60), Some(&relay));
+    wait_for_checkpoint(&f, &relay);
+    f.sql("UPDATE event_outbox_checkpoints SET recorded_at = recorded_at - interval '2 hours'");
+    let future = f.sql("SELECT event_id FROM event_outbox WHERE event_type = 'dated.2030'");
+    let future = future.trim().to_string();
+    // Backdated events committed after those checkpoints: retained.
+    f.sql(
+        "INSERT INTO event_outbox (event_type, event_date_time, event_context)
+         VALUES ('dated.5d', now() - interval '5 days', '{\"a\": 1}'),
+                ('dated.1990', '1990-01-01 00:00:00.000001+00', '{\"b\": 2}')",
+    );
+    f.publish(20, 10, "late");
+    f.wait_for_rows(43, Duration::from_secs(60), Some(&relay));
+    let purged = wait_until(Duration::from_secs(60), || {
+        f.sql("SELECT count(*) FROM event_outbox WHERE event_type IN ('dated.2030', 'early')")
+            .trim()
+            == "0"
+    });
+    assert!(purged, "the purge did not run\n{}", relay.log());
+    // ClickHouse holds the purged 2030 event: outside the proof, not extra.
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["outbox_events"], 22, "{report}");
+    wait_for_gauges(&addr, &relay, 0, 0);
+
+    let dated: Vec<String> = f
+        .sql("SELECT event_id FROM event_outbox WHERE event_type IN ('dated.5d', 'dated.1990')")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(dated.len(), 2);
+    delete_in_clickhouse(&f, &dated);
+    delete_in_clickhouse(&f, std::slice::from_ref(&future));
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(missing(&report), dated.iter().cloned().collect(), "{report}");
+    assert!(extra(&report).is_empty(), "{report}");
+    // Their windows are 1990's and five days ago: the first differing one bounds the proof.
+    assert_eq!(report["differing_windows"].as_array().unwrap().len(), 2);
+    assert_eq!(report["verified_through_us"], 631_152_000_000_000i64, "{report}");
+    wait_for_gauges(&addr, &relay, 2, 0);
+    let (code, report) = verify(&f, &["--repair"]);
+    assert_eq!((code, &report["repair"]["shipped"]), (1, &2.into()), "{report}");
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 0, "{report}");
+    wait_for_gauges(&addr, &relay, 0, 0);
+}
+
+/// Issue 24's third point: a row altered in ClickHouse (its context by a mutation, its type by
+/// rewriting it) is found with its id; events of every shape hash alike on both servers.
+fn altered_events_are_named(v: PgVersion) {
+    let f = Fixture::start(v, &[("RELAY_VERIFY_INTERVAL_S", "0")]);
+    let relay = f.spawn_relay();
+    publish_spread(&f, 500, 60, "spread");
+    // Shapes the hash must treat alike in both servers: multi-byte text, escapes, an empty
+    // environment, the largest version, a time before 1970, a long context.
+    f.sql(
+        r#"INSERT INTO event_outbox (event_type, event_date_time, environment, event_context,
+                                    metadata_version)
+           VALUES ('shape.ünïcode', '1969-07-20 20:17:40.000001+00', '', '{"k": "é\n\u00e9 \"q\""}', 9223372036854775807),
+                  ('shape|bar:colon', now(), 'env|x:y', '{"a": [1, 2.50, null, true]}', 0),
+                  ('shape.long', now(), 'staging', json_build_object('x', repeat('z', 100000)), 1)"#,
+    );
+    f.wait_for_rows(503, Duration::from_secs(60), Some(&relay));
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 0, "{report}");
+
+    let ids = some_ids(&f, "spread", 2, 100);
+    let (context, kind) = (&ids[0], &ids[1]);
+    f.ch(&format!(
+        "ALTER TABLE {{db}}.event_log UPDATE event_context = '{{\"altered\": true}}'
+          WHERE event_id = '{context}' SETTINGS mutations_sync = 1"
+    ));
+    // event_type is in the sort key, which a mutation cannot change: the row is rewritten.
+    f.ch(&format!(
+        "INSERT INTO {{db}}.event_log SELECT * REPLACE ('altered.type' AS event_type)
+           FROM {{db}}.event_log WHERE event_id = '{kind}'"
+    ));
+    f.ch(&format!(
+        "DELETE FROM {{db}}.event_log WHERE event_id = '{kind}' AND event_type != 'altered.type'"
+    ));
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 1, "{report}");
+    let altered: BTreeSet<String> = report["altered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(altered, ids.iter().cloned().collect(), "{report}");
+    assert!(missing(&report).is_empty() && extra(&report).is_empty(), "{report}");
+    // --repair leaves altered rows alone: which content is right is the operator's call.
+    let (code, report) = verify(&f, &["--repair"]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["altered"].as_array().unwrap().len(), 2, "{report}");
+    // The documented decision: delete them in ClickHouse, and repair ships them as published.
+    delete_in_clickhouse(&f, &ids);
+    let (code, report) = verify(&f, &["--repair"]);
+    assert_eq!((code, &report["repair"]["shipped"]), (1, &2.into()), "{report}");
+    let (code, report) = verify(&f, &[]);
+    assert_eq!(code, 0, "{report}");
+    let back = f.ch(&format!(
+        "SELECT event_type, event_context FROM {{db}}.event_log WHERE event_id = '{context}' FORMAT TSV"
+    ));
+    let published = f.sql(&format!(
+        "SELECT event_type || E'\\t' || event_context FROM event_outbox WHERE event_id = '{context}'"
+    ));
+    assert_eq!(back.trim(), published.trim(), "the event as published");
 }

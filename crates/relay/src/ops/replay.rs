@@ -113,7 +113,7 @@ pub async fn replay_tables(
     let started = Instant::now();
     loop {
         let mut attempt = ReplayReport::default();
-        let mut reader = Guarded::connect(&config.postgres_url).await?;
+        let mut reader = Guarded::connect(&config.postgres_url, "replay").await?;
         let (reader, guard) = reader.split();
         let pass = Pass {
             config,
@@ -301,7 +301,7 @@ pub async fn reship_ids(
     let started = Instant::now();
     loop {
         let mut attempt = ReplayReport::default();
-        let mut reader = Guarded::connect(&config.postgres_url).await?;
+        let mut reader = Guarded::connect(&config.postgres_url, "repair").await?;
         let (reader, guard) = reader.split();
         let pass = Pass {
             config,

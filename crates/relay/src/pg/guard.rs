@@ -67,21 +67,27 @@ impl std::fmt::Display for Waiter {
 }
 
 impl Guarded {
-    /// Opens the work connection (with `lock_timeout`) and its watchdog's to the primary of
-    /// `url`.
-    pub async fn connect(url: &str) -> Result<Guarded, PgError> {
+    /// Opens the work connection (with `lock_timeout`, named `outbox-relay <work>` in
+    /// `pg_stat_activity`) and its watchdog's to the primary of `url`.
+    pub async fn connect(url: &str, work: &str) -> Result<Guarded, PgError> {
         let client = super::connect(url).await?;
         let row = client
             .query_one(
-                &format!(
-                    "SELECT pg_backend_pid(), set_config('lock_timeout', '{LOCK_TIMEOUT}', false)"
-                ),
-                &[],
+                "SELECT pg_backend_pid(), set_config('lock_timeout', $1, false),
+                        set_config('application_name', $2, false)",
+                &[&LOCK_TIMEOUT, &format!("outbox-relay {work}")],
             )
             .await
             .map_err(PgError::query("session settings"))?;
         let pid: i32 = row.get(0);
         let watchdog = super::connect(url).await?;
+        watchdog
+            .execute(
+                "SELECT set_config('application_name', $1, false)",
+                &[&format!("outbox-relay {work} watchdog")],
+            )
+            .await
+            .map_err(PgError::query("session settings"))?;
         Ok(Guarded {
             client,
             pid,

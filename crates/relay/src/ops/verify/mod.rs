@@ -261,7 +261,7 @@ pub async fn compare(
     memory.align(options.window_us, horizon.as_ref().map_or(0, |h| h.lsn.0));
     check_hashes(&control, sink, memory).await?;
     // 3.-7. On a connection that gives way to whoever queues behind its locks.
-    let mut guarded = Guarded::connect(&config.postgres_url).await?;
+    let mut guarded = Guarded::connect(&config.postgres_url, "verify").await?;
     let (reader, guard) = guarded.split();
     let compared = guard
         .run(read_and_compare(
