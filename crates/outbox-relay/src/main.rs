@@ -9,6 +9,48 @@ use relay::Config;
 use relay::config::LogFormat;
 use tokio::sync::watch;
 
+// Standard output and error that a closed pipe does not crash: `outbox-relay verify | head -1`
+// or `status | grep -q ...` close the pipe early, and std's println! panics on the broken pipe
+// (exit 101 and a backtrace). These shadow std's macros in this file: output stops quietly at
+// the first failed write and the command finishes with its own exit code (docs/operations.md,
+// "Exit codes"). SIGPIPE stays ignored, so a server connection closed under a write is an error
+// the relay reports, not a silent death.
+macro_rules! println {
+    () => {
+        $crate::write_line(false, format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_line(false, format_args!($($arg)*))
+    };
+}
+macro_rules! eprintln {
+    ($($arg:tt)*) => {
+        $crate::write_line(true, format_args!($($arg)*))
+    };
+}
+
+/// Writes a line on stdout (`stderr` false) or stderr; after a write fails (the reader is
+/// gone), that stream is left alone for the rest of the run.
+fn write_line(stderr: bool, line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CLOSED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let closed = &CLOSED[usize::from(stderr)];
+    if closed.load(Ordering::Relaxed) {
+        return;
+    }
+    let written = if stderr {
+        let mut err = std::io::stderr().lock();
+        err.write_fmt(line).and_then(|()| err.write_all(b"\n"))
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_fmt(line).and_then(|()| out.write_all(b"\n"))
+    };
+    if written.is_err() {
+        closed.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Streams a transactional outbox from a PostgreSQL pgoutput slot into ClickHouse.
 ///
 /// Settings come from the TOML file given with --config (or RELAY_CONFIG) and from RELAY_*
@@ -154,14 +196,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let format = config.log_format;
     if let Command::Verify { .. } = &cli.command {
         return match runtime.block_on(verify(cli.command, config)) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {
-                let message = error_chain(&e);
-                tracing::error!(error = message, "verify could not check");
-                eprintln!("outbox-relay: verify could not check: {message}");
+                report_fatal(format, "verify could not check", &e);
                 ExitCode::from(2)
             }
         };
@@ -169,9 +210,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(execute(cli.command, config)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let message = error_chain(&e);
-            tracing::error!(error = message, "outbox-relay failed");
-            eprintln!("outbox-relay: {message}");
+            report_fatal(format, "", &e);
             ExitCode::FAILURE
         }
     };
@@ -184,6 +223,21 @@ fn main() -> ExitCode {
 /// The error and its causes, `a: b: c` ([`relay::error_chain`]).
 fn error_chain(e: &anyhow::Error) -> String {
     relay::error_chain(e.as_ref())
+}
+
+/// Reports the error a command stops on, once: an ERROR event with `log_format = "json"` (one
+/// record for the log pipeline), else a plain `outbox-relay: ...` line (multi-line messages,
+/// such as a table's problems, stay readable).
+fn report_fatal(format: LogFormat, what: &str, e: &anyhow::Error) {
+    let message = error_chain(e);
+    match format {
+        LogFormat::Json if what.is_empty() => {
+            tracing::error!(error = message, "outbox-relay failed")
+        }
+        LogFormat::Json => tracing::error!(error = message, "{what}"),
+        LogFormat::Pretty if what.is_empty() => eprintln!("outbox-relay: {message}"),
+        LogFormat::Pretty => eprintln!("outbox-relay: {what}: {message}"),
+    }
 }
 
 /// `run` stopped on SIGTERM/SIGINT but ClickHouse had not accepted the last batch within
@@ -695,7 +749,9 @@ fn init_logging(config: &Config) {
         EnvFilter::new("info")
     });
     use std::io::IsTerminal;
+    // A closed stderr must not panic the relay (the layer would report it with eprintln!).
     let fmt = tracing_subscriber::fmt::layer()
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let registry =

@@ -1,0 +1,109 @@
+//! The command line's edges (issue 24, point 7), each with its documented behaviour
+//! (docs/operations.md, "Exit codes"): a stdout closed early (the command's own code, no panic),
+//! and a fatal error reported once.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Fixture, relay_bin, stderr};
+use harness::PgVersion;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// `outbox-relay ARGS` with the fixture's settings (and `env`), stdout into a pipe whose read
+/// end is closed before the command writes anything: (exit code, stderr).
+fn with_stdout_closed(f: &Fixture, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(args).env_clear();
+    for key in ["PATH", "HOME"] {
+        if let Ok(v) = std::env::var(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.envs(f.env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().copied());
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outbox-relay");
+    // The only read end: every write of the command fails with EPIPE from its first byte.
+    drop(child.stdout.take());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait().expect("wait for outbox-relay");
+    (status.code(), err)
+}
+
+#[test]
+fn a_closed_stdout_ends_the_output_quietly_with_the_commands_own_exit_code() {
+    let f = Fixture::start(PgVersion::V18, &[]);
+    let relay = f.spawn_relay();
+    f.publish(2_000, 100, "closed_pipe");
+    f.wait_for_rows(2_000, LONG, Some(&relay));
+    // Enough dead letters that `list` writes far more than a pipe buffer holds.
+    f.sql(
+        "INSERT INTO event_outbox_dead_letters (event_id, commit_lsn, tx_seq, event_type,
+                event_date_time, environment, event_context, metadata_version, error)
+         SELECT gen_random_uuid(), '0/1', g, 'listed', now(), 'test', '{}', 1,
+                'Code: 469. a refusal long enough to fill lines: ' || repeat('x', 200)
+           FROM generate_series(1, 2000) g",
+    );
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["dead-letters", "list"],
+        &["dead-letters", "list", "--json"],
+        &["verify"],
+        &["verify", "--json"],
+        &["verify", "--help"],
+        &["setup", "--print-sql"],
+        &["replay", "--from-lsn", "0/0", "--dry-run"],
+        &["replay", "--from-lsn", "0/0", "--dry-run", "--json"],
+    ] {
+        let expected = f.relay(args).status.code();
+        assert_eq!(expected, Some(0), "{args:?} with a reader: exit code");
+        let (code, err) = with_stdout_closed(&f, args, &[]);
+        assert_eq!(code, expected, "{args:?} into a closed pipe:\n{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?} into a closed pipe:\n{err}"
+        );
+    }
+    // A failing command keeps its code too: `status` of a missing slot exits 3.
+    let (code, err) = with_stdout_closed(&f, &["status"], &[("RELAY_SLOT", "no_such_slot")]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(relay.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_fatal_error_is_reported_once_in_either_log_format() {
+    let f = Fixture::start(PgVersion::V18, &[]);
+    // `run` on a slot that does not exist stops at once, naming the fix.
+    let says = "does not exist: run `outbox-relay setup`";
+    let out = f.relay_with(&["run"], &[("RELAY_SLOT", "no_such_slot")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches(says).count(), 1, "reported once:\n{err}");
+    assert!(err.contains("outbox-relay: the relay stopped: "), "{err}");
+    // As JSON: one ERROR record, nothing else on stderr repeats it.
+    let out = f.relay_with(
+        &["run"],
+        &[("RELAY_SLOT", "no_such_slot"), ("RELAY_LOG_FORMAT", "json")],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches(says).count(), 1, "reported once:\n{err}");
+    let record = err
+        .lines()
+        .find(|l| l.contains(says))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or_default();
+    assert_eq!(record["level"], "ERROR", "{err}");
+}
