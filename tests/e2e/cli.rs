@@ -1,6 +1,6 @@
-//! The command line's edges (issue 24, point 7), each with its documented behaviour
-//! (docs/operations.md, "Exit codes"): a stdout closed early (the command's own code, no panic),
-//! and a fatal error reported once.
+//! The command line's edges (issue 24, points 4 and 7), each with its documented exit code
+//! (docs/operations.md, "Exit codes"): a WAL position the server cannot have (2), a stdout
+//! closed early (the command's own code, no panic), and a fatal error reported once.
 
 mod common;
 
@@ -106,4 +106,62 @@ fn a_fatal_error_is_reported_once_in_either_log_format() {
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .unwrap_or_default();
     assert_eq!(record["level"], "ERROR", "{err}");
+    // A one-shot command too (replay's position check, exit 2).
+    let out = f.relay(&["replay", "--from-lsn", "FF/0"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("is past the end").count(), 1, "{err}");
+}
+
+#[test]
+fn replay_refuses_a_position_past_the_wal_or_before_the_checkpoints_with_exit_2() {
+    let f = Fixture::start(PgVersion::V18, &[]);
+    let relay = f.spawn_relay();
+    f.publish(300, 10, "positions");
+    f.wait_for_rows(300, LONG, Some(&relay));
+    // Past the server's WAL (the typo of issue 24: FF/0), with and without --dry-run.
+    for args in [
+        &["replay", "--from-lsn", "FF/0"][..],
+        &["replay", "--from-lsn", "FF/0", "--dry-run"],
+    ] {
+        let out = f.relay(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let current = f.current_lsn();
+        assert!(
+            err.contains("WAL position FF/0 is past the end of this server's WAL (")
+                && err.contains("pg_current_wal_lsn()"),
+            "{err}"
+        );
+        // The position named is the server's (at most the one read right after).
+        let named = err
+            .split("server's WAL (")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .map(common::parse_lsn)
+            .unwrap_or(u64::MAX);
+        assert!(named <= current && named > 0, "{err}");
+        assert!(out.stdout.is_empty(), "nothing reported as done");
+    }
+    // Before the oldest checkpoint (setup recorded the first one after the slot's creation).
+    let oldest = f.sql(&format!(
+        "SELECT min(snapshot_lsn) FROM event_outbox_checkpoints WHERE slot = '{}'",
+        f.slot
+    ));
+    let out = f.relay(&["replay", "--from-lsn", "0/10"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("WAL position 0/10 is before the oldest checkpoint")
+            && err.contains(&format!("({};", oldest.trim()))
+            && err.contains("0/0 for everything"),
+        "{err}"
+    );
+    // 0/0 (the whole outbox) and a position the relay confirmed are fine.
+    for from in ["0/0".to_string(), oldest.trim().to_string()] {
+        let out = f.relay(&["replay", "--from-lsn", &from, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{from}: {}", stderr(&out));
+    }
+    assert_eq!(f.ch_count(), 300, "replay doubled nothing");
+    assert_eq!(relay.terminate().code(), Some(0));
 }

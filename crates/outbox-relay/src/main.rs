@@ -95,7 +95,8 @@ enum Command {
     /// ClickHouse lost data). Runs beside the live relay; safe to repeat.
     Replay {
         /// The saved position, e.g. a confirmed_flush_lsn or a checkpoint's confirmed_lsn;
-        /// 0/0 re-ships everything the outbox still holds.
+        /// 0/0 re-ships everything the outbox still holds. A position past the server's WAL or
+        /// before the oldest checkpoint exits 2, naming the current position.
         #[arg(long)]
         from_lsn: pgoutput::Lsn,
         /// Count what would be re-shipped; send nothing.
@@ -179,7 +180,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             eprintln!("outbox-relay: configuration error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
     init_logging(&config);
@@ -211,7 +212,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             report_fatal(format, "", &e);
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     };
     // Tasks still waiting on a server (a hung ClickHouse after a bounded shutdown) must not
@@ -239,6 +240,24 @@ fn report_fatal(format: LogFormat, what: &str, e: &anyhow::Error) {
         LogFormat::Pretty => eprintln!("outbox-relay: {what}: {message}"),
     }
 }
+
+/// The exit code of a command that failed (docs/operations.md, "Exit codes"): 2 when the input
+/// is wrong and nothing was done (a position the server cannot have), 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause
+            .downcast_ref::<relay::ops::positions::PositionError>()
+            .is_some_and(|p| p.is_bad_input())
+        {
+            return EXIT_BAD_INPUT;
+        }
+    }
+    1
+}
+
+/// A command's input cannot be right (a setting, an argument, a position past the server's
+/// WAL): nothing was done.
+const EXIT_BAD_INPUT: u8 = 2;
 
 /// `run` stopped on SIGTERM/SIGINT but ClickHouse had not accepted the last batch within
 /// `shutdown_timeout_ms`: nothing past ClickHouse was confirmed; the next start ships it.
