@@ -263,6 +263,11 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     )
     .await?;
     let client = target.client(true);
+    let sink = sink::ClickHouseSink::from_config(config, "setup")
+        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
+    // An existing table whose engine would merge or drop the relay's rows is refused before
+    // the DDL below alters it (and before an engine that takes no ALTER fails it obscurely).
+    sink.check_engine().await?;
     // ClickHouse's HTTP interface takes one statement per request.
     for statement in schema::clickhouse_ddl(config).split(";\n") {
         if statement
@@ -274,9 +279,6 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     }
     // An existing table is kept as it is: say now, not at the first insert, if it cannot take
     // the relay's rows.
-    sink::ClickHouseSink::from_config(config, "setup")
-        .map_err(|e| SetupError::Unsupported(e.to_string()))?
-        .check_table()
-        .await?;
+    sink.check_table().await?;
     Ok(())
 }
