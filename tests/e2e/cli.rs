@@ -1,6 +1,7 @@
 //! The command line's edges (issue 24, points 4 and 7), each with its documented exit code
-//! (docs/operations.md, "Exit codes"): a WAL position the server cannot have (2), a stdout
-//! closed early (the command's own code, no panic), and a fatal error reported once.
+//! (docs/operations.md, "Exit codes"): a WAL position the server cannot have (2), a publication
+//! that exists without the outbox at `setup` (6), a stdout closed early (the command's own code,
+//! no panic), and a fatal error reported once.
 
 mod common;
 
@@ -163,5 +164,53 @@ fn replay_refuses_a_position_past_the_wal_or_before_the_checkpoints_with_exit_2(
         assert_eq!(out.status.code(), Some(0), "{from}: {}", stderr(&out));
     }
     assert_eq!(f.ch_count(), 300, "replay doubled nothing");
+    assert_eq!(relay.terminate().code(), Some(0));
+}
+
+#[test]
+fn setup_stops_with_exit_6_naming_the_fix_when_the_publication_exists_without_the_outbox() {
+    let mut f = Fixture::start(PgVersion::V18, &[]);
+    // Three publications that exist without streaming the outbox: another table only, no
+    // inserts, a row filter.
+    f.sql(
+        "CREATE PUBLICATION other_tables FOR TABLE event_outbox_checkpoints;
+         CREATE PUBLICATION no_inserts FOR TABLE event_outbox WITH (publish = 'update, delete');
+         CREATE PUBLICATION filtered FOR TABLE event_outbox WHERE (event_type <> 'secret')
+             WITH (publish = 'insert');",
+    );
+    for (publication, fix) in [
+        (
+            "other_tables",
+            r#"ALTER PUBLICATION "other_tables" ADD TABLE "public"."event_outbox";"#,
+        ),
+        (
+            "no_inserts",
+            r#"ALTER PUBLICATION "no_inserts" SET (publish = 'insert, update, delete');"#,
+        ),
+        (
+            "filtered",
+            r#"ALTER PUBLICATION "filtered" DROP TABLE "public"."event_outbox"; ALTER PUBLICATION "filtered" ADD TABLE "public"."event_outbox";"#,
+        ),
+    ] {
+        f.set_env("RELAY_PUBLICATION", publication);
+        let out = f.relay(&["setup"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(6), "{publication}: {err}");
+        assert!(
+            err.contains("setup stopped: ") && err.contains(&format!("\n  {fix}\n")),
+            "{publication}: setup should name {fix:?}:\n{err}"
+        );
+        assert!(!err.contains("setup complete"), "{err}");
+        // `status` agrees (6); the statement setup named fixes it.
+        assert_eq!(f.relay(&["status"]).status.code(), Some(6));
+        f.sql(fix);
+        let out = f.relay(&["setup"]);
+        assert!(out.status.success(), "{publication}: {}", stderr(&out));
+        assert_eq!(f.relay(&["status"]).status.code(), Some(0));
+    }
+    // Streamed through the fixed publication.
+    let relay = f.spawn_relay();
+    f.publish(100, 10, "after_the_fix");
+    f.wait_for_rows(100, LONG, Some(&relay));
     assert_eq!(relay.terminate().code(), Some(0));
 }

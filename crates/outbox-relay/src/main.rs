@@ -68,6 +68,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the outbox table, publication, slot and ClickHouse table if missing (idempotent).
+    /// Exit 6 when the publication exists without the outbox (the fix is printed); 1 when an
+    /// existing ClickHouse table's columns or engine do not fit.
     Setup {
         /// Print the DDL for both servers instead of applying it.
         #[arg(long)]
@@ -242,14 +244,19 @@ fn report_fatal(format: LogFormat, what: &str, e: &anyhow::Error) {
 }
 
 /// The exit code of a command that failed (docs/operations.md, "Exit codes"): 2 when the input
-/// is wrong and nothing was done (a position the server cannot have), 1 otherwise.
+/// is wrong and nothing was done (a position the server cannot have), 6 when `setup` finds the
+/// publication not covering the outbox, 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    use relay::ops::setup::SetupError;
     for cause in e.chain() {
         if cause
             .downcast_ref::<relay::ops::positions::PositionError>()
             .is_some_and(|p| p.is_bad_input())
         {
             return EXIT_BAD_INPUT;
+        }
+        if let Some(SetupError::Uncovered(_)) = cause.downcast_ref::<SetupError>() {
+            return relay::ops::status::EXIT_PUBLICATION_PROBLEM;
         }
     }
     1
