@@ -1,7 +1,7 @@
 //! The command line's edges (issue 24, points 4 and 7), each with its documented exit code
 //! (docs/operations.md, "Exit codes"): a WAL position the server cannot have (2), a publication
-//! that exists without the outbox at `setup` (6), a stdout closed early (the command's own code,
-//! no panic), and a fatal error reported once.
+//! that exists without the outbox at `setup` (6), dead letters refused again by `retry` (7), a
+//! stdout closed early (the command's own code, no panic), and a fatal error reported once.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Fixture, relay_bin, stderr};
+use common::{Fixture, relay_bin, stderr, wait_until};
 use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -213,4 +213,47 @@ fn setup_stops_with_exit_6_naming_the_fix_when_the_publication_exists_without_th
     f.publish(100, 10, "after_the_fix");
     f.wait_for_rows(100, LONG, Some(&relay));
     assert_eq!(relay.terminate().code(), Some(0));
+}
+
+#[test]
+fn dead_letters_retry_exits_7_while_clickhouse_refuses_letters_again() {
+    let f = Fixture::start(PgVersion::V18, &[]);
+    f.ch("ALTER TABLE {db}.event_log ADD CONSTRAINT readable_context CHECK isValidJSON(event_context)");
+    f.sql(
+        r#"INSERT INTO event_outbox_dead_letters (event_id, commit_lsn, tx_seq, event_type,
+                event_date_time, environment, event_context, metadata_version, error)
+           VALUES ('00000000-0000-4000-8000-00000000dead', '0/1', 0, 'poison', now(), 'test',
+                   '{"k": 1E+400}', 1, 'refused'),
+                  ('00000000-0000-4000-8000-00000000beef', '0/1', 1, 'poison', now(), 'test',
+                   '{"k": 1E+400}', 1, 'refused')"#,
+    );
+    let out = f.relay(&["dead-letters", "retry"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(7), "{said}{}", stderr(&out));
+    assert!(
+        said.starts_with("0 shipped, 0 were already in ClickHouse, 2 refused again"),
+        "{said}"
+    );
+    // One fixed, one still refused: still 7.
+    f.sql(
+        r#"UPDATE event_outbox_dead_letters SET event_context = '{"k": 2}'
+            WHERE event_id = '00000000-0000-4000-8000-00000000dead'"#,
+    );
+    let out = f.relay(&["dead-letters", "retry"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(7), "{said}");
+    assert!(
+        said.starts_with("1 shipped, 0 were already in ClickHouse, 1 refused again"),
+        "{said}"
+    );
+    // Both fixed: 0.
+    f.sql(r#"UPDATE event_outbox_dead_letters SET event_context = '{"k": 3}'"#);
+    let out = f.relay(&["dead-letters", "retry"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{said}{}", stderr(&out));
+    assert!(
+        said.starts_with("1 shipped, 0 were already in ClickHouse, 0 refused again"),
+        "{said}"
+    );
+    assert!(wait_until(LONG, || f.ch_count() == 2));
 }

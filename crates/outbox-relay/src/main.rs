@@ -159,7 +159,8 @@ enum DeadLetterAction {
         json: bool,
     },
     /// Send dead letters to ClickHouse again (after fixing them with UPDATE); those accepted
-    /// are marked shipped (kept until the outbox retention, then purged).
+    /// are marked shipped (kept until the outbox retention, then purged). Exit 7 when
+    /// ClickHouse refused any of them again.
     Retry {
         /// Only this event.
         #[arg(long)]
@@ -266,6 +267,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 /// WAL): nothing was done.
 const EXIT_BAD_INPUT: u8 = 2;
 
+/// `dead-letters retry`: ClickHouse refused some dead letters again (they stay dead letters;
+/// `dead-letters list` shows why).
+const EXIT_REFUSED_AGAIN: u8 = 7;
+
 /// `run` stopped on SIGTERM/SIGINT but ClickHouse had not accepted the last batch within
 /// `shutdown_timeout_ms`: nothing past ClickHouse was confirmed; the next start ships it.
 const EXIT_SHUTDOWN_TIMEOUT: u8 = 5;
@@ -370,7 +375,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::DeadLetters { action } => dead_letters(&config, action).await.map(|()| 0),
+        Command::DeadLetters { action } => dead_letters(&config, action).await,
         Command::Verify { .. } => anyhow::bail!("verify is run by main"),
     }
 }
@@ -481,7 +486,8 @@ async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHo
     Ok(sink.with_source(source))
 }
 
-async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {
+/// Runs a `dead-letters` command; `Ok` carries the exit code.
+async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<u8> {
     use relay::store::deadletter;
     match action {
         DeadLetterAction::List { json } => {
@@ -490,7 +496,7 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
                 .context("cannot list dead letters")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
-                return Ok(());
+                return Ok(0);
             }
             println!("{} dead letters", letters.len());
             for d in &letters {
@@ -515,6 +521,9 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
                 "{} shipped, {} were already in ClickHouse, {} refused again (see `dead-letters list`)",
                 report.shipped, report.already_there, report.refused
             );
+            if report.refused > 0 {
+                return Ok(EXIT_REFUSED_AGAIN);
+            }
         }
         DeadLetterAction::Purge { event_id, .. } => {
             let n = deadletter::purge(config, event_id.as_deref())
@@ -523,7 +532,7 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
             println!("{n} dead letters deleted");
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 async fn run(config: Config) -> anyhow::Result<u8> {
