@@ -753,14 +753,20 @@ fn print_status(s: &relay::ops::status::Status) {
         match &sb.error {
             Some(e) => println!("standby {}  UNREACHABLE: {e}", sb.host),
             None => println!(
-                "standby {}  slot {}, synced {}, behind {} bytes{}",
+                "standby {}  {}: slot {}, synced {}, temporary {}, behind {} bytes{}",
                 sb.host,
+                if sb.ready_for_failover {
+                    "ready for failover".to_string()
+                } else {
+                    format!("NOT READY for failover ({})", sb.failover_state.name())
+                },
                 if sb.slot_exists == Some(true) {
                     "present"
                 } else {
                     "MISSING"
                 },
                 sb.synced.map(|v| v.to_string()).unwrap_or_else(dash),
+                sb.temporary.map(|v| v.to_string()).unwrap_or_else(dash),
                 sb.behind_bytes.map(|v| v.to_string()).unwrap_or_else(dash),
                 if sb.problems.is_empty() {
                     String::new()
