@@ -476,3 +476,35 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         verify,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FailoverState::{self, *};
+
+    /// The word the text report shows is the one `status --json` carries (scripts read either).
+    #[test]
+    fn failover_state_words_match_the_json() {
+        let all: [FailoverState; 14] = [
+            Ready,
+            Unreachable,
+            NotInRecovery,
+            NoFailoverSlots,
+            SlotNotFailover,
+            WalLevelBelowLogical,
+            SyncReplicationSlotsOff,
+            HotStandbyFeedbackOff,
+            NoPrimarySlotName,
+            NoDbnameInPrimaryConninfo,
+            Missing,
+            NotSynced,
+            Invalidated,
+            Temporary,
+        ];
+        for state in all {
+            assert_eq!(
+                serde_json::to_value(state).ok(),
+                Some(serde_json::json!(state.name()))
+            );
+        }
+    }
+}
