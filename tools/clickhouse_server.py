@@ -16,7 +16,15 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--tcp-port", type=int, required=True)
     parser.add_argument("--dir", required=True, help="config and data directory")
+    parser.add_argument(
+        "--users",
+        help="file of further <user> elements for users.xml (e.g. one with <grants>)",
+    )
     args = parser.parse_args()
+    more_users = ""
+    if args.users:
+        with open(args.users) as f:
+            more_users = f.read()
 
     os.makedirs(args.dir, exist_ok=True)
     with open(os.path.join(args.dir, "config.xml"), "w") as f:
@@ -26,7 +34,9 @@ def main() -> None:
             "<users_config>users.xml</users_config></clickhouse>"
         )
     # The usual `default` user (no password), and `relay_plus`, whose password has a `+` in it
-    # (tests of URL percent-decoding: a `+` in a URL's password must stay a `+`).
+    # (tests of URL percent-decoding: a `+` in a URL's password must stay a `+`). Users from
+    # --users come after them: chDB's server takes users from users.xml only (CREATE USER needs
+    # a writable access storage, which it does not set up), and enforces their <grants>.
     user = (
         "<password>{}</password><networks><ip>::/0</ip></networks>"
         "<profile>default</profile><quota>default</quota>"
@@ -36,6 +46,7 @@ def main() -> None:
             "<clickhouse><users>"
             f"<default>{user.format('')}</default>"
             f"<relay_plus>{user.format('p+w+x')}</relay_plus>"
+            f"{more_users}"
             "</users><profiles><default/></profiles><quotas><default/></quotas></clickhouse>"
         )
     os.chdir(args.dir)

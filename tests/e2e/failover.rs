@@ -23,12 +23,12 @@ use rand::Rng;
 
 const VERSION: PgVersion = PgVersion::V18;
 
-/// One primary+standby pair, its database, slot and ClickHouse database, the relay's settings.
+/// One primary+standby pair, its database and ClickHouse database, the relay's settings (the
+/// slot's name among them).
 struct Setup {
     pair: PgPair,
     db: String,
     ch_db: String,
-    slot: String,
     env: Vec<(String, String)>,
 }
 
@@ -55,8 +55,19 @@ impl Setup {
         extra_env: &[(&str, &str)],
     ) -> Setup {
         let dbname = !extra_env.contains(&("NO_DBNAME_IN_PRIMARY_CONNINFO", "1"));
-        let pair = PgPair::start_opts(version, keep_standby_slots_setting, dbname)
-            .expect("primary + standby");
+        // Settings of the standby's own (not the relay's): `STANDBY_CONF` in `extra_env`.
+        let standby_conf = extra_env
+            .iter()
+            .find(|(k, _)| *k == "STANDBY_CONF")
+            .map(|(_, v)| *v)
+            .unwrap_or_default();
+        let pair = PgPair::start_with_standby_conf(
+            version,
+            keep_standby_slots_setting,
+            dbname,
+            standby_conf,
+        )
+        .expect("primary + standby");
         let db = harness::unique_name("app");
         pair.primary.create_database(&db).expect("create database");
         // Commands reach the standby's copy of the database (`status` asks each standby).
@@ -89,7 +100,6 @@ impl Setup {
             pair,
             db,
             ch_db,
-            slot,
             env,
         };
         let out = setup.relay(&["setup"]);
@@ -131,32 +141,29 @@ impl Setup {
         )
     }
 
-    /// Waits until the standby holds the slot synchronized (and persistent), as `status` shows.
+    /// Waits until `status` says the standby is ready for failover (its copy of the slot synced
+    /// and persistent), reading nothing but `status --json`, as docs/operations.md tells
+    /// operators to.
     fn wait_synced(&self) {
         // The first sync of a slot can take minutes on a loaded machine (the standby keeps it
-        // temporary until its own WAL catches up with the slot's restart_lsn).
-        let ok = wait_until(Duration::from_secs(180), || {
-            let out = self.relay(&["status", "--json"]);
-            let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-                return false;
-            };
-            let standby = &status["standbys"][0];
-            standby["synced"] == true && standby["error"].is_null()
-        }) && wait_until(Duration::from_secs(180), || {
-            self.pair
-                .standby
-                .psql(
-                    "postgres",
-                    &format!(
-                        "SELECT synced AND NOT temporary FROM pg_replication_slots
-                          WHERE slot_name = '{}'",
-                        self.slot
-                    ),
-                )
-                .is_ok_and(|s| s.trim() == "t")
+        // temporary until the primary's slot moved past what the standby reserved).
+        let ok = wait_until(Duration::from_secs(300), || {
+            let standby = self.standby_status();
+            standby["ready_for_failover"] == true && standby["failover_state"] == "ready"
         });
         let status = String::from_utf8_lossy(&self.relay(&["status"]).stdout).into_owned();
-        assert!(ok, "the slot was not synced to the standby:\n{status}");
+        assert!(
+            ok,
+            "the standby did not become ready for failover:\n{status}"
+        );
+    }
+
+    /// The standby's entry of `status --json` (null when status printed no JSON).
+    fn standby_status(&self) -> serde_json::Value {
+        let out = self.relay(&["status", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|status| status["standbys"][0].clone())
+            .unwrap_or_default()
     }
 
     fn ch(&self, ch: &ClickHouseServer, sql: &str) -> String {
@@ -590,6 +597,14 @@ fn slot_missing_after_failover_stops(version: PgVersion, env: &[(&str, &str)]) {
         status.contains("slot MISSING"),
         "status should show the slot missing on the standby:\n{status}"
     );
+    let expected = if version.has_failover_slots() {
+        "slot_not_failover"
+    } else {
+        "no_failover_slots"
+    };
+    let standby = s.standby_status();
+    assert_eq!(standby["failover_state"], expected, "{standby:#}");
+    assert_eq!(standby["ready_for_failover"], false, "{standby:#}");
     fail_over(&mut s, &ch, &log);
     let exited = wait_until(Duration::from_secs(180), || {
         relay.try_wait().ok().flatten().is_some()
@@ -683,5 +698,144 @@ fn status_names_a_standby_without_dbname_in_primary_conninfo() {
     assert!(
         problems.contains("primary_conninfo has no dbname"),
         "status should name the missing dbname: {status:#}"
+    );
+}
+
+/// A synced copy stays temporary until the primary's slot moved past what the standby reserved
+/// for it, and PostgreSQL drops a temporary copy at promotion: `status` names that state (not
+/// "synced"), then "ready" once the running relay moved the slot, and a failover waited for on
+/// `status` alone succeeds, exactly once.
+#[test]
+fn status_names_a_temporary_copy_and_a_failover_waited_for_on_status_succeeds() {
+    if let Some(why) = skip_reason() {
+        eprintln!(
+            "SKIP status_names_a_temporary_copy_and_a_failover_waited_for_on_status_succeeds: {why}"
+        );
+        return;
+    }
+    let ch = ClickHouseServer::start().expect("start ClickHouse");
+    // Slot sync off at first: the standby copies the slot only after the transactions below.
+    let mut s = Setup::start_with(
+        VERSION,
+        &ch,
+        false,
+        &[("STANDBY_CONF", "sync_replication_slots = off")],
+    );
+    let standby = s.standby_status();
+    assert_eq!(
+        standby["failover_state"], "sync_replication_slots_off",
+        "{standby:#}"
+    );
+    // Transactions after the slot's creation, none of them decoded (no relay runs): the
+    // primary's slot keeps its old catalog_xmin, behind what the standby will reserve.
+    for n in 0..20 {
+        s.pair
+            .primary
+            .psql(
+                &s.db,
+                &format!(
+                    "INSERT INTO event_outbox (event_type, event_context) VALUES ('before', '{{\"n\": {n}}}')"
+                ),
+            )
+            .expect("insert");
+    }
+    s.pair.wait_for_standby().expect("the standby replays them");
+    s.pair
+        .standby
+        .psql(
+            "postgres",
+            "ALTER SYSTEM SET sync_replication_slots = on; SELECT pg_reload_conf();",
+        )
+        .expect("turn slot sync on");
+    assert!(
+        wait_until(
+            Duration::from_secs(180),
+            || s.standby_status()["slot_exists"] == true
+        ),
+        "the standby did not copy the slot: {:#}",
+        s.standby_status()
+    );
+    let standby = s.standby_status();
+    assert_eq!(
+        (
+            &standby["failover_state"],
+            &standby["ready_for_failover"],
+            &standby["synced"],
+            &standby["temporary"]
+        ),
+        (
+            &serde_json::json!("temporary"),
+            &serde_json::json!(false),
+            &serde_json::json!(true),
+            &serde_json::json!(true)
+        ),
+        "{standby:#}"
+    );
+    let text = String::from_utf8_lossy(&s.relay(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("NOT READY for failover (temporary)")
+            && text.contains("drops a temporary copy at promotion"),
+        "{text}"
+    );
+    // The relay streams and confirms: the primary's slot moves on, the copy turns persistent.
+    let log_path = relay_log_path();
+    let relay = s.spawn_relay(&log_path);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let publishers = Publishers::start(2, s.url_for_publishers());
+    s.wait_synced();
+    let text = String::from_utf8_lossy(&s.relay(&["status"]).stdout).into_owned();
+    assert!(text.contains("ready for failover: slot present"), "{text}");
+    let at = publishers.acked_count() + 200;
+    assert!(wait_until(Duration::from_secs(180), || publishers
+        .acked_count()
+        >= at));
+    let (before, _) = fail_over(&mut s, &ch, &log);
+    assert!(
+        wait_until(Duration::from_secs(180), || s.ch_count(&ch) > before),
+        "nothing shipped from the promoted standby within 180 s\nrelay log:\n{}",
+        log()
+    );
+    let after = publishers.acked_count() + 200;
+    assert!(
+        wait_until(Duration::from_secs(180), || publishers.acked_count()
+            >= after),
+        "publishers did not reach the new primary"
+    );
+    let acked = publishers.stop();
+    assert_exact(&s, &ch, &acked, &log());
+    stop_relay(relay);
+    let _ = std::fs::remove_file(&log_path);
+}
+
+/// A standby with wal_level = replica cannot synchronize slots (its log says "replication slot
+/// synchronization requires wal_level >= logical"); `status` names that, not only "slot MISSING".
+#[test]
+fn status_names_a_standby_with_wal_level_replica() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP status_names_a_standby_with_wal_level_replica: {why}");
+        return;
+    }
+    let ch = ClickHouseServer::start().expect("start ClickHouse");
+    let s = Setup::start_with(
+        VERSION,
+        &ch,
+        false,
+        &[("STANDBY_CONF", "wal_level = replica")],
+    );
+    let out = s.relay(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", common::stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let standby = &status["standbys"][0];
+    assert_eq!(standby["in_recovery"], true, "{status:#}");
+    assert_eq!(
+        standby["failover_state"], "wal_level_below_logical",
+        "{status:#}"
+    );
+    assert_eq!(standby["ready_for_failover"], false, "{status:#}");
+    let text = String::from_utf8_lossy(&s.relay(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("NOT READY for failover (wal_level_below_logical)")
+            && text.contains("wal_level is replica here"),
+        "{text}"
     );
 }

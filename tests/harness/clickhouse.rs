@@ -17,6 +17,8 @@ pub struct ClickHouseServer {
     http_port: u16,
     tcp_port: u16,
     dir: TempDir,
+    /// Further `<user>` elements of users.xml ([`ClickHouseServer::start_with_users`]).
+    users: Option<String>,
     child: Option<Child>,
 }
 
@@ -43,21 +45,34 @@ impl ClickHouseServer {
                 http_port: url.port_or_known_default().unwrap_or(8123),
                 tcp_port: 0,
                 dir: TempDir::new("relay_ch_external")?,
+                users: None,
                 child: None,
             };
             server.query("SELECT 1")?;
             return Ok(server);
         }
-        ClickHouseServer::start_on(free_port()?, free_port()?)
+        ClickHouseServer::start_on(free_port()?, free_port()?, None)
+    }
+
+    /// A local server with further users: `users` holds `<user>` elements of users.xml, such
+    /// as `<name><password>pw</password><grants><query>GRANT SELECT ON db.t</query></grants>
+    /// ...</name>` (chDB enforces grants; it has no storage for `CREATE USER`). None (the test
+    /// skips, saying why) with an external server, whose users are its own.
+    pub fn start_with_users(users: &str) -> Result<Option<ClickHouseServer>> {
+        if std::env::var("RELAY_TEST_CLICKHOUSE_URL").is_ok() {
+            return Ok(None);
+        }
+        ClickHouseServer::start_on(free_port()?, free_port()?, Some(users.to_string())).map(Some)
     }
 
     /// Starts a local server on these ports, or on others when one of them is taken.
-    fn start_on(http_port: u16, tcp_port: u16) -> Result<ClickHouseServer> {
+    fn start_on(http_port: u16, tcp_port: u16, users: Option<String>) -> Result<ClickHouseServer> {
         let mut server = ClickHouseServer {
             external: None,
             http_port,
             tcp_port,
             dir: TempDir::new("relay_ch")?,
+            users,
             child: None,
         };
         let mut attempt = 0;
@@ -80,15 +95,19 @@ impl ClickHouseServer {
 
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.dir.0.join("server.log"))?;
-        let mut child = Command::new(python()?)
+        let mut command = Command::new(python()?);
+        command
             .arg(workspace_root().join("tools/clickhouse_server.py"))
             .args(["--http-port", &self.http_port.to_string()])
             .args(["--tcp-port", &self.tcp_port.to_string()])
             .arg("--dir")
-            .arg(&self.dir.0)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+            .arg(&self.dir.0);
+        if let Some(users) = &self.users {
+            let path = self.dir.0.join("more_users.xml");
+            std::fs::write(&path, users)?;
+            command.arg("--users").arg(path);
+        }
+        let mut child = command.stdout(log.try_clone()?).stderr(log).spawn()?;
         // Ours, not another test's server that took the HTTP port first: it names our TCP port.
         let probe = format!(
             "http://127.0.0.1:{}/?query=SELECT%20tcpPort()",
@@ -199,7 +218,8 @@ mod tests {
     #[test]
     fn a_taken_port_is_never_mistaken_for_our_server() {
         let first = ClickHouseServer::start().unwrap();
-        let second = ClickHouseServer::start_on(first.http_port, free_port().unwrap()).unwrap();
+        let second =
+            ClickHouseServer::start_on(first.http_port, free_port().unwrap(), None).unwrap();
         assert_ne!(second.http_port, first.http_port);
         assert_eq!(
             second.query("SELECT tcpPort()").unwrap().trim(),

@@ -563,6 +563,17 @@ impl PgPair {
         keep_standby_slots_setting: bool,
         dbname_in_conninfo: bool,
     ) -> Result<PgPair> {
+        Self::start_with_standby_conf(version, keep_standby_slots_setting, dbname_in_conninfo, "")
+    }
+
+    /// [`PgPair::start_opts`] with `standby_conf` (postgresql.conf lines) appended to the
+    /// standby's settings, after the harness's own (e.g. `wal_level = replica`).
+    pub fn start_with_standby_conf(
+        version: PgVersion,
+        keep_standby_slots_setting: bool,
+        dbname_in_conninfo: bool,
+        standby_conf: &str,
+    ) -> Result<PgPair> {
         let bin = version.bin_dir()?;
         if !bin.join("pg_basebackup").exists() {
             bail!("pg_basebackup is missing in {}", bin.display());
@@ -586,8 +597,12 @@ impl PgPair {
             "postgres",
             &format!("SELECT pg_create_physical_replication_slot('{STANDBY_SLOT}', true)"),
         )?;
-        let standby =
-            PgServer::standby_of(&primary, keep_standby_slots_setting, dbname_in_conninfo)?;
+        let standby = PgServer::standby_of(
+            &primary,
+            keep_standby_slots_setting,
+            dbname_in_conninfo,
+            standby_conf,
+        )?;
         Ok(PgPair { primary, standby })
     }
 
@@ -607,6 +622,7 @@ impl PgServer {
         primary: &PgServer,
         keep_standby_slots_setting: bool,
         dbname_in_conninfo: bool,
+        standby_conf: &str,
     ) -> Result<PgServer> {
         primary.local_only("make a standby of")?;
         let dir = TempDir::new("relay_pg_standby")?;
@@ -649,6 +665,8 @@ impl PgServer {
         if primary.version.has_failover_slots() && !keep_standby_slots_setting {
             conf.push_str("synchronized_standby_slots = ''\n");
         }
+        conf.push_str(standby_conf);
+        conf.push('\n');
         std::fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.auto.conf"))?

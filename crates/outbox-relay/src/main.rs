@@ -9,6 +9,48 @@ use relay::Config;
 use relay::config::LogFormat;
 use tokio::sync::watch;
 
+// Standard output and error that a closed pipe does not crash: `outbox-relay verify | head -1`
+// or `status | grep -q ...` close the pipe early, and std's println! panics on the broken pipe
+// (exit 101 and a backtrace). These shadow std's macros in this file: output stops quietly at
+// the first failed write and the command finishes with its own exit code (docs/operations.md,
+// "Exit codes"). SIGPIPE stays ignored, so a server connection closed under a write is an error
+// the relay reports, not a silent death.
+macro_rules! println {
+    () => {
+        $crate::write_line(false, format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_line(false, format_args!($($arg)*))
+    };
+}
+macro_rules! eprintln {
+    ($($arg:tt)*) => {
+        $crate::write_line(true, format_args!($($arg)*))
+    };
+}
+
+/// Writes a line on stdout (`stderr` false) or stderr; after a write fails (the reader is
+/// gone), that stream is left alone for the rest of the run.
+fn write_line(stderr: bool, line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CLOSED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let closed = &CLOSED[usize::from(stderr)];
+    if closed.load(Ordering::Relaxed) {
+        return;
+    }
+    let written = if stderr {
+        let mut err = std::io::stderr().lock();
+        err.write_fmt(line).and_then(|()| err.write_all(b"\n"))
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_fmt(line).and_then(|()| out.write_all(b"\n"))
+    };
+    if written.is_err() {
+        closed.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Streams a transactional outbox from a PostgreSQL pgoutput slot into ClickHouse.
 ///
 /// Settings come from the TOML file given with --config (or RELAY_CONFIG) and from RELAY_*
@@ -26,6 +68,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the outbox table, publication, slot and ClickHouse table if missing (idempotent).
+    /// Exit 6 when the publication exists without the outbox (the fix is printed); 1 when an
+    /// existing ClickHouse table's columns or engine do not fit.
     Setup {
         /// Print the DDL for both servers instead of applying it.
         #[arg(long)]
@@ -53,7 +97,8 @@ enum Command {
     /// ClickHouse lost data). Runs beside the live relay; safe to repeat.
     Replay {
         /// The saved position, e.g. a confirmed_flush_lsn or a checkpoint's confirmed_lsn;
-        /// 0/0 re-ships everything the outbox still holds.
+        /// 0/0 re-ships everything the outbox still holds. A position past the server's WAL or
+        /// before the oldest checkpoint exits 2, naming the current position.
         #[arg(long)]
         from_lsn: pgoutput::Lsn,
         /// Count what would be re-shipped; send nothing.
@@ -117,7 +162,8 @@ enum DeadLetterAction {
         json: bool,
     },
     /// Send dead letters to ClickHouse again (after fixing them with UPDATE); those accepted
-    /// are marked shipped (kept until the outbox retention, then purged).
+    /// are marked shipped (kept until the outbox retention, then purged). Exit 7 when
+    /// ClickHouse refused any of them again.
     Retry {
         /// Only this event.
         #[arg(long)]
@@ -140,7 +186,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             eprintln!("outbox-relay: configuration error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
     init_logging(&config);
@@ -157,14 +203,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let format = config.log_format;
     if let Command::Verify { .. } = &cli.command {
         return match runtime.block_on(verify(cli.command, config)) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {
-                let message = error_chain(&e);
-                tracing::error!(error = message, "verify could not check");
-                eprintln!("outbox-relay: verify could not check: {message}");
+                report_fatal(format, "verify could not check", &e);
                 ExitCode::from(2)
             }
         };
@@ -172,10 +217,8 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(execute(cli.command, config)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let message = error_chain(&e);
-            tracing::error!(error = message, "outbox-relay failed");
-            eprintln!("outbox-relay: {message}");
-            ExitCode::FAILURE
+            report_fatal(format, "", &e);
+            ExitCode::from(exit_code(&e))
         }
     };
     // Tasks still waiting on a server (a hung ClickHouse after a bounded shutdown) must not
@@ -188,6 +231,48 @@ fn main() -> ExitCode {
 fn error_chain(e: &anyhow::Error) -> String {
     relay::error_chain(e.as_ref())
 }
+
+/// Reports the error a command stops on, once: an ERROR event with `log_format = "json"` (one
+/// record for the log pipeline), else a plain `outbox-relay: ...` line (multi-line messages,
+/// such as a table's problems, stay readable).
+fn report_fatal(format: LogFormat, what: &str, e: &anyhow::Error) {
+    let message = error_chain(e);
+    match format {
+        LogFormat::Json if what.is_empty() => {
+            tracing::error!(error = message, "outbox-relay failed")
+        }
+        LogFormat::Json => tracing::error!(error = message, "{what}"),
+        LogFormat::Pretty if what.is_empty() => eprintln!("outbox-relay: {message}"),
+        LogFormat::Pretty => eprintln!("outbox-relay: {what}: {message}"),
+    }
+}
+
+/// The exit code of a command that failed (docs/operations.md, "Exit codes"): 2 when the input
+/// is wrong and nothing was done (a position the server cannot have), 6 when `setup` finds the
+/// publication not covering the outbox, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use relay::ops::setup::SetupError;
+    for cause in e.chain() {
+        if cause
+            .downcast_ref::<relay::ops::positions::PositionError>()
+            .is_some_and(|p| p.is_bad_input())
+        {
+            return EXIT_BAD_INPUT;
+        }
+        if let Some(SetupError::Uncovered(_)) = cause.downcast_ref::<SetupError>() {
+            return relay::ops::status::EXIT_PUBLICATION_PROBLEM;
+        }
+    }
+    1
+}
+
+/// A command's input cannot be right (a setting, an argument, a position past the server's
+/// WAL): nothing was done.
+const EXIT_BAD_INPUT: u8 = 2;
+
+/// `dead-letters retry`: ClickHouse refused some dead letters again (they stay dead letters;
+/// `dead-letters list` shows why).
+const EXIT_REFUSED_AGAIN: u8 = 7;
 
 /// `run` stopped on SIGTERM/SIGINT but ClickHouse had not accepted the last batch within
 /// `shutdown_timeout_ms`: nothing past ClickHouse was confirmed; the next start ships it.
@@ -293,7 +378,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::DeadLetters { action } => dead_letters(&config, action).await.map(|()| 0),
+        Command::DeadLetters { action } => dead_letters(&config, action).await,
         Command::Verify { .. } => anyhow::bail!("verify is run by main"),
     }
 }
@@ -424,7 +509,8 @@ async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHo
     Ok(sink.with_source(source))
 }
 
-async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<()> {
+/// Runs a `dead-letters` command; `Ok` carries the exit code.
+async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Result<u8> {
     use relay::store::deadletter;
     match action {
         DeadLetterAction::List { json } => {
@@ -433,7 +519,7 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
                 .context("cannot list dead letters")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
-                return Ok(());
+                return Ok(0);
             }
             println!("{} dead letters", letters.len());
             for d in &letters {
@@ -458,6 +544,9 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
                 "{} shipped, {} were already in ClickHouse, {} refused again (see `dead-letters list`)",
                 report.shipped, report.already_there, report.refused
             );
+            if report.refused > 0 {
+                return Ok(EXIT_REFUSED_AGAIN);
+            }
         }
         DeadLetterAction::Purge { event_id, .. } => {
             let n = deadletter::purge(config, event_id.as_deref())
@@ -466,7 +555,7 @@ async fn dead_letters(config: &Config, action: DeadLetterAction) -> anyhow::Resu
             println!("{n} dead letters deleted");
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 async fn run(config: Config) -> anyhow::Result<u8> {
@@ -687,14 +776,20 @@ fn print_status(s: &relay::ops::status::Status) {
         match &sb.error {
             Some(e) => println!("standby {}  UNREACHABLE: {e}", sb.host),
             None => println!(
-                "standby {}  slot {}, synced {}, behind {} bytes{}",
+                "standby {}  {}: slot {}, synced {}, temporary {}, behind {} bytes{}",
                 sb.host,
+                if sb.ready_for_failover {
+                    "ready for failover".to_string()
+                } else {
+                    format!("NOT READY for failover ({})", sb.failover_state.name())
+                },
                 if sb.slot_exists == Some(true) {
                     "present"
                 } else {
                     "MISSING"
                 },
                 sb.synced.map(|v| v.to_string()).unwrap_or_else(dash),
+                sb.temporary.map(|v| v.to_string()).unwrap_or_else(dash),
                 sb.behind_bytes.map(|v| v.to_string()).unwrap_or_else(dash),
                 if sb.problems.is_empty() {
                     String::new()
@@ -718,7 +813,9 @@ fn init_logging(config: &Config) {
         EnvFilter::new("info")
     });
     use std::io::IsTerminal;
+    // A closed stderr must not panic the relay (the layer would report it with eprintln!).
     let fmt = tracing_subscriber::fmt::layer()
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let registry =

@@ -122,7 +122,7 @@ impl RelayError {
             ) => false,
             RelayError::Postgres(_) => true,
             RelayError::Replication { source, .. } => !matches!(source, PgWireError::Auth(_)),
-            RelayError::ClickHouse(SinkError::Table { .. }) => false,
+            RelayError::ClickHouse(SinkError::Table { .. } | SinkError::Engine { .. }) => false,
             RelayError::StreamEnded
             | RelayError::ClickHouse(_)
             | RelayError::Uncovered(_)

@@ -11,6 +11,7 @@ use crate::config::{
 };
 use crate::event::{EventRow, OwnedEventRow, put_string};
 
+pub mod engine;
 #[cfg(test)]
 pub mod memory;
 pub mod resend;
@@ -412,6 +413,18 @@ pub enum SinkError {
         table: String,
         problems: Vec<String>,
     },
+    /// The table's engine, sorting key or TTL would merge, drop or change rows after the relay
+    /// confirmed them ([`engine::engine_problems`]); retrying does not help.
+    #[error(
+        "ClickHouse table {table} does not match what the relay writes:\n  {}\nNothing was \
+         written to it. A table of the relay's own shape: `outbox-relay setup --print-sql`; \
+         moving the rows over: docs/operations.md, \"An existing ClickHouse table\"",
+        problems.join("\n  ")
+    )]
+    Engine {
+        table: String,
+        problems: Vec<String>,
+    },
 }
 
 impl SinkError {
@@ -537,9 +550,34 @@ impl ClickHouseSink {
             );
         }
         if problems.is_empty() {
-            Ok(())
+            self.check_engine().await
         } else {
             Err(SinkError::Table {
+                table: self.table.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// Refuses a table whose engine, sorting key or TTL would merge, drop or change the relay's
+    /// rows after they were confirmed ([`engine::engine_problems`]). Nothing to check (Ok) when
+    /// the table does not exist: [`ClickHouseSink::check_table`] says so.
+    pub async fn check_engine(&self) -> Result<(), SinkError> {
+        let query = "SELECT engine, engine_full, sorting_key, create_table_query FROM system.tables
+                      WHERE database = currentDatabase() AND name = {table_name:String}";
+        let request = self
+            .query(query)
+            .fetch_all::<(String, String, String, String)>();
+        let Some((engine, engine_full, sorting_key, create)) =
+            self.bounded(query, request).await?.into_iter().next()
+        else {
+            return Ok(());
+        };
+        let problems = engine::engine_problems(&engine, &engine_full, &sorting_key, &create);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Engine {
                 table: self.table.clone(),
                 problems,
             })

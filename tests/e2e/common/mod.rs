@@ -51,9 +51,21 @@ impl Fixture {
     fn start_on_without_setup(pg: PgServer, extra_env: &[(&str, &str)]) -> Fixture {
         let ch = ClickHouseServer::start().expect("start ClickHouse");
         // Names of this test's own, so tests can share an external server.
+        let ch_db = harness::unique_name("analytics");
+        Fixture::start_on_servers(pg, ch, ch_db, extra_env)
+    }
+
+    /// Like [`start_on`](Self::start_on), with a ClickHouse server the test started itself
+    /// and the name of the ClickHouse database to use there (known before the server starts,
+    /// e.g. for a user's grants).
+    pub fn start_on_servers(
+        pg: PgServer,
+        ch: ClickHouseServer,
+        ch_db: String,
+        extra_env: &[(&str, &str)],
+    ) -> Fixture {
         let db = harness::unique_name("app");
         pg.create_database(&db).expect("create database");
-        let ch_db = harness::unique_name("analytics");
         let slot = harness::unique_name("slot");
         let mut env = vec![
             ("RELAY_POSTGRES_URL".to_string(), pg.url(&db)),

@@ -49,6 +49,10 @@ pub enum ReplayError {
         slot: String,
         oldest: String,
     },
+    /// `--from-lsn` is past the server's WAL or before the oldest checkpoint
+    /// ([`crate::ops::positions::check_lsn`]).
+    #[error("{0}")]
+    Position(#[from] crate::ops::positions::PositionError),
     #[error("another `outbox-relay replay` for slot {0:?} is running; wait for it to finish")]
     Busy(String),
     #[error(
@@ -81,7 +85,9 @@ pub struct ReplayReport {
     pub dead_letters: u64,
 }
 
-/// Re-ships every outbox row committed after `from` that ClickHouse does not hold.
+/// Re-ships every outbox row committed after `from` that ClickHouse does not hold. A `from`
+/// past the server's WAL or before the oldest checkpoint is refused before anything is done
+/// ([`ReplayError::Position`]).
 pub async fn replay(
     config: &Config,
     sink: &ClickHouseSink,
@@ -89,6 +95,9 @@ pub async fn replay(
     wait: Duration,
     dry_run: bool,
 ) -> Result<ReplayReport, ReplayError> {
+    let client = pg::connect(&config.postgres_url).await?;
+    crate::ops::positions::check_lsn(&client, config, from).await?;
+    drop(client);
     replay_tables(config, sink, from, wait, dry_run, None).await
 }
 

@@ -2,7 +2,7 @@
 
 use crate::config::ClickHouseTarget;
 use crate::config::Config;
-use crate::pg::{self, PgError};
+use crate::pg::{self, PgError, quote_pg_ident};
 use crate::sink::{self, SinkError};
 use crate::store::coverage;
 use crate::store::schema;
@@ -15,6 +15,10 @@ pub enum SetupError {
     ClickHouse(#[from] SinkError),
     #[error("{0}")]
     Unsupported(String),
+    /// The publication exists but does not stream the outbox's inserts (the CLI exits with 6,
+    /// as `status` does for it).
+    #[error("{0}")]
+    Uncovered(String),
 }
 
 /// What setup found or created.
@@ -128,6 +132,55 @@ async fn prepared_by_another_role(
     Ok(true)
 }
 
+/// Why setup stops when the publication (which setup creates only when it is missing) exists
+/// without streaming the outbox, with the exact statement that fixes it. Setup does not change
+/// such a publication itself: another subscriber may rely on what it publishes.
+async fn uncovered(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    why: &str,
+) -> Result<String, SetupError> {
+    let publication = quote_pg_ident(&config.publication);
+    let table = schema::outbox_table(config);
+    let row = client
+        .query_opt(
+            "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate,
+                    EXISTS (SELECT 1 FROM pg_publication_rel r
+                             WHERE r.prpubid = p.oid AND r.prrelid = to_regclass($2)
+                               AND r.prqual IS NOT NULL)
+               FROM pg_publication p WHERE p.pubname = $1",
+            &[&config.publication, &table],
+        )
+        .await
+        .map_err(PgError::query("publication check"))?;
+    let fix = match row {
+        None => "outbox-relay setup (it creates the publication)".to_string(),
+        Some(r) if !r.get::<_, bool>(0) => {
+            let mut publish = vec!["insert"];
+            for (i, what) in [(1, "update"), (2, "delete"), (3, "truncate")] {
+                if r.get::<_, bool>(i) {
+                    publish.push(what);
+                }
+            }
+            format!(
+                "ALTER PUBLICATION {publication} SET (publish = '{}');",
+                publish.join(", ")
+            )
+        }
+        Some(r) if r.get::<_, bool>(4) => format!(
+            "ALTER PUBLICATION {publication} DROP TABLE {table}; \
+             ALTER PUBLICATION {publication} ADD TABLE {table};"
+        ),
+        Some(_) => format!("ALTER PUBLICATION {publication} ADD TABLE {table};"),
+    };
+    Ok(format!(
+        "setup stopped: {why}. The publication existed before setup, which does not change it \
+         (another subscriber may rely on what it publishes). As its owner, run\n  {fix}\nthen \
+         `outbox-relay setup` again; or set publication (RELAY_PUBLICATION) to a new name and \
+         setup creates one for the outbox"
+    ))
+}
+
 pub async fn setup_postgres(
     config: &Config,
     recreate_slot: bool,
@@ -173,6 +226,11 @@ pub async fn setup_postgres(
             ))
             .await
             .map_err(PgError::query("outbox DDL"))?;
+    }
+    if let coverage::Coverage::Uncovered { why, .. } = coverage::coverage(&client, config).await? {
+        return Err(SetupError::Uncovered(
+            uncovered(&client, config, &why).await?,
+        ));
     }
     report.coverage_watch =
         crate::store::coverage::coverage_watch_installed(&client, config).await?;
@@ -263,6 +321,11 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     )
     .await?;
     let client = target.client(true);
+    let sink = sink::ClickHouseSink::from_config(config, "setup")
+        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
+    // An existing table whose engine would merge or drop the relay's rows is refused before
+    // the DDL below alters it (and before an engine that takes no ALTER fails it obscurely).
+    sink.check_engine().await?;
     // ClickHouse's HTTP interface takes one statement per request.
     for statement in schema::clickhouse_ddl(config).split(";\n") {
         if statement
@@ -274,9 +337,6 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     }
     // An existing table is kept as it is: say now, not at the first insert, if it cannot take
     // the relay's rows.
-    sink::ClickHouseSink::from_config(config, "setup")
-        .map_err(|e| SetupError::Unsupported(e.to_string()))?
-        .check_table()
-        .await?;
+    sink.check_table().await?;
     Ok(())
 }

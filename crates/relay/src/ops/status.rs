@@ -55,18 +55,123 @@ pub struct StandbyStatus {
     pub synced: Option<bool>,
     pub failover: Option<bool>,
     pub confirmed_flush_lsn: Option<String>,
+    /// Whether PostgreSQL holds this copy as temporary (`pg_replication_slots.temporary`): a
+    /// synced copy stays temporary until the standby caught up with the primary's slot, and a
+    /// temporary copy is dropped at promotion.
+    pub temporary: Option<bool>,
     /// Bytes of WAL between the primary's slot's confirmed position and this copy's: events the
     /// relay would receive again after a failover (the restart check skips them).
     pub behind_bytes: Option<i64>,
+    /// Whether the slot would follow a failover to this host now: its copy here is synced
+    /// from the primary, persistent and valid, and slot synchronization is set up. What to
+    /// wait for before a planned failover.
+    pub ready_for_failover: bool,
+    /// Why not, as one stable word for scripts ([`FailoverState`]): `ready`, or the first of
+    /// `unreachable`, `not_in_recovery`, `no_failover_slots`, `slot_not_failover`,
+    /// `wal_level_below_logical`, `sync_replication_slots_off`, `hot_standby_feedback_off`,
+    /// `no_primary_slot_name`, `no_dbname_in_primary_conninfo`, `missing`, `not_synced`,
+    /// `invalidated`, `temporary`.
+    pub failover_state: FailoverState,
     /// What keeps the slot from following a failover to this host (empty when nothing).
     pub problems: Vec<String>,
+}
+
+/// Whether a standby's copy of the slot would survive a failover to it, or the first reason it
+/// would not (in the order a fix has to follow: the settings slot synchronization needs, then
+/// the copy itself). Serialized as the snake_case word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverState {
+    /// Synced from the primary, persistent and valid: the slot follows a failover here.
+    Ready,
+    /// The standby does not answer (see `error`).
+    Unreachable,
+    /// The host is not a standby.
+    NotInRecovery,
+    /// PostgreSQL before 17.
+    NoFailoverSlots,
+    /// The primary's slot was created without failover (`slot_failover = false`).
+    SlotNotFailover,
+    /// The standby's `wal_level` is below `logical`: its slot sync worker stops at once.
+    WalLevelBelowLogical,
+    SyncReplicationSlotsOff,
+    HotStandbyFeedbackOff,
+    /// No `primary_slot_name`: slot sync needs a physical slot on the primary.
+    NoPrimarySlotName,
+    NoDbnameInPrimaryConninfo,
+    /// The slot is not on the standby (yet).
+    Missing,
+    /// The slot on the standby was created there, not synchronized from the primary.
+    NotSynced,
+    /// The copy is invalidated (`invalidation_reason`, `conflicting`).
+    Invalidated,
+    /// Synced, but PostgreSQL still holds the copy as temporary, and drops it at promotion:
+    /// waiting for the standby to catch up with the primary's slot.
+    Temporary,
+}
+
+impl FailoverState {
+    /// The word `status --json` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailoverState::Ready => "ready",
+            FailoverState::Unreachable => "unreachable",
+            FailoverState::NotInRecovery => "not_in_recovery",
+            FailoverState::NoFailoverSlots => "no_failover_slots",
+            FailoverState::SlotNotFailover => "slot_not_failover",
+            FailoverState::WalLevelBelowLogical => "wal_level_below_logical",
+            FailoverState::SyncReplicationSlotsOff => "sync_replication_slots_off",
+            FailoverState::HotStandbyFeedbackOff => "hot_standby_feedback_off",
+            FailoverState::NoPrimarySlotName => "no_primary_slot_name",
+            FailoverState::NoDbnameInPrimaryConninfo => "no_dbname_in_primary_conninfo",
+            FailoverState::Missing => "missing",
+            FailoverState::NotSynced => "not_synced",
+            FailoverState::Invalidated => "invalidated",
+            FailoverState::Temporary => "temporary",
+        }
+    }
+}
+
+/// A standby's copy of the slot as `pg_replication_slots` there shows it.
+struct StandbyCopy {
+    synced: Option<bool>,
+    failover: Option<bool>,
+    temporary: bool,
+    confirmed_flush_lsn: Option<String>,
+    /// `invalidation_reason` (17+), or `conflicting` when that is all there is.
+    invalidated: Option<String>,
+}
+
+async fn standby_copy(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<StandbyCopy>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT (to_jsonb(s) ->> 'synced')::bool, (to_jsonb(s) ->> 'failover')::bool,
+                    temporary, confirmed_flush_lsn::text,
+                    coalesce(to_jsonb(s) ->> 'invalidation_reason',
+                             CASE WHEN (to_jsonb(s) ->> 'conflicting')::bool
+                                  THEN 'conflicting' END)
+               FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::query("standby slot query"))?;
+    Ok(row.map(|r| StandbyCopy {
+        synced: r.get(0),
+        failover: r.get(1),
+        temporary: r.get(2),
+        confirmed_flush_lsn: r.get(3),
+        invalidated: r.get(4),
+    }))
 }
 
 async fn standby_status(
     target: &crate::pgtls::Target,
     host: String,
     slot: &str,
-    primary_confirmed: Option<pgoutput::Lsn>,
+    primary: Option<&SlotState>,
 ) -> StandbyStatus {
     let mut s = StandbyStatus {
         host,
@@ -76,7 +181,10 @@ async fn standby_status(
         synced: None,
         failover: None,
         confirmed_flush_lsn: None,
+        temporary: None,
         behind_bytes: None,
+        ready_for_failover: false,
+        failover_state: FailoverState::Unreachable,
         problems: Vec::new(),
     };
     let client = match pg::connect_host(target).await {
@@ -91,7 +199,9 @@ async fn standby_status(
             "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,
                     current_setting('sync_replication_slots', true),
                     current_setting('hot_standby_feedback', true),
-                    current_setting('primary_conninfo', true)",
+                    current_setting('primary_conninfo', true),
+                    current_setting('wal_level'),
+                    current_setting('primary_slot_name', true)",
             &[],
         )
         .await
@@ -105,57 +215,130 @@ async fn standby_status(
     let (in_recovery, version): (bool, i32) = (row.get(0), row.get(1));
     let (sync, feedback, conninfo): (Option<String>, Option<String>, Option<String>) =
         (row.get(2), row.get(3), row.get(4));
+    let (wal_level, primary_slot): (String, Option<String>) = (row.get(5), row.get(6));
     s.in_recovery = Some(in_recovery);
+    // Every reason, in the order a fix has to follow; the state is the first.
+    let mut states = Vec::new();
+    let mut problem = |state: FailoverState, text: String| {
+        states.push(state);
+        s.problems.push(text);
+    };
     if !in_recovery {
-        s.problems.push(
+        problem(
+            FailoverState::NotInRecovery,
             "not in recovery: a second primary (split brain?) or the old primary after a failover"
                 .into(),
         );
     }
-    if version < 170_000 {
-        s.problems
-            .push("PostgreSQL before 17 has no failover slots: the slot will not follow".into());
+    let synced_slots = version >= 170_000;
+    if !synced_slots {
+        problem(
+            FailoverState::NoFailoverSlots,
+            "PostgreSQL before 17 has no failover slots: the slot will not follow".into(),
+        );
     }
-    if version >= 170_000 && sync.as_deref() != Some("on") {
-        s.problems
-            .push("sync_replication_slots is not on: the slot is not synchronized here".into());
+    if synced_slots && primary.is_some_and(|p| p.failover == Some(false)) {
+        problem(
+            FailoverState::SlotNotFailover,
+            "the primary's slot is not a failover slot (created with slot_failover = false, or \
+             before 17): it is never synchronized (`outbox-relay setup` says how to change it)"
+                .into(),
+        );
     }
-    if version >= 170_000 && feedback.as_deref() != Some("on") {
-        s.problems
-            .push("hot_standby_feedback is not on: slot sync needs it".into());
+    if synced_slots && wal_level != "logical" {
+        problem(
+            FailoverState::WalLevelBelowLogical,
+            format!(
+                "wal_level is {wal_level} here: slot synchronization needs wal_level = logical \
+                 on the standby too (ALTER SYSTEM SET wal_level = logical, then restart it)"
+            ),
+        );
+    }
+    if synced_slots && sync.as_deref() != Some("on") {
+        problem(
+            FailoverState::SyncReplicationSlotsOff,
+            "sync_replication_slots is not on: the slot is not synchronized here".into(),
+        );
+    }
+    if synced_slots && feedback.as_deref() != Some("on") {
+        problem(
+            FailoverState::HotStandbyFeedbackOff,
+            "hot_standby_feedback is not on: slot sync needs it".into(),
+        );
+    }
+    if synced_slots && primary_slot.as_deref().unwrap_or_default().is_empty() {
+        problem(
+            FailoverState::NoPrimarySlotName,
+            "primary_slot_name is not set: slot sync needs the standby to stream through a \
+             physical slot on the primary (create one, set primary_slot_name, reload; list it \
+             in the primary's synchronized_standby_slots)"
+                .into(),
+        );
     }
     if let Some(conninfo) = &conninfo
-        && version >= 170_000
+        && synced_slots
         && !conninfo.contains("dbname=")
     {
-        s.problems.push(
+        problem(
+            FailoverState::NoDbnameInPrimaryConninfo,
             "primary_conninfo has no dbname=...: slot sync needs it (add it, then reload)".into(),
         );
     }
-    match pg::slot_state(&client, slot).await {
-        Ok(Some(state)) => {
+    match standby_copy(&client, slot).await {
+        Ok(Some(copy)) => {
             s.slot_exists = Some(true);
-            s.synced = state.synced;
-            s.failover = state.failover;
-            s.confirmed_flush_lsn = state.confirmed_flush_lsn.clone();
-            if let (Some(p), Some(c)) = (primary_confirmed, state.confirmed_flush()) {
+            s.synced = copy.synced;
+            s.failover = copy.failover;
+            s.temporary = Some(copy.temporary);
+            s.confirmed_flush_lsn = copy.confirmed_flush_lsn.clone();
+            let confirmed: Option<pgoutput::Lsn> = copy
+                .confirmed_flush_lsn
+                .as_deref()
+                .and_then(|c| c.parse().ok());
+            if let (Some(p), Some(c)) = (primary.and_then(SlotState::confirmed_flush), confirmed) {
                 s.behind_bytes = Some(p.0 as i64 - c.0 as i64);
             }
-            if state.synced == Some(false) {
-                s.problems.push(
+            if copy.synced != Some(true) {
+                problem(
+                    FailoverState::NotSynced,
                     "the slot here was created on this server, not synchronized from the primary"
+                        .into(),
+                );
+            } else if let Some(reason) = &copy.invalidated {
+                problem(
+                    FailoverState::Invalidated,
+                    format!(
+                        "the slot's copy here is invalidated ({reason}): it cannot be used after \
+                         a failover; the slot sync worker creates it again while the primary's \
+                         slot is valid"
+                    ),
+                );
+            } else if copy.temporary {
+                problem(
+                    FailoverState::Temporary,
+                    "the slot's copy here is synced but still temporary, and PostgreSQL drops a \
+                     temporary copy at promotion: a failover now would lose the slot. It turns \
+                     persistent once the primary's slot has moved past what this standby \
+                     reserved for it (the relay must be running and confirming batches; the \
+                     first time can take minutes)"
                         .into(),
                 );
             }
         }
         Ok(None) => {
             s.slot_exists = Some(false);
-            s.problems.push(
+            problem(
+                FailoverState::Missing,
                 "the slot is not here: after a failover to this host it would be missing".into(),
             );
         }
-        Err(e) => s.error = Some(crate::error_chain(&e)),
+        Err(e) => {
+            s.error = Some(crate::error_chain(&e));
+            return s;
+        }
     }
+    s.failover_state = states.first().copied().unwrap_or(FailoverState::Ready);
+    s.ready_for_failover = s.failover_state == FailoverState::Ready;
     s
 }
 
@@ -242,11 +425,11 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
     let mut standbys = Vec::new();
     if all.is_multi_host() {
-        let confirmed = state.as_ref().and_then(|s| s.confirmed_flush());
         for i in 0..all.host_count() {
             let host = all.endpoint(i);
             if host != primary.endpoint {
-                standbys.push(standby_status(&all.only(i), host, &config.slot, confirmed).await);
+                standbys
+                    .push(standby_status(&all.only(i), host, &config.slot, state.as_ref()).await);
             }
         }
     }
@@ -292,4 +475,36 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         standbys,
         verify,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailoverState::{self, *};
+
+    /// The word the text report shows is the one `status --json` carries (scripts read either).
+    #[test]
+    fn failover_state_words_match_the_json() {
+        let all: [FailoverState; 14] = [
+            Ready,
+            Unreachable,
+            NotInRecovery,
+            NoFailoverSlots,
+            SlotNotFailover,
+            WalLevelBelowLogical,
+            SyncReplicationSlotsOff,
+            HotStandbyFeedbackOff,
+            NoPrimarySlotName,
+            NoDbnameInPrimaryConninfo,
+            Missing,
+            NotSynced,
+            Invalidated,
+            Temporary,
+        ];
+        for state in all {
+            assert_eq!(
+                serde_json::to_value(state).ok(),
+                Some(serde_json::json!(state.name()))
+            );
+        }
+    }
 }
