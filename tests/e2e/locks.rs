@@ -68,7 +68,10 @@ impl App {
                         )
                         .await
                         .unwrap_or_else(|e| {
-                            panic!("an application INSERT failed after {:?}: {e}", started.elapsed())
+                            panic!(
+                                "an application INSERT failed after {:?}: {e}",
+                                started.elapsed()
+                            )
                         });
                     longest = longest.max(started.elapsed());
                     inserts += 1;
@@ -83,7 +86,9 @@ impl App {
     /// Stops it: (the longest INSERT, how many).
     fn stop(self) -> (Duration, u64) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("the application's INSERTs failed")
+        self.thread
+            .join()
+            .expect("the application's INSERTs failed")
     }
 }
 
@@ -163,9 +168,17 @@ fn lose_some(f: &Fixture) -> u64 {
 
 fn assert_unhindered(what: &str, app: App, migration: Duration) {
     let (insert, inserts) = app.stop();
-    println!("{what}: longest INSERT {insert:?} ({inserts} INSERTs), longest migration step {migration:?}");
-    assert!(insert < Duration::from_secs(1), "{what}: an INSERT waited {insert:?}");
-    assert!(migration < Duration::from_secs(5), "{what}: a migration waited {migration:?}");
+    println!(
+        "{what}: longest INSERT {insert:?} ({inserts} INSERTs), longest migration step {migration:?}"
+    );
+    assert!(
+        insert < Duration::from_secs(1),
+        "{what}: an INSERT waited {insert:?}"
+    );
+    assert!(
+        migration < Duration::from_secs(5),
+        "{what}: a migration waited {migration:?}"
+    );
 }
 
 fn migrations_never_wait_behind_the_relay(v: PgVersion) {
@@ -195,7 +208,12 @@ fn migrations_never_wait_behind_the_relay(v: PgVersion) {
             runs
         })
     };
-    let migration = migrate_under(&f, ("cli", "outbox-relay verify"), 4, Duration::from_secs(120));
+    let migration = migrate_under(
+        &f,
+        ("cli", "outbox-relay verify"),
+        4,
+        Duration::from_secs(120),
+    );
     done.store(true, Ordering::Relaxed);
     let runs = verifying.join().unwrap();
     assert_unhindered("verify", app, migration);
@@ -211,7 +229,10 @@ fn migrations_never_wait_behind_the_relay(v: PgVersion) {
             "{report}"
         );
     }
-    assert!(gave_way >= 1, "no verify run gave way: the test did not collide");
+    assert!(
+        gave_way >= 1,
+        "no verify run gave way: the test did not collide"
+    );
 
     // 2. The background verifier, every second.
     drop(relay);
@@ -235,7 +256,12 @@ fn migrations_never_wait_behind_the_relay(v: PgVersion) {
         metric(&body, "outbox_relay_verify_yielded_total") >= 1.0
             && metric(&body, "outbox_relay_missing_events") == lost as f64
     });
-    assert!(checked, "{}\n{}", http_get(&addr, "/metrics").1, relay.log());
+    assert!(
+        checked,
+        "{}\n{}",
+        http_get(&addr, "/metrics").1,
+        relay.log()
+    );
 
     // 3. The purge, deleting what checkpoints made two hours old see.
     drop(relay);
@@ -245,7 +271,12 @@ fn migrations_never_wait_behind_the_relay(v: PgVersion) {
     ]);
     f.sql("UPDATE event_outbox_checkpoints SET recorded_at = recorded_at - interval '2 hours'");
     let app = App::start(url);
-    let migration = migrate_under(&f, ("purge", "outbox-relay purge"), 3, Duration::from_secs(120));
+    let migration = migrate_under(
+        &f,
+        ("purge", "outbox-relay purge"),
+        3,
+        Duration::from_secs(120),
+    );
     assert_unhindered("purge", app, migration);
     // A rewrite gives every outbox row the migration's xid: the purge keeps them until a
     // checkpoint taken after it is older than the retention (docs/operations.md, "Outbox

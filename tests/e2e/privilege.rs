@@ -64,6 +64,9 @@ fn relay_role_with_documented_grants_only(v: PgVersion) {
     );
     let out = f.relay(&["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // verify: its lock on the outbox, its watchdog and its look-ups with these grants only.
+    let out = f.relay(&["verify", "--wait-s", "60"]);
+    assert_eq!(out.status.code(), Some(0), "verify: {}", stderr(&out));
     // A missing grant is named, with the way to the list of grants.
     f.pg.psql(&f.db, "REVOKE SELECT ON event_outbox FROM relay")
         .unwrap();
@@ -183,6 +186,9 @@ fn clickhouse_user_with_documented_grants_only() {
     let (got, rows) = f.ch_ids();
     assert_eq!(got, expected);
     assert_eq!(rows, expected.len() as u64, "duplicates after replay");
+    // verify: complete, with the same grants.
+    let out = f.relay(&["verify", "--wait-s", "60"]);
+    assert_eq!(out.status.code(), Some(0), "verify: {}", stderr(&out));
 
     // dead-letters retry ships a (fixed) dead letter.
     f.sql(

@@ -680,14 +680,25 @@ fn every_retained_event_whatever_its_time(v: PgVersion) {
     delete_in_clickhouse(&f, std::slice::from_ref(&future));
     let (code, report) = verify(&f, &[]);
     assert_eq!(code, 1, "{report}");
-    assert_eq!(missing(&report), dated.iter().cloned().collect(), "{report}");
+    assert_eq!(
+        missing(&report),
+        dated.iter().cloned().collect(),
+        "{report}"
+    );
     assert!(extra(&report).is_empty(), "{report}");
     // Their windows are 1990's and five days ago: the first differing one bounds the proof.
     assert_eq!(report["differing_windows"].as_array().unwrap().len(), 2);
-    assert_eq!(report["verified_through_us"], 631_152_000_000_000i64, "{report}");
+    assert_eq!(
+        report["verified_through_us"], 631_152_000_000_000i64,
+        "{report}"
+    );
     wait_for_gauges(&addr, &relay, 2, 0);
     let (code, report) = verify(&f, &["--repair"]);
-    assert_eq!((code, &report["repair"]["shipped"]), (1, &2.into()), "{report}");
+    assert_eq!(
+        (code, &report["repair"]["shipped"]),
+        (1, &2.into()),
+        "{report}"
+    );
     let (code, report) = verify(&f, &[]);
     assert_eq!(code, 0, "{report}");
     wait_for_gauges(&addr, &relay, 0, 0);
@@ -735,7 +746,10 @@ fn altered_events_are_named(v: PgVersion) {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert_eq!(altered, ids.iter().cloned().collect(), "{report}");
-    assert!(missing(&report).is_empty() && extra(&report).is_empty(), "{report}");
+    assert!(
+        missing(&report).is_empty() && extra(&report).is_empty(),
+        "{report}"
+    );
     // --repair leaves altered rows alone: which content is right is the operator's call.
     let (code, report) = verify(&f, &["--repair"]);
     assert_eq!(code, 1, "{report}");
@@ -743,7 +757,11 @@ fn altered_events_are_named(v: PgVersion) {
     // The documented decision: delete them in ClickHouse, and repair ships them as published.
     delete_in_clickhouse(&f, &ids);
     let (code, report) = verify(&f, &["--repair"]);
-    assert_eq!((code, &report["repair"]["shipped"]), (1, &2.into()), "{report}");
+    assert_eq!(
+        (code, &report["repair"]["shipped"]),
+        (1, &2.into()),
+        "{report}"
+    );
     let (code, report) = verify(&f, &[]);
     assert_eq!(code, 0, "{report}");
     let back = f.ch(&format!(

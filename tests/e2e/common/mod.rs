@@ -52,13 +52,25 @@ impl Fixture {
         let ch = ClickHouseServer::start().expect("start ClickHouse");
         // Names of this test's own, so tests can share an external server.
         let ch_db = harness::unique_name("analytics");
-        Fixture::start_on_servers(pg, ch, ch_db, extra_env)
+        Fixture::on_servers(pg, ch, ch_db, extra_env)
     }
 
     /// Like [`start_on`](Self::start_on), with a ClickHouse server the test started itself
     /// and the name of the ClickHouse database to use there (known before the server starts,
     /// e.g. for a user's grants).
     pub fn start_on_servers(
+        pg: PgServer,
+        ch: ClickHouseServer,
+        ch_db: String,
+        extra_env: &[(&str, &str)],
+    ) -> Fixture {
+        let fixture = Fixture::on_servers(pg, ch, ch_db, extra_env);
+        let out = fixture.relay(&["setup"]);
+        assert!(out.status.success(), "setup failed: {}", stderr(&out));
+        fixture
+    }
+
+    fn on_servers(
         pg: PgServer,
         ch: ClickHouseServer,
         ch_db: String,

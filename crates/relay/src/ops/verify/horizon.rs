@@ -70,17 +70,7 @@ pub async fn find(
         found.extend(row.and_then(|r| horizon(&r, "the outbox retention")));
     }
     if let Some(from) = from_lsn {
-        let now: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(PgError::query("verify horizon"))?
-            .get(0);
-        if now.parse::<Lsn>().is_ok_and(|now| from > now) {
-            return Err(VerifyError::Range(format!(
-                "--from-lsn {from} is past the server's WAL, which is at {now}: nothing was \
-                 committed there yet (a typo? `outbox-relay status` shows the slot's position)"
-            )));
-        }
+        crate::ops::positions::check_lsn(client, config, from).await?;
         let base = replay::base_snapshot(client, config, from)
             .await
             .map_err(VerifyError::Repair)?;

@@ -64,6 +64,8 @@ pub enum VerifyError {
     ClickHouse(#[from] SinkError),
     #[error("repair failed: {0}")]
     Repair(#[from] ReplayError),
+    #[error("{0}")]
+    Position(#[from] crate::ops::positions::PositionError),
     #[error(
         "the live relay has not confirmed WAL position {fence} within {waited_s} s (slot {slot:?} \
          is at {confirmed}): verify compares only events the relay has passed. Start \
