@@ -17,7 +17,7 @@ const LONG: Duration = Duration::from_secs(120);
 /// The relay's columns, for tables the tests create.
 const COLUMNS: &str = "event_id UUID, event_type LowCardinality(String), \
     event_date_time DateTime64(6, 'UTC'), environment LowCardinality(String), \
-    event_context String, metadata_version UInt64, commit_lsn UInt64, tx_seq UInt32, \
+    event_context String, metadata_version UInt64, commit_lsn UInt64, tx_seq UInt32, xid UInt64, \
     trace_id String, source LowCardinality(String)";
 
 /// (table, what follows the column list in CREATE TABLE, words the refusal must contain).
@@ -60,7 +60,7 @@ fn refused_tables() -> Vec<(&'static str, String, &'static str)> {
             "(event_id UUID, event_type LowCardinality(String), \
               event_date_time DateTime64(6, 'UTC'), environment LowCardinality(String), \
               event_context String TTL toDateTime(event_date_time) + INTERVAL 1 DAY, \
-              metadata_version UInt64, commit_lsn UInt64, tx_seq UInt32, trace_id String, \
+              metadata_version UInt64, commit_lsn UInt64, tx_seq UInt32, xid UInt64, trace_id String, \
               source LowCardinality(String)) \
               ENGINE = MergeTree ORDER BY (event_type, event_date_time, event_id)"
                 .to_string(),

@@ -556,3 +556,49 @@ fn configuration_errors_are_clear() {
     assert_eq!(code, Some(1));
     assert!(err.contains("127.0.0.1:1"), "{err}");
 }
+
+/// `status` shows the newest checkpoint after restarts and after the WAL position grew a hex
+/// digit (0/FFFFFFF to 0/10000000): compared as text, '0/FFBB780' comes after '0/4842B770', which
+/// is how a soak saw `last_checkpoint_lsn` stuck 18 minutes back (issue 27).
+#[test]
+fn status_shows_the_newest_checkpoint() {
+    let f = Fixture::start(PgVersion::V18, &[]);
+    let pad_to = |target: u64| {
+        while f.current_lsn() < target {
+            f.sql("SELECT pg_logical_emit_message(false, 'pad', 'x'); SELECT pg_switch_wal()");
+        }
+    };
+    // Checkpoints at 0/Fxxxxxx, then at 0/1xxxxxxx, with a kill -9 and a restart between.
+    pad_to(0x0f00_0000);
+    let mut relay = f.spawn_relay();
+    let mut published = 0;
+    for round in 0..2 {
+        f.publish(300, 30, &format!("round{round}"));
+        published += 300;
+        f.wait_for_rows(published, Duration::from_secs(60), Some(&relay));
+        relay.kill_now();
+        pad_to(0x1000_0000);
+        relay = f.spawn_relay();
+    }
+    f.publish(10, 1, "last");
+    f.wait_for_rows(published + 10, Duration::from_secs(60), Some(&relay));
+    let newest = |order: &str| {
+        f.sql(&format!(
+            "SELECT confirmed_lsn || ' ' || recorded_at FROM event_outbox_checkpoints
+              ORDER BY {order} DESC LIMIT 1"
+        ))
+    };
+    // Both ways of telling the newest agree here: the relay only moves forward.
+    let by_lsn = newest("confirmed_lsn::pg_lsn");
+    assert_eq!(by_lsn, newest("recorded_at"));
+    let status = f.status();
+    assert_eq!(
+        format!(
+            "{} {}",
+            status["last_checkpoint_lsn"].as_str().unwrap(),
+            status["last_checkpoint_at"].as_str().unwrap()
+        ),
+        by_lsn.trim(),
+        "{status}"
+    );
+}

@@ -83,13 +83,14 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// How often the background verifier compares the outbox with ClickHouse; 0 turns it off.
     pub verify_interval_s: u64,
-    /// A window is verified once it ended at least this long ago (events in flight are not
-    /// counted as missing).
+    /// How long after `run` starts the background verifier's first pass comes, and how long
+    /// a pass waits for the relay to pass its snapshot (at least 30 s).
     pub verify_grace_s: u64,
     /// Width of the `event_date_time` windows compared by count and checksum.
     pub verify_window_s: u64,
-    /// How far back each background pass looks (bounded by the outbox retention).
-    pub verify_lookback_hours: u64,
+    /// Retired in 0.3 (the background verifier compares every event the outbox holds): still
+    /// accepted, ignored with a warning.
+    pub verify_lookback_hours: Option<u64>,
     /// Re-ship missing events found by the background verifier (extras are only reported).
     pub verify_repair: bool,
     /// `pretty` (for people) or `json` (for log pipelines).
@@ -154,7 +155,7 @@ impl Default for Config {
             verify_interval_s: 300,
             verify_grace_s: 60,
             verify_window_s: 3600,
-            verify_lookback_hours: 24,
+            verify_lookback_hours: None,
             verify_repair: false,
             log_format: LogFormat::Pretty,
             log_level: "info".into(),
@@ -378,7 +379,6 @@ impl Config {
             ("purge_interval_s", self.purge_interval_s, 1),
             ("shutdown_timeout_ms", self.shutdown_timeout_ms, 100),
             ("verify_window_s", self.verify_window_s, 1),
-            ("verify_lookback_hours", self.verify_lookback_hours, 1),
         ] {
             if value < min {
                 return Err(invalid(

@@ -402,9 +402,9 @@ pub(crate) async fn base_snapshot(
     let row = client
         .query_opt(
             &format!(
-                "SELECT snapshot::text, snapshot_lsn::text FROM {table}
-                  WHERE slot = $1 AND snapshot_lsn <= $2::text::pg_lsn
-                  ORDER BY snapshot_lsn DESC LIMIT 1"
+                "SELECT c.snapshot::text, c.snapshot_lsn::text FROM {table} c
+                  WHERE c.slot = $1 AND c.snapshot_lsn <= $2::text::pg_lsn
+                  ORDER BY c.snapshot_lsn DESC LIMIT 1"
             ),
             &[&config.slot, &from.to_string()],
         )

@@ -83,8 +83,8 @@ async fn newest_checkpoint(
     let row = client
         .query_opt(
             &format!(
-                "SELECT snapshot_lsn::text, coverage FROM {} WHERE slot = $1
-                  ORDER BY recorded_at DESC, snapshot_lsn DESC LIMIT 1",
+                "SELECT c.snapshot_lsn::text, c.coverage FROM {} c WHERE c.slot = $1
+                  ORDER BY c.recorded_at DESC, c.snapshot_lsn DESC LIMIT 1",
                 checkpoints_table(config)
             ),
             &[&config.slot],
@@ -393,8 +393,8 @@ pub async fn last_checkpoint(
     let row = client
         .query_opt(
             &format!(
-                "SELECT confirmed_lsn::text, recorded_at::text FROM {} WHERE slot = $1
-                  ORDER BY confirmed_lsn DESC LIMIT 1",
+                "SELECT c.confirmed_lsn::text, c.recorded_at::text FROM {} c WHERE c.slot = $1
+                  ORDER BY c.confirmed_lsn DESC, c.recorded_at DESC LIMIT 1",
                 checkpoints_table(config)
             ),
             &[&config.slot],

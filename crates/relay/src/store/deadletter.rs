@@ -151,7 +151,7 @@ pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
                         to_char(event_date_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                         error, to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                         attempts, raw::text
-                   FROM {} WHERE shipped_at IS NULL ORDER BY commit_lsn, tx_seq",
+                   FROM {} d WHERE d.shipped_at IS NULL ORDER BY d.commit_lsn, d.tx_seq",
                 dead_letters_table(config)
             ),
             &[],

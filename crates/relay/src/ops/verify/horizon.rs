@@ -46,15 +46,18 @@ pub async fn find(
     from_lsn: Option<Lsn>,
 ) -> Result<Option<Horizon>, VerifyError> {
     let table = checkpoints_table(config);
-    let columns = "snapshot::text, snapshot_lsn::text,
-                   to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+    // Qualified names: an output column of the same name (`snapshot_lsn::text`) would make an
+    // ORDER BY sort text ('0/FFBB780' after '0/4842B770').
+    let columns = "c.snapshot::text, c.snapshot_lsn::text,
+                   to_char(c.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
     let mut found: Vec<Horizon> = Vec::new();
     if config.outbox_retention_hours > 0 {
         let sql = format!(
-            "SELECT {columns} FROM {table} WHERE slot = $1
-                AND recorded_at < date_bin(make_interval(secs => $2), now() - make_interval(hours => $3),
-                                           'epoch') + 2 * make_interval(secs => $2)
-              ORDER BY snapshot_lsn DESC LIMIT 1"
+            "SELECT {columns} FROM {table} c WHERE c.slot = $1
+                AND c.recorded_at < date_bin(make_interval(secs => $2),
+                                             now() - make_interval(hours => $3), 'epoch')
+                                    + 2 * make_interval(secs => $2)
+              ORDER BY c.snapshot_lsn DESC LIMIT 1"
         );
         let row = client
             .query_opt(
@@ -78,8 +81,8 @@ pub async fn find(
             let row = client
                 .query_opt(
                     &format!(
-                        "SELECT {columns} FROM {table} WHERE slot = $1 AND snapshot::text = $2
-                           AND snapshot_lsn = $3::text::pg_lsn LIMIT 1"
+                        "SELECT {columns} FROM {table} c WHERE c.slot = $1
+                           AND c.snapshot::text = $2 AND c.snapshot_lsn = $3::text::pg_lsn LIMIT 1"
                     ),
                     &[&config.slot, &snapshot, &lsn],
                 )
@@ -100,9 +103,9 @@ pub async fn find(
         let row = client
             .query_opt(
                 &format!(
-                    "SELECT {columns} FROM {table} WHERE slot = $1
-                        AND confirmed_lsn > $2::text::pg_lsn
-                      ORDER BY snapshot_lsn LIMIT 1"
+                    "SELECT {columns} FROM {table} c WHERE c.slot = $1
+                        AND c.confirmed_lsn > $2::text::pg_lsn
+                      ORDER BY c.snapshot_lsn LIMIT 1"
                 ),
                 &[&config.slot, &Lsn(last).to_string()],
             )

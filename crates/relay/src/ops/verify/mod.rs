@@ -750,6 +750,12 @@ async fn wait_for_fence(
 /// The background verifier of `run`: every `verify_interval_s`, verifies every event the
 /// outbox holds, hashing only the rows that came since the last pass (see [`Memory`]).
 pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>) {
+    if config.verify_lookback_hours.is_some() {
+        warn!(
+            "verify_lookback_hours is no longer used: the background verifier compares every \
+             event the outbox holds (docs/guarantees.md, \"What `verify` proves\"); remove it"
+        );
+    }
     if config.verify_interval_s == 0 {
         return;
     }
