@@ -12,9 +12,12 @@ use crate::config::{
 use crate::event::{EventRow, OwnedEventRow, put_string};
 
 pub mod engine;
+mod error;
 #[cfg(test)]
 pub mod memory;
 pub mod resend;
+
+pub use error::{Failure, SinkError};
 
 /// Where the relay writes events: the boundary between the relay loop and ClickHouse.
 ///
@@ -387,91 +390,6 @@ impl Present {
     }
 }
 
-/// Errors from ClickHouse; every one of them leaves the slot where it was.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("ClickHouse insert into {table} failed: {}", describe(.source))]
-    Insert {
-        table: String,
-        #[source]
-        source: clickhouse::error::Error,
-    },
-    #[error("ClickHouse query failed: {} (query: {query})", describe(.source))]
-    Query {
-        query: String,
-        #[source]
-        source: clickhouse::error::Error,
-    },
-    /// The table cannot take the relay's rows as they are written; retrying does not help.
-    #[error(
-        "ClickHouse table {table} does not match what the relay writes:\n  {}\nRun `outbox-relay \
-         setup` for a missing `source` column (it adds it); otherwise point clickhouse_table at \
-         a table with these types (schema: `outbox-relay setup --print-sql`) or ALTER the columns",
-        problems.join("\n  ")
-    )]
-    Table {
-        table: String,
-        problems: Vec<String>,
-    },
-    /// The table's engine, sorting key or TTL would merge, drop or change rows after the relay
-    /// confirmed them ([`engine::engine_problems`]); retrying does not help.
-    #[error(
-        "ClickHouse table {table} does not match what the relay writes:\n  {}\nNothing was \
-         written to it. A table of the relay's own shape: `outbox-relay setup --print-sql`; \
-         moving the rows over: docs/operations.md, \"An existing ClickHouse table\"",
-        problems.join("\n  ")
-    )]
-    Engine {
-        table: String,
-        problems: Vec<String>,
-    },
-}
-
-impl SinkError {
-    /// The kind counted in `outbox_relay_clickhouse_errors_total`.
-    pub fn kind(&self) -> &'static str {
-        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self else {
-            return "table";
-        };
-        match source {
-            clickhouse::error::Error::Network(_) => "network",
-            clickhouse::error::Error::TimedOut => "timeout",
-            clickhouse::error::Error::BadResponse(_) => "server",
-            _ => "other",
-        }
-    }
-
-    /// ClickHouse's exception code (`Code: 117. DB::Exception: ...`), when it answered with one.
-    pub fn code(&self) -> Option<u32> {
-        let (SinkError::Insert { source, .. } | SinkError::Query { source, .. }) = self else {
-            return None;
-        };
-        let clickhouse::error::Error::BadResponse(text) = source else {
-            return None;
-        };
-        let rest = &text[text.find("Code: ")? + 6..];
-        let end = rest.find(|c: char| !c.is_ascii_digit())?;
-        rest[..end].parse().ok()
-    }
-
-    /// Whether ClickHouse refused the rows themselves (a value its column cannot hold), so that
-    /// sending them again can never succeed. Anything else (network, timeouts, overload, a
-    /// server restarting) is worth retrying.
-    pub fn is_rejected_data(&self) -> bool {
-        self.code()
-            .is_some_and(|code| REJECTED_DATA_CODES.contains(&code))
-    }
-}
-
-/// ClickHouse error codes that mean "this value does not fit": CANNOT_PARSE_TEXT (6),
-/// CANNOT_PARSE_INPUT_ASSERTION_FAILED (27), CANNOT_PARSE_DATE (38), CANNOT_PARSE_DATETIME (41),
-/// TYPE_MISMATCH (53), ARGUMENT_OUT_OF_BOUND (69), CANNOT_CONVERT_TYPE (70),
-/// CANNOT_PARSE_NUMBER (72), INCORRECT_DATA (117), TOO_LARGE_STRING_SIZE (131),
-/// VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321), TOO_DEEP_RECURSION (306), CANNOT_PARSE_UUID (376),
-/// VIOLATED_CONSTRAINT (469: a `CONSTRAINT ... CHECK` the team added to the table refuses a row).
-pub const REJECTED_DATA_CODES: &[u32] =
-    &[6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 306, 321, 376, 469];
-
 /// Writes batches into one ClickHouse table.
 #[derive(Clone)]
 pub struct ClickHouseSink {
@@ -611,10 +529,7 @@ impl ClickHouseSink {
         let result = tokio::time::timeout(self.timeout, request)
             .await
             .unwrap_or(Err(clickhouse::error::Error::TimedOut));
-        result.map_err(|source| SinkError::Query {
-            query: query.into(),
-            source,
-        })
+        result.map_err(|source| SinkError::query(query, source))
     }
 
     fn insert_sql() -> String {
@@ -673,10 +588,7 @@ impl ClickHouseSink {
         if let Some(token) = token {
             insert = insert.with_setting("insert_deduplication_token", token);
         }
-        let error = |source| SinkError::Insert {
-            table: self.table.clone(),
-            source,
-        };
+        let error = |source| SinkError::insert(&self.table, source);
         insert.send(data.into()).await.map_err(error)?;
         insert.end().await.map_err(error)
     }
@@ -736,10 +648,7 @@ impl ClickHouseSink {
     /// Runs a query and reads its rows one at a time (each within the timeout), for results too
     /// large to hold: memory stays that of one chunk of the response.
     pub fn cursor<T: clickhouse::Row>(&self, query: &str) -> Result<Cursor<T>, SinkError> {
-        let error = |source| SinkError::Query {
-            query: query.into(),
-            source,
-        };
+        let error = |source| SinkError::query(query, source);
         Ok(Cursor {
             rows: self.query(query).fetch::<T>().map_err(error)?,
             query: query.into(),
@@ -770,10 +679,7 @@ pub(crate) async fn execute(client: &Client, query: &str) -> Result<(), SinkErro
         .query(query)
         .execute()
         .await
-        .map_err(|source| SinkError::Query {
-            query: query.into(),
-            source,
-        })
+        .map_err(|source| SinkError::query(query, source))
 }
 
 /// The sink's table in a query run through [`ClickHouseSink::fetch_all`] (a server-side
@@ -804,10 +710,7 @@ impl<T: clickhouse::RowOwned + clickhouse::RowRead> Cursor<T> {
         let result = tokio::time::timeout(self.timeout, self.rows.next())
             .await
             .unwrap_or(Err(clickhouse::error::Error::TimedOut));
-        result.map_err(|source| SinkError::Query {
-            query: self.query.clone(),
-            source,
-        })
+        result.map_err(|source| SinkError::query(&self.query, source))
     }
 }
 
@@ -852,10 +755,7 @@ impl BatchInsert {
     }
 
     fn error(&self, source: clickhouse::error::Error) -> SinkError {
-        SinkError::Insert {
-            table: self.table.clone(),
-            source,
-        }
+        SinkError::insert(&self.table, source)
     }
 }
 

@@ -449,11 +449,38 @@ async fn a_refused_row_is_singled_out_by_bisection() {
     let run = run(&config(100, 5), &wal, &sink, None).await;
     assert_exactly_once(&run, &wal, &refused);
     assert!(
-        run.failures.iter().all(|f| f.contains("Code: 117")),
+        run.failures.iter().all(|f| f.contains("cannot be stored")),
         "{:#?}",
         run.failures
     );
     assert_eq!(run.mode, Mode::Streaming);
+}
+
+/// The sink's answer decides, not the shape of the insert: a network failure while a single row
+/// is re-sent is tried again (never a dead letter), a refused single row is a dead letter.
+#[tokio::test]
+async fn only_a_refused_row_becomes_a_dead_letter() {
+    let wal = wal(&[1, 1, 1]);
+    for nth in 1..=3 {
+        let sink = MemorySink::default();
+        sink.fail([
+            Fault {
+                step: Step::Commit,
+                nth,
+            },
+            Fault {
+                step: Step::InsertRows,
+                nth: 1,
+            },
+        ]);
+        let run = run(&config(1, 60_000), &wal, &sink, None).await;
+        assert_eq!(run.failures.len(), 2, "{nth}: {:#?}", run.failures);
+        assert_exactly_once(&run, &wal, &[]);
+    }
+    let sink = MemorySink::default();
+    sink.refuse(event_id(1, 0));
+    let run = run(&config(1, 60_000), &wal, &sink, None).await;
+    assert_exactly_once(&run, &wal, &[event_id(1, 0)]);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{EventRow, Insert, OwnedEventRow, Present, Sink, SinkError};
+use super::{EventRow, Failure, Insert, OwnedEventRow, Present, Sink, SinkError};
 
 /// Which operation a [`Fault`] hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +68,9 @@ impl State {
         if let Some(row) = rows.iter().find(|r| self.refused.contains(&r.event_id)) {
             return Err(SinkError::Insert {
                 table: "memory".into(),
-                source: clickhouse::error::Error::BadResponse(format!(
-                    "Code: 117. DB::Exception: event {} cannot be stored (INCORRECT_DATA)",
+                failure: Failure::Refused,
+                source: clickhouse::error::Error::Custom(format!(
+                    "event {} cannot be stored (refused by the memory sink)",
                     row.event_id_text()
                 )),
             });
@@ -82,6 +83,7 @@ impl State {
 fn network_error() -> SinkError {
     SinkError::Insert {
         table: "memory".into(),
+        failure: Failure::Unavailable,
         source: clickhouse::error::Error::Network("connection reset (injected)".into()),
     }
 }

@@ -5,10 +5,10 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use super::{OwnedEventRow, Sink, SinkError};
+use super::{Failure, OwnedEventRow, Sink, SinkError};
 
 /// A re-send of rows held in memory: [`Resend::next_refused`] sends them in order, all in one
-/// insert first; an insert the sink refuses as data ([`SinkError::is_rejected_data`]) is split
+/// insert first; an insert the sink refuses as data ([`Failure::Refused`]) is split
 /// in halves until the refused row is alone, and that row is handed back (for the caller to
 /// keep as a dead letter) before the rest goes on.
 #[derive(Debug)]
@@ -47,11 +47,11 @@ impl<'r> Resend<'r> {
             let part = &self.rows[range.clone()];
             match sink.insert_rows(part, token(part).as_deref()).await {
                 Ok(()) => self.shipped += part.len() as u64,
-                Err(e) if e.is_rejected_data() && part.len() == 1 => {
+                Err(e) if e.failure() == Failure::Refused && part.len() == 1 => {
                     self.refused += 1;
                     return Ok(Some((&part[0], e)));
                 }
-                Err(e) if e.is_rejected_data() => {
+                Err(e) if e.failure() == Failure::Refused => {
                     let mid = range.start + range.len() / 2;
                     self.pending.push_front(mid..range.end);
                     self.pending.push_front(range.start..mid);
@@ -95,7 +95,7 @@ mod tests {
         let mut dead = Vec::new();
         let mut resend = Resend::new(&rows);
         while let Some((r, e)) = resend.next_refused(&sink, |_| None).await.unwrap() {
-            assert!(e.is_rejected_data());
+            assert_eq!(e.failure(), Failure::Refused);
             dead.push(r.event_id[0]);
         }
         assert_eq!(dead, [5, 12]);
