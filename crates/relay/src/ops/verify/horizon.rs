@@ -45,88 +45,107 @@ pub async fn find(
     sink: &ClickHouseSink,
     from_lsn: Option<Lsn>,
 ) -> Result<Option<Horizon>, VerifyError> {
-    let table = checkpoints_table(config);
-    // Qualified names: an output column of the same name (`snapshot_lsn::text`) would make an
-    // ORDER BY sort text ('0/FFBB780' after '0/4842B770').
-    let columns = "c.snapshot::text, c.snapshot_lsn::text,
-                   to_char(c.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
     let mut found: Vec<Horizon> = Vec::new();
-    if config.outbox_retention_hours > 0 {
-        let sql = format!(
-            "SELECT {columns} FROM {table} c WHERE c.slot = $1
-                AND c.recorded_at < date_bin(make_interval(secs => $2),
-                                             now() - make_interval(hours => $3), 'epoch')
-                                    + 2 * make_interval(secs => $2)
-              ORDER BY c.snapshot_lsn DESC LIMIT 1"
-        );
-        let row = client
-            .query_opt(
-                &sql,
-                &[
-                    &config.slot,
-                    &(step_s(config) as f64),
-                    &i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX),
-                ],
-            )
-            .await
-            .map_err(PgError::query("verify horizon"))?;
-        found.extend(row.and_then(|r| horizon(&r, "the outbox retention")));
-    }
+    found.extend(purge_reach(client, config).await?);
     if let Some(from) = from_lsn {
-        crate::ops::positions::check_lsn(client, config, from).await?;
-        let base = replay::base_snapshot(client, config, from)
-            .await
-            .map_err(VerifyError::Repair)?;
-        if let Some((snapshot, lsn)) = base {
-            let row = client
-                .query_opt(
-                    &format!(
-                        "SELECT {columns} FROM {table} c WHERE c.slot = $1
-                           AND c.snapshot::text = $2 AND c.snapshot_lsn = $3::text::pg_lsn LIMIT 1"
-                    ),
-                    &[&config.slot, &snapshot, &lsn],
-                )
-                .await
-                .map_err(PgError::query("verify horizon"))?;
-            found.extend(row.and_then(|r| horizon(&r, "--from-lsn")));
-        }
+        found.extend(from_position(client, config, from).await?);
     }
     let floor = found.iter().map(|h| h.lsn.0).max().unwrap_or(0);
-    // ClickHouse rows past the horizon with no transaction id: shipped before `xid` existed.
+    found.extend(first_with_xid(client, config, sink, floor).await?);
+    Ok(found.into_iter().max_by_key(|h| h.lsn.0))
+}
+
+/// A checkpoint's columns as [`horizon`] reads them. Qualified names: an output column of the
+/// same name (`snapshot_lsn::text`) would make an ORDER BY sort text ('0/FFBB780' after
+/// '0/4842B770').
+const COLUMNS: &str = "c.snapshot::text, c.snapshot_lsn::text,
+                       to_char(c.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+
+/// The newest checkpoint a purge may use during this step, and the next one.
+async fn purge_reach(client: &Client, config: &Config) -> Result<Option<Horizon>, VerifyError> {
+    if config.outbox_retention_hours == 0 {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} c WHERE c.slot = $1
+            AND c.recorded_at < date_bin(make_interval(secs => $2),
+                                         now() - make_interval(hours => $3), 'epoch')
+                                + 2 * make_interval(secs => $2)
+          ORDER BY c.snapshot_lsn DESC LIMIT 1",
+        checkpoints_table(config)
+    );
+    let hours = i32::try_from(config.outbox_retention_hours).unwrap_or(i32::MAX);
+    let row = client
+        .query_opt(&sql, &[&config.slot, &(step_s(config) as f64), &hours])
+        .await
+        .map_err(PgError::query("verify horizon"))?;
+    Ok(row.and_then(|r| horizon(&r, "the outbox retention")))
+}
+
+/// `--from-lsn`: the checkpoint replay would start from.
+async fn from_position(
+    client: &Client,
+    config: &Config,
+    from: Lsn,
+) -> Result<Option<Horizon>, VerifyError> {
+    crate::ops::positions::check_lsn(client, config, from).await?;
+    let base = replay::base_snapshot(client, config, from)
+        .await
+        .map_err(VerifyError::Repair)?;
+    let Some((snapshot, lsn)) = base else {
+        return Ok(None);
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} c WHERE c.slot = $1
+           AND c.snapshot::text = $2 AND c.snapshot_lsn = $3::text::pg_lsn LIMIT 1",
+        checkpoints_table(config)
+    );
+    let row = client
+        .query_opt(&sql, &[&config.slot, &snapshot, &lsn])
+        .await
+        .map_err(PgError::query("verify horizon"))?;
+    Ok(row.and_then(|r| horizon(&r, "--from-lsn")))
+}
+
+/// ClickHouse rows past `floor` with no transaction id (shipped before `xid` existed): the
+/// first checkpoint recorded past them, or now when there is none yet.
+async fn first_with_xid(
+    client: &Client,
+    config: &Config,
+    sink: &ClickHouseSink,
+    floor: u64,
+) -> Result<Option<Horizon>, VerifyError> {
     let before_xid: Vec<u64> = sink
         .fetch_all(&format!(
             "SELECT max(commit_lsn) FROM {TABLE}
               WHERE {OURS} AND xid = 0 AND commit_lsn > 0 AND commit_lsn >= {floor}"
         ))
         .await?;
-    if let Some(&last) = before_xid.first().filter(|l| **l > 0) {
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {columns} FROM {table} c WHERE c.slot = $1
-                        AND c.confirmed_lsn > $2::text::pg_lsn
-                      ORDER BY c.snapshot_lsn LIMIT 1"
-                ),
-                &[&config.slot, &Lsn(last).to_string()],
-            )
-            .await
-            .map_err(PgError::query("verify horizon"))?;
-        let first = match row {
-            Some(r) => horizon(&r, "the first checkpoint of a relay writing xid"),
-            // Nothing shipped with an xid was checkpointed yet: nothing is provable yet.
-            None => client
-                .query_one(
-                    "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text,
-                            to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
-                    &[],
-                )
-                .await
-                .ok()
-                .and_then(|r| horizon(&r, "no checkpoint of a relay writing xid yet")),
-        };
-        found.extend(first);
+    let Some(&last) = before_xid.first().filter(|l| **l > 0) else {
+        return Ok(None);
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} c WHERE c.slot = $1 AND c.confirmed_lsn > $2::text::pg_lsn
+          ORDER BY c.snapshot_lsn LIMIT 1",
+        checkpoints_table(config)
+    );
+    let row = client
+        .query_opt(&sql, &[&config.slot, &Lsn(last).to_string()])
+        .await
+        .map_err(PgError::query("verify horizon"))?;
+    if let Some(r) = row {
+        return Ok(horizon(&r, "the first checkpoint of a relay writing xid"));
     }
-    Ok(found.into_iter().max_by_key(|h| h.lsn.0))
+    // Nothing shipped with an xid was checkpointed yet: nothing is provable yet.
+    let now = client
+        .query_one(
+            "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text,
+                    to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("verify horizon"))?;
+    Ok(horizon(&now, "no checkpoint of a relay writing xid yet"))
 }
 
 /// A checkpoint row (snapshot, snapshot_lsn, recorded_at) as a horizon.

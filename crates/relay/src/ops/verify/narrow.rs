@@ -131,44 +131,72 @@ pub async fn narrow(
         page: Vec::new().into_iter(),
         done: false,
     };
-    let mut ch = sink.cursor::<(String, u64, i64, i64, u64)>(&ch_sql)?;
+    let mut ch = sink.cursor::<ChId>(&ch_sql)?;
+    merge(&mut pg, &mut ch, found).await
+}
+
+/// An outbox row: its id and hash.
+type PgId = (String, i64);
+/// An id ClickHouse holds: rows, lowest and highest hash, highest xid.
+type ChId = (String, u64, i64, i64, u64);
+
+/// Merges the two sides' ids (each sorted) as they arrive.
+async fn merge(
+    pg: &mut Pages<'_, '_>,
+    ch: &mut crate::sink::Cursor<ChId>,
+    found: &mut Found,
+) -> Result<(), VerifyError> {
     let mut p = pg.next().await?;
     let mut c = ch.next().await?;
-    let unlisted = &mut found.unlisted;
-    loop {
-        let order = match (&p, &c) {
-            (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((pid, _)), Some((cid, ..))) => pid.as_str().cmp(cid.as_str()),
-        };
-        match order {
-            std::cmp::Ordering::Less => {
-                if let Some((id, _)) = p.take() {
-                    Found::push(&mut found.missing, MAX_MISSING, unlisted, id);
-                }
-                p = pg.next().await?;
-            }
-            std::cmp::Ordering::Greater => {
-                if let Some((id, n, _, _, xid)) = c.take() {
-                    Found::push(&mut found.extra, MAX_OTHER, unlisted, (id, n, xid));
-                }
-                c = ch.next().await?;
-            }
-            std::cmp::Ordering::Equal => {
-                if let (Some((_, h)), Some((id, n, low, high, _))) = (p.take(), c.take()) {
-                    if n > 1 {
-                        Found::push(&mut found.duplicate, MAX_OTHER, unlisted, (id, n));
-                    } else if low != h || high != h {
-                        Found::push(&mut found.altered, MAX_OTHER, unlisted, id);
-                    }
-                }
-                p = pg.next().await?;
-                c = ch.next().await?;
-            }
+    while p.is_some() || c.is_some() {
+        let (took_p, took_c) = found.record(&mut p, &mut c);
+        if took_p {
+            p = pg.next().await?;
+        }
+        if took_c {
+            c = ch.next().await?;
         }
     }
     Ok(())
+}
+
+impl Found {
+    /// Records the smaller of the two ids at the heads of the sides (both when equal), taking
+    /// it; which sides it took from.
+    fn record(&mut self, p: &mut Option<PgId>, c: &mut Option<ChId>) -> (bool, bool) {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        let order = match (&p, &c) {
+            (None, None) => return (false, false),
+            (Some(_), None) => Less,
+            (None, Some(_)) => Greater,
+            (Some((pid, _)), Some((cid, ..))) => pid.as_str().cmp(cid.as_str()),
+        };
+        let unlisted = &mut self.unlisted;
+        match (order, p.take(), c.take()) {
+            (Less, Some((id, _)), c_back) => {
+                *c = c_back;
+                Found::push(&mut self.missing, MAX_MISSING, unlisted, id);
+                (true, false)
+            }
+            (Greater, p_back, Some((id, n, _, _, xid))) => {
+                *p = p_back;
+                Found::push(&mut self.extra, MAX_OTHER, unlisted, (id, n, xid));
+                (false, true)
+            }
+            (Equal, Some((_, h)), Some((id, n, low, high, _))) => {
+                if n > 1 {
+                    Found::push(&mut self.duplicate, MAX_OTHER, unlisted, (id, n));
+                } else if low != h || high != h {
+                    Found::push(&mut self.altered, MAX_OTHER, unlisted, id);
+                }
+                (true, true)
+            }
+            (_, p_back, c_back) => {
+                (*p, *c) = (p_back, c_back);
+                (false, false)
+            }
+        }
+    }
 }
 
 /// A PostgreSQL query's rows (id, hash) read a page at a time through a portal.
@@ -277,6 +305,32 @@ mod tests {
         assert_eq!(bucket_bits(20_001), 9);
         assert_eq!(bucket_bits(2_700_000), 16);
         assert_eq!(bucket_bits(u64::MAX / 2), MAX_BUCKET_BITS);
+    }
+
+    #[test]
+    fn the_merge_names_each_kind() {
+        let pg = |id: &str, h: i64| Some((id.to_string(), h));
+        let ch = |id: &str, n: u64, low: i64, high: i64| Some((id.to_string(), n, low, high, 7));
+        let mut found = Found::default();
+        let steps = [
+            (pg("a", 1), ch("b", 1, 2, 2), (true, false)),
+            (pg("b", 2), ch("b", 1, 2, 2), (true, true)),
+            (pg("c", 3), ch("c", 2, 3, 3), (true, true)),
+            (pg("d", 4), ch("d", 1, 5, 5), (true, true)),
+            (pg("f", 6), ch("e", 1, 6, 6), (false, true)),
+            (None, ch("g", 1, 7, 7), (false, true)),
+            (pg("h", 8), None, (true, false)),
+        ];
+        for (mut p, mut c, took) in steps {
+            assert_eq!(found.record(&mut p, &mut c), took);
+        }
+        assert_eq!(found.missing, ["a", "h"]);
+        assert_eq!(
+            found.extra,
+            [("e".to_string(), 1, 7), ("g".to_string(), 1, 7)]
+        );
+        assert_eq!(found.duplicate, [("c".to_string(), 2)]);
+        assert_eq!(found.altered, ["d"]);
     }
 
     #[test]
