@@ -23,6 +23,7 @@
 //! - any error drops the open insert (ClickHouse aborts it) and the session; the next session
 //!   restarts from the slot's confirmed position, so nothing is lost.
 
+mod driver;
 #[cfg(test)]
 mod loop_tests;
 mod mode;
@@ -33,7 +34,7 @@ mod store;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgoutput::Lsn;
 use pgwire_replication::PgWireError;
@@ -171,71 +172,11 @@ impl Relay {
             self.config.clone(),
             self.metrics.clone(),
         )));
-        let result = self.sessions(&mut shutdown).await;
+        let result = driver::drive(self, &self.config, &self.metrics, &mut shutdown).await;
         if result.is_err() {
             self.metrics.set_state(State::StoppedOnError);
         }
         result
-    }
-
-    async fn sessions(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RelayError> {
-        let mut backoff = Backoff::new(&self.config);
-        let mut mode = Mode::Streaming;
-        loop {
-            let started = Instant::now();
-            let mut shipped_batches = 0;
-            let result = self
-                .session(&mut mode, &mut shipped_batches, shutdown)
-                .await;
-            self.metrics.replicating.store(false, Relaxed);
-            match &result {
-                Err(RelayError::ClickHouse(e)) => {
-                    self.metrics.clickhouse_error(e.kind());
-                    self.metrics.clickhouse_failed(e.to_string());
-                }
-                Err(_) => {
-                    self.metrics.postgres_errors.inc();
-                }
-                Ok(()) => {}
-            }
-            let result = match result {
-                Err(RelayError::Replication {
-                    source: PgWireError::Server(message),
-                    ..
-                }) if checkpoint::is_unpublished_window(&message) => {
-                    self.skip_unpublished_window(&message).await
-                }
-                Err(RelayError::Postgres(PgError::SlotNotSynced(why)))
-                    if self.config.failover_recovery =>
-                {
-                    self.recover_lost_slot(&why).await
-                }
-                other => other,
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() => {
-                    if shipped_batches > 0 || started.elapsed() > backoff.max {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next();
-                    let state = e.waiting_state();
-                    self.metrics.set_state(state);
-                    warn!(error = %e, state = state.name(), retry_in_ms = delay.as_millis() as u64,
-                        "relay session failed; nothing was confirmed past ClickHouse, retrying \
-                         (once the server answers again if it is down)");
-                    tokio::select! {
-                        back = self.wait_for(state, delay) => {
-                            if back {
-                                info!(state = state.name(), "the server answers again: reconnecting");
-                            }
-                        }
-                        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     /// One session: finds the primary, checks the slot, the table and the publication's
@@ -327,7 +268,7 @@ impl Relay {
     /// starts within about that long of its return and no session fails meanwhile. When it
     /// answers the first probe (the failure was not about its availability) or `state` names no
     /// server: the backoff `delay`, returning `false`.
-    async fn wait_for(&self, state: State, delay: Duration) -> bool {
+    async fn probe(&self, state: State, delay: Duration) -> bool {
         let started = tokio::time::Instant::now();
         let mut seen_down = false;
         loop {
@@ -434,7 +375,15 @@ impl Relay {
     /// When the publication exists again, the slot is moved past that WAL and the next session
     /// re-ships the window from the outbox ([`checkpoint::skip_unpublished_window`]); while it is
     /// missing, the relay waits.
-    async fn skip_unpublished_window(&self, message: &str) -> Result<(), RelayError> {
+    /// The error that stands for what was done (the window to re-ship), or for why it could
+    /// not be.
+    async fn skip_unpublished_window(&self, message: &str) -> RelayError {
+        self.try_skip_unpublished_window(message)
+            .await
+            .unwrap_or_else(|e| e)
+    }
+
+    async fn try_skip_unpublished_window(&self, message: &str) -> Result<RelayError, RelayError> {
         let sql = pg::connect(&self.config.postgres_url).await?;
         let fingerprint = match coverage::coverage(&sql, &self.config).await? {
             coverage::Coverage::Uncovered { why, .. } => return Err(RelayError::Uncovered(why)),
@@ -442,7 +391,7 @@ impl Relay {
         };
         let tables = checkpoint::coverage_tables(&fingerprint);
         let to = checkpoint::skip_unpublished_window(&self.config, &tables).await?;
-        Err(RelayError::Uncovered(format!(
+        Ok(RelayError::Uncovered(format!(
             "PostgreSQL cannot decode WAL written while publication {:?} was missing ({message}): \
              the slot was moved past it to {to}, and the next session re-ships the outbox's \
              events committed since the last checkpoint before it",
@@ -455,52 +404,50 @@ impl Relay {
     /// `failover_recovery`: the slot is missing on a promoted server. Creates it there behind a
     /// marker checkpoint; the next session re-ships the events committed since the last
     /// checkpoint from the outbox ([`checkpoint::recover_lost_slot`]).
-    async fn recover_lost_slot(&self, why: &str) -> Result<(), RelayError> {
+    async fn recover_lost_slot(&self, why: &str) -> RelayError {
         warn!(reason = %why, "failover_recovery: creating the slot on the promoted server");
-        let at = checkpoint::recover_lost_slot(&self.config).await?;
-        Err(RelayError::Uncovered(format!(
+        let at = match checkpoint::recover_lost_slot(&self.config).await {
+            Ok(at) => at,
+            Err(e) => return e.into(),
+        };
+        RelayError::Uncovered(format!(
             "failover_recovery: slot {:?} created on the promoted server at {at}; the next \
              session re-ships, from the outbox table, the events committed since the last \
              checkpoint that ClickHouse lacks",
             self.config.slot
-        )))
+        ))
     }
 }
 
-/// Exponential backoff with jitter: the n-th wait in a row is drawn uniformly from
-/// [¾·d, d], d = `retry_initial_ms` · 2^(n-1) capped at `retry_max_ms` (so each wait is
-/// 1.5 to 2.7 times the one before until the cap).
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
+impl driver::Sessions for Relay {
+    async fn session(
+        &self,
+        mode: &mut Mode,
+        shipped: &mut u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), RelayError> {
+        Relay::session(self, mode, shipped, shutdown).await
+    }
 
-impl Backoff {
-    fn new(config: &Config) -> Backoff {
-        Backoff {
-            initial: Duration::from_millis(config.retry_initial_ms),
-            max: Duration::from_millis(config.retry_max_ms),
-            attempt: 0,
+    async fn recover(&self, error: RelayError) -> RelayError {
+        match error {
+            RelayError::Replication {
+                source: PgWireError::Server(message),
+                ..
+            } if checkpoint::is_unpublished_window(&message) => {
+                self.skip_unpublished_window(&message).await
+            }
+            RelayError::Postgres(PgError::SlotNotSynced(why)) if self.config.failover_recovery => {
+                self.recover_lost_slot(&why).await
+            }
+            other => other,
         }
     }
 
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    fn next(&mut self) -> Duration {
-        let nominal = self
-            .initial
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt += 1;
-        nominal.mul_f64(rand::random_range(JITTER..=1.0))
+    async fn wait_for(&self, state: State, delay: Duration) -> bool {
+        self.probe(state, delay).await
     }
 }
-
-/// The shortest wait, as a fraction of the nominal one.
-const JITTER: f64 = 0.75;
 
 /// How long a coverage replay waits for the stream to pass its snapshot's WAL position.
 const COVERAGE_REPLAY_WAIT: Duration = Duration::from_secs(3600);
@@ -518,39 +465,6 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let config = Config {
-            retry_initial_ms: 500,
-            retry_max_ms: 60_000,
-            ..Config::default()
-        };
-        for _ in 0..200 {
-            let mut backoff = Backoff::new(&config);
-            let mut previous: Option<Duration> = None;
-            for n in 0..12u32 {
-                let nominal = Duration::from_millis((500u64 << n).min(60_000));
-                let wait = backoff.next();
-                assert!(
-                    wait >= nominal.mul_f64(JITTER) && wait <= nominal,
-                    "wait {n}: {wait:?} outside [3/4, 1] x {nominal:?}"
-                );
-                if let Some(previous) = previous
-                    && nominal < Duration::from_millis(60_000)
-                {
-                    let ratio = wait.as_secs_f64() / previous.as_secs_f64();
-                    assert!(
-                        (1.5..=2.67).contains(&ratio),
-                        "wait {n}: {ratio}x the one before"
-                    );
-                }
-                previous = Some(wait);
-            }
-            backoff.reset();
-            assert!(backoff.next() <= Duration::from_millis(500));
-        }
-    }
 
     #[test]
     fn errors_say_what_the_relay_waits_for() {
