@@ -5,7 +5,9 @@ left out), its import cycles, and the modules imported by more than half of the 
     python3 tools/module_graph.py [--check]
 
 With --check it exits 1 when there is a cycle, or a module other than the allowed ones (config,
-the row model `event`) is imported by more than half of the others.
+the row model `event`) is imported by more than half of the others. It also prints the import
+cycles between files (each file a module: `store/coverage.rs` is `store::coverage`, a `mod.rs` or
+`name.rs` its directory's module), which --check counts too.
 """
 
 import re
@@ -47,6 +49,58 @@ def graph() -> dict[str, set[str]]:
                 uses |= {part.strip().split("::")[0] for part in group.split(",")}
             edges[name] |= {u for u in uses if u in mods and u != name}
     return edges
+
+
+def file_modules() -> dict[str, Path]:
+    """Each file as its module path: store/coverage.rs -> store::coverage, ops/verify/mod.rs ->
+    ops::verify."""
+    found: dict[str, Path] = {}
+    for path in sorted(SRC.rglob("*.rs")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] in ("mod", "lib"):
+            parts = parts[:-1]
+        if parts:
+            found["::".join(parts)] = path
+    return found
+
+
+def file_graph() -> dict[str, set[str]]:
+    """Which file's module imports which (`crate::a::b`, `super::c`, `use super::{d, e}`,
+    `self::f`), each path taken to the longest module it names."""
+    mods = file_modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+
+    def resolve(parts: list[str]) -> str | None:
+        for n in range(len(parts), 0, -1):
+            name = "::".join(parts[:n])
+            if name in mods:
+                return name
+        return None
+
+    for name, path in mods.items():
+        text = code(path)
+        # A file `a/b.rs` (or `a/b/mod.rs`) is module a::b: its `super` is a, `self` a::b.
+        here = name.split("::")
+        bases = {"crate": [], "super": here[:-1], "self": here}
+        for root, rest in re.findall(r"\b(crate|super|self)((?:::\w+)+)", text):
+            target = resolve(bases[root] + rest.strip(":").split("::"))
+            if target and target != name:
+                edges[name].add(target)
+        for root, prefix, group in re.findall(
+            r"\buse (crate|super|self)((?:::\w+)*)::\{([^}]*)\}", text
+        ):
+            base = bases[root] + [p for p in prefix.split("::") if p]
+            for item in group.split(","):
+                item = item.strip().split(" as ")[0]
+                if item and item != "self":
+                    target = resolve(base + item.split("::"))
+                    if target and target != name:
+                        edges[name].add(target)
+    # A module's own submodules are its parts, not imports.
+    return {
+        m: {t for t in targets if not t.startswith(m + "::") and not m.startswith(t + "::")}
+        for m, targets in edges.items()
+    }
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -100,7 +154,9 @@ def main() -> int:
         print(f"  {m}: {len(who)} ({mark})")
     if not wide:
         print("  none")
-    bad = found or [m for m in wide if m not in ALLOWED_WIDE]
+    file_cycles = cycles(file_graph())
+    print("cycles between files:", "; ".join(" <-> ".join(c) for c in file_cycles) or "none")
+    bad = found or file_cycles or [m for m in wide if m not in ALLOWED_WIDE]
     if "--check" in sys.argv and bad:
         return 1
     return 0

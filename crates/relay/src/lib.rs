@@ -22,6 +22,7 @@ pub mod outbox;
 pub mod pg;
 pub mod pgtls;
 pub mod pipeline;
+pub mod reship;
 pub mod sink;
 pub mod store;
 

@@ -110,7 +110,7 @@ pub struct Metrics {
     pub http_refused: Counter,
     /// Failed accepts on the HTTP endpoint (e.g. out of file descriptors).
     pub http_accept_errors: Counter,
-    /// The background verifier's findings (crates/relay/src/ops/verify.rs).
+    /// The background verifier's findings (crates/relay/src/ops/verify/).
     pub verify: VerifyGauges,
 }
 

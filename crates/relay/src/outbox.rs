@@ -9,7 +9,6 @@ use tokio_postgres::Client;
 
 use crate::event::{EventRow, OwnedEventRow, fnv1a, parse_uuid};
 use crate::pg::{PgError, quote_pg_ident};
-use crate::store::checkpoint::ROW_XID8;
 
 /// PostgreSQL type OIDs the outbox columns may have.
 mod oid {
@@ -24,6 +23,16 @@ mod oid {
     pub const TIMESTAMP: u32 = 1114;
     pub const TIMESTAMPTZ: u32 = 1184;
 }
+
+/// The 64-bit transaction id (xid8) of outbox row `o`'s inserting transaction, for
+/// `pg_visible_in_snapshot`. xmin is a 32-bit xid: add the epoch of the current snapshot's xmax
+/// (the previous one when xmin's low bits are ahead of it).
+pub(crate) const ROW_XID8: &str =
+    "(((pg_snapshot_xmax(pg_current_snapshot())::text::int8 >> 32) << 32)
+                 + o.xmin::text::int8
+                 - CASE WHEN o.xmin::text::int8
+                             > (pg_snapshot_xmax(pg_current_snapshot())::text::int8 & 4294967295)
+                        THEN 4294967296 ELSE 0 END)::text::xid8";
 
 /// The outbox table's layout does not fit the relay.
 #[derive(Debug, thiserror::Error)]

@@ -43,9 +43,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::metrics::{Metrics, State};
-use crate::ops::replay;
 use crate::outbox::{RowError, SchemaError};
 use crate::pg::{self, PgError};
+use crate::reship;
 use crate::sink::{ClickHouseSink, SinkError};
 use crate::store::checkpoint;
 use crate::store::coverage;
@@ -227,7 +227,7 @@ impl Relay {
                 let (config, sink) = (config.clone(), sink.clone());
                 let (from, tables) = (gap.from, gap.tables);
                 coverage_replay = Some(AbortOnDrop(tokio::spawn(async move {
-                    replay::replay_tables(
+                    reship::replay_tables(
                         &config,
                         &sink,
                         from,

@@ -45,7 +45,7 @@ async fn purge(config: &Config, client: &mut tokio_postgres::Client) -> Result<u
               WHERE pg_visible_in_snapshot({xid8}, $1::text::pg_snapshot)
               LIMIT $2))",
         table = outbox_table(config),
-        xid8 = crate::store::checkpoint::ROW_XID8,
+        xid8 = crate::outbox::ROW_XID8,
     );
     let mut total = 0;
     loop {

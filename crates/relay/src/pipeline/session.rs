@@ -16,8 +16,8 @@ use super::{AbortOnDrop, RelayError};
 use crate::config::Config;
 use crate::event::OwnedEventRow;
 use crate::metrics::Metrics;
-use crate::ops::replay;
 use crate::outbox::OutboxLayout;
+use crate::reship;
 use crate::sink::resend::Resend;
 use crate::sink::{Insert, Present, Sink, SinkError};
 
@@ -89,7 +89,7 @@ struct OutboxRelation {
 }
 
 /// The coverage replay running beside a session (see [`Session::coverage_replay`]).
-pub(super) type CoverageReplay = AbortOnDrop<Result<replay::ReplayReport, replay::ReplayError>>;
+pub(super) type CoverageReplay = AbortOnDrop<Result<reship::ReplayReport, reship::ReshipError>>;
 
 /// One replication connection's worth of streaming.
 pub(crate) struct Session<'a, S: Sink, P: Store> {

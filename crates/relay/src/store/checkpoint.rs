@@ -5,7 +5,7 @@
 //! slot is remembered as a pending marker until the window is re-shipped.
 //!
 //! A snapshot S taken before WAL position L: a row whose transaction S does not see committed
-//! after L. See `ops/replay.rs` for how replay uses that.
+//! after L. See `reship.rs` for how replay uses that.
 
 use pgoutput::Lsn;
 use tokio_postgres::Client;
@@ -22,7 +22,11 @@ fn fingerprint_sql(config: &Config, first: usize) -> String {
     let (p, s, t) = (first, first + 1, first + 2);
     format!(
         "{} || '/' || {}",
-        coverage::base_fingerprint_sql(&format!("${p}"), &format!("${s}"), &format!("${t}")),
+        crate::store::schema::base_fingerprint_sql(
+            &format!("${p}"),
+            &format!("${s}"),
+            &format!("${t}")
+        ),
         coverage::watch_id_sql(config)
     )
 }
@@ -374,16 +378,6 @@ pub async fn retention_snapshot(
         .map_err(PgError::query("checkpoint read"))?;
     Ok(row.map(|r| r.get(0)))
 }
-
-/// The 64-bit transaction id (xid8) of outbox row `o`'s inserting transaction, for
-/// `pg_visible_in_snapshot`. xmin is a 32-bit xid: add the epoch of the current snapshot's xmax
-/// (the previous one when xmin's low bits are ahead of it).
-pub(crate) const ROW_XID8: &str =
-    "(((pg_snapshot_xmax(pg_current_snapshot())::text::int8 >> 32) << 32)
-                 + o.xmin::text::int8
-                 - CASE WHEN o.xmin::text::int8
-                             > (pg_snapshot_xmax(pg_current_snapshot())::text::int8 & 4294967295)
-                        THEN 4294967296 ELSE 0 END)::text::xid8";
 
 /// The newest checkpoint of the slot, as (confirmed_lsn, recorded_at).
 pub async fn last_checkpoint(

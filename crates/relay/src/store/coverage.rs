@@ -8,25 +8,7 @@ use crate::config::Config;
 use crate::pg::PgError;
 use crate::store::schema::{coverage_log_table, coverage_watch_trigger};
 
-/// The coverage (`publication oid/table oid/membership oid`, or `none` when the outbox's
-/// inserts are not published) of the publication named by the SQL expression `publication`
-/// over the table `schema`.`table`: what the coverage watch logs ([`crate::store::schema`]).
-pub fn base_fingerprint_sql(publication: &str, schema: &str, table: &str) -> String {
-    format!(
-        "coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
-                     (SELECT r.oid::text FROM pg_publication_rel r
-                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
-                     (SELECT pn.oid::text FROM pg_publication_namespace pn
-                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
-                     CASE WHEN p.puballtables THEN 'all' END)
-                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
-                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
-                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
-                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE p.pubname = {publication} AND n.nspname = {schema}
-                      AND c.relname = {table} AND p.pubinsert), 'none')"
-    )
-}
+pub use crate::store::schema::base_fingerprint_sql;
 
 /// The newest entry of the coverage watch's log (0 when empty: no watch installed): part of the
 /// fingerprint, so that a change and its undoing between two checks still changes it.

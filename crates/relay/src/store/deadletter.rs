@@ -217,7 +217,7 @@ pub async fn retry(
                    FROM {table} d WHERE ($1::text IS NULL OR d.event_id = $1::text::uuid)
                     AND d.shipped_at IS NULL
                   ORDER BY d.commit_lsn, d.tx_seq",
-                xid8 = crate::store::checkpoint::ROW_XID8,
+                xid8 = crate::outbox::ROW_XID8,
                 outbox = outbox_table(config),
             ),
             &[&event_id],

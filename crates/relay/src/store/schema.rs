@@ -93,7 +93,7 @@ pub fn postgres_ddl(config: &Config) -> String {
     let watch_trigger = coverage_watch_trigger(config);
     let watch_trigger_ident = quote_pg_ident(&watch_trigger);
     let watch_trigger_literal = quote_pg_literal(&watch_trigger);
-    let watched = crate::store::coverage::base_fingerprint_sql(
+    let watched = base_fingerprint_sql(
         &quote_pg_literal(&config.publication),
         &quote_pg_literal(&config.outbox_schema),
         &quote_pg_literal(&config.outbox_table),
@@ -283,6 +283,26 @@ BEGIN
 END
 {dollar};
 "#
+    )
+}
+
+/// The coverage (`publication oid/table oid/membership oid`, or `none` when the outbox's
+/// inserts are not published) of the publication named by the SQL expression `publication`
+/// over the table `schema`.`table`: what the coverage watch logs ([`postgres_ddl`]) and the relay compares ([`crate::store::coverage`]).
+pub fn base_fingerprint_sql(publication: &str, schema: &str, table: &str) -> String {
+    format!(
+        "coalesce((SELECT p.oid::text || '/' || c.oid::text || '/' || coalesce(
+                     (SELECT r.oid::text FROM pg_publication_rel r
+                       WHERE r.prpubid = p.oid AND r.prrelid = c.oid),
+                     (SELECT pn.oid::text FROM pg_publication_namespace pn
+                       WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace),
+                     CASE WHEN p.puballtables THEN 'all' END)
+                     || CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel r
+                                           WHERE r.prpubid = p.oid AND r.prrelid = c.oid
+                                             AND r.prqual IS NOT NULL) THEN '/filtered' ELSE '' END
+                     FROM pg_publication p, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE p.pubname = {publication} AND n.nspname = {schema}
+                      AND c.relname = {table} AND p.pubinsert), 'none')"
     )
 }
 

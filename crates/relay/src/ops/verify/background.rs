@@ -8,8 +8,8 @@ use tracing::{info, warn};
 
 use super::{Memory, Options, RESWEEP_ROWS_PER_S, VerifyError, VerifyReport, compare};
 use crate::config::Config;
-use crate::ops::replay;
 use crate::pg::{self, PgError};
+use crate::reship;
 use crate::sink::ClickHouseSink;
 
 /// The background verifier of `run`: every `verify_interval_s`, verifies every event the
@@ -53,7 +53,7 @@ pub async fn verify_forever(config: Config, gauges: Arc<crate::metrics::Metrics>
                     && let Some(sink) = &sink
                 {
                     let wait = Duration::from_secs(config.verify_grace_s.max(30));
-                    match replay::reship_ids(&config, sink, &report.missing, wait).await {
+                    match reship::reship_ids(&config, sink, &report.missing, wait).await {
                         Ok(r) => report.repair = Some(r),
                         Err(e) => warn!(error = %e, "verify: repair failed; will try again"),
                     }

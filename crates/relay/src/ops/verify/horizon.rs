@@ -16,8 +16,8 @@ use tokio_postgres::Client;
 use super::VerifyError;
 use super::snapshot::Snapshot;
 use crate::config::Config;
-use crate::ops::replay;
 use crate::pg::PgError;
+use crate::reship;
 use crate::sink::{ClickHouseSink, OURS, TABLE};
 use crate::store::schema::checkpoints_table;
 
@@ -89,7 +89,7 @@ async fn from_position(
     from: Lsn,
 ) -> Result<Option<Horizon>, VerifyError> {
     crate::ops::positions::check_lsn(client, config, from).await?;
-    let base = replay::base_snapshot(client, config, from)
+    let base = reship::base_snapshot(client, config, from)
         .await
         .map_err(VerifyError::Repair)?;
     let Some((snapshot, lsn)) = base else {

@@ -46,8 +46,8 @@ pub use snapshot::Snapshot;
 pub use time::{format_us, parse_time};
 
 use crate::config::Config;
-use crate::ops::replay::{self, ReplayError, ReplayReport};
 use crate::pg::PgError;
+use crate::reship::{self, ReplayReport, ReshipError};
 use crate::sink::{ClickHouseSink, SinkError};
 
 /// Rows per second of `verify_interval_s` the background verifier re-hashes in full on the
@@ -61,7 +61,7 @@ pub enum VerifyError {
     #[error(transparent)]
     ClickHouse(#[from] SinkError),
     #[error("repair failed: {0}")]
-    Repair(#[from] ReplayError),
+    Repair(#[from] ReshipError),
     #[error("{0}")]
     Position(#[from] crate::ops::positions::PositionError),
     #[error(
@@ -91,7 +91,7 @@ impl VerifyError {
         matches!(
             self,
             VerifyError::Postgres(PgError::Yielded(_))
-                | VerifyError::Repair(ReplayError::Postgres(PgError::Yielded(_)))
+                | VerifyError::Repair(ReshipError::Postgres(PgError::Yielded(_)))
         )
     }
 }
@@ -203,7 +203,7 @@ pub async fn verify(
     };
     if options.repair && !report.missing.is_empty() {
         report.repair =
-            Some(replay::reship_ids(config, sink, &report.missing, options.wait).await?);
+            Some(reship::reship_ids(config, sink, &report.missing, options.wait).await?);
     }
     Ok(report)
 }

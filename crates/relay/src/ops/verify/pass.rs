@@ -1,37 +1,22 @@
 //! One pass, step by step (the steps are listed in `mod.rs`): the connections, the snapshot and
 //! the fences around it, the comparison of the two sides, window by window.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_postgres::{Client, Transaction};
 
 use super::memory::Memory;
 use super::narrow::{self, Found};
-use super::report::finish;
-use super::sides::{OutboxSide, clickhouse_side, outbox_side, rehash_outbox_window};
-use super::snapshot::Snapshot;
-use super::sums::{Scope, Sum};
+use super::report::{Compared, finish};
+use super::sides::{clickhouse_side, outbox_side, rehash_outbox_window};
+use super::snapshot::{Snapshot, Taken};
+use super::sums::Scope;
 use super::{Horizon, Options, VerifyError, VerifyReport, content, format_us, horizon};
 use crate::config::Config;
-use crate::ops::replay::{self, ReplayError};
 use crate::pg::{self, Guarded, PgError};
+use crate::reship::{self, ReshipError};
 use crate::sink::ClickHouseSink;
 use crate::store::schema::{dead_letters_table, outbox_table};
-
-/// What the snapshot statement read.
-pub(super) struct Taken {
-    pub snapshot: Snapshot,
-    /// No transaction with an xid from here on had one when the snapshot was taken (a
-    /// snapshot's xmax is one past the newest *completed* xid: a transaction that got a newer one
-    /// may be running, seen by neither its xip nor its xmin).
-    pub next_xid: u64,
-    /// The WAL insert position right after the snapshot was taken.
-    pub fence: String,
-    pub started_us: i64,
-    /// The dead letters' (count, hash of their rows).
-    pub dead: (i64, i64),
-}
 
 /// One comparison (see the module's comment), hashing only what `memory` does not vouch for,
 /// and leaving in it what the next pass may reuse. `others`: also count the other sources'
@@ -130,18 +115,6 @@ async fn check_hashes(
     }
     memory.hash_checked = true;
     Ok(())
-}
-
-/// What [`read_and_compare`] hands to [`finish`].
-pub(super) struct Compared {
-    pub taken: Taken,
-    pub outbox: OutboxSide,
-    pub clickhouse: HashMap<i64, Sum>,
-    /// Differing windows narrowed this pass: (window, outbox, ClickHouse, found).
-    pub narrowed: Vec<(i64, Sum, Sum, Found)>,
-    /// Differing windows whose result was remembered.
-    pub remembered: Vec<(i64, Sum, Sum)>,
-    pub hashed: u64,
 }
 
 /// Steps 3 to 7, on the guarded connection.
@@ -263,8 +236,8 @@ async fn wait_for_fence(
     fence: &str,
     wait: Duration,
 ) -> Result<(), VerifyError> {
-    match replay::wait_for_fence(client, config, fence, wait).await {
-        Err(ReplayError::FenceTimeout {
+    match reship::wait_for_fence(client, config, fence, wait).await {
+        Err(ReshipError::FenceTimeout {
             fence,
             slot,
             confirmed,
@@ -275,7 +248,7 @@ async fn wait_for_fence(
             confirmed,
             waited_s,
         }),
-        Err(ReplayError::Postgres(e)) => Err(e.into()),
+        Err(ReshipError::Postgres(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
         Ok(()) => Ok(()),
     }

@@ -1,11 +1,13 @@
 //! Step 8: what was found, settled and remembered, as the report.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
 use super::memory::{Memory, Narrowed};
-use super::pass::Compared;
+use super::narrow::Found;
+use super::sides::OutboxSide;
+use super::snapshot::Taken;
 use super::sums::Sum;
 use super::{
     DifferingWindow, Horizon, MAX_MISSING, MAX_OTHER, Options, ProofStart, Settled, VerifyError,
@@ -13,6 +15,18 @@ use super::{
 };
 use crate::config::Config;
 use crate::sink::{ClickHouseSink, OURS, TABLE};
+
+/// What the pass ([`super::pass`]) hands to [`finish`].
+pub(super) struct Compared {
+    pub taken: Taken,
+    pub outbox: OutboxSide,
+    pub clickhouse: HashMap<i64, Sum>,
+    /// Differing windows narrowed this pass: (window, outbox, ClickHouse, found).
+    pub narrowed: Vec<(i64, Sum, Sum, Found)>,
+    /// Differing windows whose result was remembered.
+    pub remembered: Vec<(i64, Sum, Sum)>,
+    pub hashed: u64,
+}
 
 /// Step 8: settles what was found, remembers it, and writes the report.
 pub(super) async fn finish(

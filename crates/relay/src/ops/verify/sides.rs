@@ -7,7 +7,7 @@ use tokio_postgres::Transaction;
 
 use super::VerifyError;
 use super::memory::{ChMemory, Memory, PgMemory};
-use super::pass::Taken;
+use super::snapshot::Taken;
 use super::sums::{Rows, Scope, Sum};
 use crate::sink::ClickHouseSink;
 

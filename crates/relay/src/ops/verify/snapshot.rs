@@ -82,6 +82,20 @@ pub fn pg_row_xid(near: u64) -> String {
     )
 }
 
+/// What the snapshot statement read.
+pub struct Taken {
+    pub snapshot: Snapshot,
+    /// No transaction with an xid from here on had one when the snapshot was taken (a
+    /// snapshot's xmax is one past the newest *completed* xid: a transaction that got a newer one
+    /// may be running, seen by neither its xip nor its xmin).
+    pub next_xid: u64,
+    /// The WAL insert position right after the snapshot was taken.
+    pub fence: String,
+    pub started_us: i64,
+    /// The dead letters' (count, hash of their rows).
+    pub dead: (i64, i64),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
