@@ -336,28 +336,7 @@ fn decode_message(data: Bytes, in_stream: bool) -> Result<Message, DecodeError> 
         }),
         b'R' => {
             let xid = xid(&mut r)?;
-            let id = r.u32("relation id")?;
-            let namespace = r.cstr("namespace")?;
-            let name = r.cstr("name")?;
-            let replica_identity = r.u8("replica identity")?;
-            let n = r.u16("column count")?;
-            let mut columns = Vec::with_capacity(usize::from(n).min(r.remaining()));
-            for _ in 0..n {
-                columns.push(RelationColumn {
-                    flags: r.u8("column flags")?,
-                    name: r.cstr("column name")?,
-                    type_oid: r.u32("column type")?,
-                    type_modifier: r.i32("column type modifier")?,
-                });
-            }
-            Message::Relation(Relation {
-                xid,
-                id,
-                namespace,
-                name,
-                replica_identity,
-                columns,
-            })
+            relation(&mut r, xid)?
         }
         b'Y' => Message::Type(Type {
             xid: xid(&mut r)?,
@@ -377,18 +356,7 @@ fn decode_message(data: Bytes, in_stream: bool) -> Result<Message, DecodeError> 
         }
         b'U' => {
             let xid = xid(&mut r)?;
-            let relation_id = r.u32("relation id")?;
-            let old = match r.peek("tuple marker")? {
-                b'K' | b'O' => Some(r.old_tuple()?),
-                _ => None,
-            };
-            r.expect(b'N', "new tuple marker")?;
-            Message::Update(Update {
-                xid,
-                relation_id,
-                old,
-                new: r.tuple()?,
-            })
+            update(&mut r, xid)?
         }
         b'D' => {
             let xid = xid(&mut r)?;
@@ -401,31 +369,11 @@ fn decode_message(data: Bytes, in_stream: bool) -> Result<Message, DecodeError> 
         }
         b'T' => {
             let xid = xid(&mut r)?;
-            let n = r.u32("relation count")?;
-            let options = r.u8("options")?;
-            let mut relation_ids = Vec::with_capacity((n as usize).min(r.remaining() / 4));
-            for _ in 0..n {
-                relation_ids.push(r.u32("relation id")?);
-            }
-            Message::Truncate(Truncate {
-                xid,
-                options,
-                relation_ids,
-            })
+            truncate(&mut r, xid)?
         }
         b'M' => {
             let xid = xid(&mut r)?;
-            let flags = r.u8("flags")?;
-            let lsn = r.lsn("lsn")?;
-            let prefix = r.cstr("prefix")?;
-            let len = r.u32("content length")? as usize;
-            Message::Message(LogicalMessage {
-                xid,
-                transactional: flags & 1 == 1,
-                lsn,
-                prefix,
-                content: r.bytes(len, "content")?,
-            })
+            logical_message(&mut r, xid)?
         }
         b'S' => Message::StreamStart(StreamStart {
             xid: r.u32("xid")?,
@@ -439,21 +387,7 @@ fn decode_message(data: Bytes, in_stream: bool) -> Result<Message, DecodeError> 
             end_lsn: r.lsn("end_lsn")?,
             commit_time: r.i64("commit_time")?,
         }),
-        b'A' => {
-            let xid = r.u32("xid")?;
-            let subxid = r.u32("subxid")?;
-            let (abort_lsn, abort_time) = if r.remaining() > 0 {
-                (Some(r.lsn("abort_lsn")?), Some(r.i64("abort_time")?))
-            } else {
-                (None, None)
-            };
-            Message::StreamAbort(StreamAbort {
-                xid,
-                subxid,
-                abort_lsn,
-                abort_time,
-            })
-        }
+        b'A' => stream_abort(&mut r)?,
         b'b' | b'P' | b'K' | b'r' | b'p' => {
             let body = r.data.slice(1..);
             r.pos = r.data.len();
@@ -468,6 +402,95 @@ fn decode_message(data: Bytes, in_stream: bool) -> Result<Message, DecodeError> 
         });
     }
     Ok(message)
+}
+
+/// A Relation message's body (after its tag and, in a stream, its xid).
+fn relation(r: &mut Reader, xid: Option<u32>) -> Result<Message, DecodeError> {
+    let id = r.u32("relation id")?;
+    let namespace = r.cstr("namespace")?;
+    let name = r.cstr("name")?;
+    let replica_identity = r.u8("replica identity")?;
+    let n = r.u16("column count")?;
+    let mut columns = Vec::with_capacity(usize::from(n).min(r.remaining()));
+    for _ in 0..n {
+        columns.push(RelationColumn {
+            flags: r.u8("column flags")?,
+            name: r.cstr("column name")?,
+            type_oid: r.u32("column type")?,
+            type_modifier: r.i32("column type modifier")?,
+        });
+    }
+    Ok(Message::Relation(Relation {
+        xid,
+        id,
+        namespace,
+        name,
+        replica_identity,
+        columns,
+    }))
+}
+
+/// An Update message's body.
+fn update(r: &mut Reader, xid: Option<u32>) -> Result<Message, DecodeError> {
+    let relation_id = r.u32("relation id")?;
+    let old = match r.peek("tuple marker")? {
+        b'K' | b'O' => Some(r.old_tuple()?),
+        _ => None,
+    };
+    r.expect(b'N', "new tuple marker")?;
+    Ok(Message::Update(Update {
+        xid,
+        relation_id,
+        old,
+        new: r.tuple()?,
+    }))
+}
+
+/// A Truncate message's body.
+fn truncate(r: &mut Reader, xid: Option<u32>) -> Result<Message, DecodeError> {
+    let n = r.u32("relation count")?;
+    let options = r.u8("options")?;
+    let mut relation_ids = Vec::with_capacity((n as usize).min(r.remaining() / 4));
+    for _ in 0..n {
+        relation_ids.push(r.u32("relation id")?);
+    }
+    Ok(Message::Truncate(Truncate {
+        xid,
+        options,
+        relation_ids,
+    }))
+}
+
+/// A logical decoding message's body (`pg_logical_emit_message`).
+fn logical_message(r: &mut Reader, xid: Option<u32>) -> Result<Message, DecodeError> {
+    let flags = r.u8("flags")?;
+    let lsn = r.lsn("lsn")?;
+    let prefix = r.cstr("prefix")?;
+    let len = r.u32("content length")? as usize;
+    Ok(Message::Message(LogicalMessage {
+        xid,
+        transactional: flags & 1 == 1,
+        lsn,
+        prefix,
+        content: r.bytes(len, "content")?,
+    }))
+}
+
+/// A Stream Abort message's body (its abort LSN and time from protocol 4 on).
+fn stream_abort(r: &mut Reader) -> Result<Message, DecodeError> {
+    let xid = r.u32("xid")?;
+    let subxid = r.u32("subxid")?;
+    let (abort_lsn, abort_time) = if r.remaining() > 0 {
+        (Some(r.lsn("abort_lsn")?), Some(r.i64("abort_time")?))
+    } else {
+        (None, None)
+    };
+    Ok(Message::StreamAbort(StreamAbort {
+        xid,
+        subxid,
+        abort_lsn,
+        abort_time,
+    }))
 }
 
 fn name_of(tag: u8) -> &'static str {

@@ -317,6 +317,15 @@ impl Metrics {
                 (now_unix_us - pending).max(0) as f64 / 1e6
             }),
         );
+        self.register_health(&mut r);
+        self.register_batches(&mut r);
+        self.verify.register(&mut r);
+        r
+    }
+
+    /// Sessions, servers, dead letters, the endpoint, the state.
+    fn register_health(&self, r: &mut Registry) {
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
         r.register(
             "slot_active",
             "1 while a replication session streams from the slot",
@@ -374,6 +383,10 @@ impl Metrics {
                 },
             );
         }
+    }
+
+    /// The shipped batches' histograms.
+    fn register_batches(&self, r: &mut Registry) {
         r.register(
             "batch_rows",
             "Rows per shipped batch",
@@ -391,8 +404,6 @@ impl Metrics {
             Unit::Seconds,
             self.batch_seconds.clone(),
         );
-        self.verify.register(&mut r);
-        r
     }
 }
 

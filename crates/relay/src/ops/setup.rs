@@ -186,6 +186,52 @@ pub async fn setup_postgres(
     recreate_slot: bool,
 ) -> Result<SetupReport, SetupError> {
     let client = pg::connect(&config.postgres_url).await?;
+    let version = check_server(&client).await?;
+    let mut report = SetupReport::default();
+    if prepared_by_another_role(&client, config).await? {
+        tracing::info!(
+            "the outbox objects exist and belong to another role (an admin ran setup): their DDL \
+             is left to that role; checking the slot and ClickHouse only"
+        );
+    } else {
+        client
+            .batch_execute(&format!(
+                "SET client_min_messages = warning;\n{}",
+                schema::postgres_ddl(config)
+            ))
+            .await
+            .map_err(PgError::query("outbox DDL"))?;
+    }
+    if let coverage::Coverage::Uncovered { why, .. } = coverage::coverage(&client, config).await? {
+        return Err(SetupError::Uncovered(
+            uncovered(&client, config, &why).await?,
+        ));
+    }
+    report.coverage_watch =
+        crate::store::coverage::coverage_watch_installed(&client, config).await?;
+    if pg::slot_state(&client, &config.slot).await?.is_none() {
+        report.replay_from = lost_slot(&client, config, recreate_slot).await?;
+        report.slot_created = create_slot(&client, config, version).await?;
+    }
+    // The coverage the slot starts under: a change of the publication from here on, even before
+    // the relay's first batch, is seen and its window re-shipped.
+    if let Some(confirmed) = pg::slot_state(&client, &config.slot)
+        .await?
+        .and_then(|s| s.confirmed_flush())
+        && let coverage::Coverage::Covered { fingerprint } =
+            coverage::coverage(&client, config).await?
+    {
+        crate::store::checkpoint::record_baseline(&client, config, confirmed, &fingerprint).await?;
+    }
+    report.failover = pg::slot_state(&client, &config.slot)
+        .await?
+        .and_then(|s| s.failover);
+    report.failover_note = Some(failover_note(config, version, report.failover));
+    Ok(report)
+}
+
+/// The server's `wal_level`, encoding and version fit the relay: its version.
+async fn check_server(client: &tokio_postgres::Client) -> Result<i32, SetupError> {
     let settings = client
         .query_one(
             "SELECT current_setting('wal_level'), current_setting('server_encoding'), \
@@ -212,80 +258,65 @@ pub async fn setup_postgres(
             "PostgreSQL {version} is too old: the relay needs PostgreSQL 15 or newer"
         )));
     }
-    let mut report = SetupReport::default();
-    if prepared_by_another_role(&client, config).await? {
-        tracing::info!(
-            "the outbox objects exist and belong to another role (an admin ran setup): their DDL \
-             is left to that role; checking the slot and ClickHouse only"
-        );
+    Ok(version)
+}
+
+/// A slot the relay shipped from before and that is gone: a new one starts at the current WAL
+/// position, so what was committed in between would be skipped without a replay. Refused unless
+/// `recreate_slot`; then the position to replay from.
+async fn lost_slot(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    recreate_slot: bool,
+) -> Result<Option<String>, SetupError> {
+    let Some((lsn, at)) = crate::store::checkpoint::last_checkpoint(client, config).await? else {
+        return Ok(None);
+    };
+    if !recreate_slot {
+        return Err(SetupError::Unsupported(format!(
+            "replication slot {:?} is gone, but the relay shipped from it up to {lsn} \
+             (checkpoint of {at}): it was dropped or lost (failover, max_slot_wal_keep_size). A \
+             new slot would skip what was committed since. Run `outbox-relay setup \
+             --recreate-slot`, then `outbox-relay replay --from-lsn {lsn}` \
+             (docs/operations.md, \"Lost slot\")",
+            config.slot
+        )));
+    }
+    Ok(Some(lsn))
+}
+
+/// Creates the slot (a failover slot on 17+ with `slot_failover`): whether this setup did.
+async fn create_slot(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    version: i32,
+) -> Result<bool, SetupError> {
+    let created = if version >= 170_000 {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, $2)",
+                &[&config.slot, &config.slot_failover],
+            )
+            .await
     } else {
         client
-            .batch_execute(&format!(
-                "SET client_min_messages = warning;\n{}",
-                schema::postgres_ddl(config)
-            ))
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&config.slot],
+            )
             .await
-            .map_err(PgError::query("outbox DDL"))?;
+    };
+    match created {
+        Ok(_) => Ok(true),
+        // Another setup created it in between: fine.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(false),
+        Err(e) => Err(PgError::query("slot creation")(e).into()),
     }
-    if let coverage::Coverage::Uncovered { why, .. } = coverage::coverage(&client, config).await? {
-        return Err(SetupError::Uncovered(
-            uncovered(&client, config, &why).await?,
-        ));
-    }
-    report.coverage_watch =
-        crate::store::coverage::coverage_watch_installed(&client, config).await?;
-    if pg::slot_state(&client, &config.slot).await?.is_none() {
-        // A slot the relay shipped from before is gone: a new one starts at the current WAL
-        // position, so what was committed in between would be skipped without a replay.
-        if let Some((lsn, at)) = crate::store::checkpoint::last_checkpoint(&client, config).await? {
-            if !recreate_slot {
-                return Err(SetupError::Unsupported(format!(
-                    "replication slot {:?} is gone, but the relay shipped from it up to {lsn} \
-                     (checkpoint of {at}): it was dropped or lost (failover, \
-                     max_slot_wal_keep_size). A new slot would skip what was committed since. \
-                     Run `outbox-relay setup --recreate-slot`, then `outbox-relay replay \
-                     --from-lsn {lsn}` (docs/operations.md, \"Lost slot\")",
-                    config.slot
-                )));
-            }
-            report.replay_from = Some(lsn);
-        }
-        let created = if version >= 170_000 {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, $2)",
-                    &[&config.slot, &config.slot_failover],
-                )
-                .await
-        } else {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&config.slot],
-                )
-                .await
-        };
-        match created {
-            Ok(_) => report.slot_created = true,
-            // Another setup created it in between: fine.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
-            Err(e) => return Err(PgError::query("slot creation")(e).into()),
-        }
-    }
-    // The coverage the slot starts under: a change of the publication from here on, even before
-    // the relay's first batch, is seen and its window re-shipped.
-    if let Some(confirmed) = pg::slot_state(&client, &config.slot)
-        .await?
-        .and_then(|s| s.confirmed_flush())
-        && let coverage::Coverage::Covered { fingerprint } =
-            coverage::coverage(&client, config).await?
-    {
-        crate::store::checkpoint::record_baseline(&client, config, confirmed, &fingerprint).await?;
-    }
-    report.failover = pg::slot_state(&client, &config.slot)
-        .await?
-        .and_then(|s| s.failover);
-    report.failover_note = Some(match (version >= 170_000, report.failover) {
+}
+
+/// What setup says about the slot and failovers.
+fn failover_note(config: &Config, version: i32, failover: Option<bool>) -> String {
+    match (version >= 170_000, failover) {
         (false, _) => format!(
             "PostgreSQL {version} has no failover slots: after a failover the slot is missing on \
              the promoted standby and the relay stops with the commands to run \
@@ -304,8 +335,7 @@ pub async fn setup_postgres(
              failover",
             config.slot
         ),
-    });
-    Ok(report)
+    }
 }
 
 pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {

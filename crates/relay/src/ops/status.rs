@@ -187,14 +187,56 @@ async fn standby_status(
         failover_state: FailoverState::Unreachable,
         problems: Vec::new(),
     };
-    let client = match pg::connect_host(target).await {
-        Ok(c) => c,
+    let looked = async {
+        let client = pg::connect_host(target).await?;
+        let settings = standby_settings(&client).await?;
+        let copy = standby_copy(&client, slot).await?;
+        Ok::<_, PgError>((settings, copy))
+    };
+    let (settings, copy) = match looked.await {
+        Ok(found) => found,
         Err(e) => {
             s.error = Some(crate::error_chain(&e));
             return s;
         }
     };
-    let row = match client
+    s.in_recovery = Some(settings.in_recovery);
+    // Every reason, in the order a fix has to follow; the state is the first.
+    let mut problems = setting_problems(&settings, primary);
+    s.slot_exists = Some(copy.is_some());
+    if let Some(copy) = &copy {
+        s.synced = copy.synced;
+        s.failover = copy.failover;
+        s.temporary = Some(copy.temporary);
+        s.confirmed_flush_lsn = copy.confirmed_flush_lsn.clone();
+        let confirmed: Option<pgoutput::Lsn> = copy
+            .confirmed_flush_lsn
+            .as_deref()
+            .and_then(|c| c.parse().ok());
+        if let (Some(p), Some(c)) = (primary.and_then(SlotState::confirmed_flush), confirmed) {
+            s.behind_bytes = Some(p.0 as i64 - c.0 as i64);
+        }
+    }
+    problems.extend(copy_problem(copy.as_ref()));
+    s.failover_state = problems.first().map_or(FailoverState::Ready, |p| p.0);
+    s.ready_for_failover = s.failover_state == FailoverState::Ready;
+    s.problems = problems.into_iter().map(|p| p.1).collect();
+    s
+}
+
+/// What a standby's settings say about slot synchronization.
+struct StandbySettings {
+    in_recovery: bool,
+    version: i32,
+    sync_replication_slots: Option<String>,
+    hot_standby_feedback: Option<String>,
+    primary_conninfo: Option<String>,
+    wal_level: String,
+    primary_slot_name: Option<String>,
+}
+
+async fn standby_settings(client: &tokio_postgres::Client) -> Result<StandbySettings, PgError> {
+    let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,
                     current_setting('sync_replication_slots', true),
@@ -205,141 +247,130 @@ async fn standby_status(
             &[],
         )
         .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            s.error = Some(crate::error_chain(&e));
-            return s;
-        }
-    };
-    let (in_recovery, version): (bool, i32) = (row.get(0), row.get(1));
-    let (sync, feedback, conninfo): (Option<String>, Option<String>, Option<String>) =
-        (row.get(2), row.get(3), row.get(4));
-    let (wal_level, primary_slot): (String, Option<String>) = (row.get(5), row.get(6));
-    s.in_recovery = Some(in_recovery);
-    // Every reason, in the order a fix has to follow; the state is the first.
-    let mut states = Vec::new();
-    let mut problem = |state: FailoverState, text: String| {
-        states.push(state);
-        s.problems.push(text);
-    };
-    if !in_recovery {
-        problem(
+        .map_err(PgError::query("standby settings"))?;
+    Ok(StandbySettings {
+        in_recovery: row.get(0),
+        version: row.get(1),
+        sync_replication_slots: row.get(2),
+        hot_standby_feedback: row.get(3),
+        primary_conninfo: row.get(4),
+        wal_level: row.get(5),
+        primary_slot_name: row.get(6),
+    })
+}
+
+/// The standby's settings that keep the slot from following a failover, in the order a fix has
+/// to follow.
+fn setting_problems(
+    s: &StandbySettings,
+    primary: Option<&SlotState>,
+) -> Vec<(FailoverState, String)> {
+    let mut problems = Vec::new();
+    if !s.in_recovery {
+        problems.push((
             FailoverState::NotInRecovery,
             "not in recovery: a second primary (split brain?) or the old primary after a failover"
                 .into(),
-        );
+        ));
     }
-    let synced_slots = version >= 170_000;
-    if !synced_slots {
-        problem(
+    if s.version < 170_000 {
+        problems.push((
             FailoverState::NoFailoverSlots,
             "PostgreSQL before 17 has no failover slots: the slot will not follow".into(),
-        );
+        ));
+        return problems;
     }
-    if synced_slots && primary.is_some_and(|p| p.failover == Some(false)) {
-        problem(
+    let on = |v: &Option<String>| v.as_deref() == Some("on");
+    let checks = [
+        (
+            primary.is_some_and(|p| p.failover == Some(false)),
             FailoverState::SlotNotFailover,
             "the primary's slot is not a failover slot (created with slot_failover = false, or \
              before 17): it is never synchronized (`outbox-relay setup` says how to change it)"
-                .into(),
-        );
-    }
-    if synced_slots && wal_level != "logical" {
-        problem(
+                .to_string(),
+        ),
+        (
+            s.wal_level != "logical",
             FailoverState::WalLevelBelowLogical,
             format!(
-                "wal_level is {wal_level} here: slot synchronization needs wal_level = logical \
-                 on the standby too (ALTER SYSTEM SET wal_level = logical, then restart it)"
+                "wal_level is {} here: slot synchronization needs wal_level = logical on the \
+                 standby too (ALTER SYSTEM SET wal_level = logical, then restart it)",
+                s.wal_level
             ),
-        );
-    }
-    if synced_slots && sync.as_deref() != Some("on") {
-        problem(
+        ),
+        (
+            !on(&s.sync_replication_slots),
             FailoverState::SyncReplicationSlotsOff,
             "sync_replication_slots is not on: the slot is not synchronized here".into(),
-        );
-    }
-    if synced_slots && feedback.as_deref() != Some("on") {
-        problem(
+        ),
+        (
+            !on(&s.hot_standby_feedback),
             FailoverState::HotStandbyFeedbackOff,
             "hot_standby_feedback is not on: slot sync needs it".into(),
-        );
-    }
-    if synced_slots && primary_slot.as_deref().unwrap_or_default().is_empty() {
-        problem(
+        ),
+        (
+            s.primary_slot_name
+                .as_deref()
+                .unwrap_or_default()
+                .is_empty(),
             FailoverState::NoPrimarySlotName,
             "primary_slot_name is not set: slot sync needs the standby to stream through a \
              physical slot on the primary (create one, set primary_slot_name, reload; list it \
              in the primary's synchronized_standby_slots)"
                 .into(),
-        );
-    }
-    if let Some(conninfo) = &conninfo
-        && synced_slots
-        && !conninfo.contains("dbname=")
-    {
-        problem(
+        ),
+        (
+            s.primary_conninfo
+                .as_deref()
+                .is_some_and(|c| !c.contains("dbname=")),
             FailoverState::NoDbnameInPrimaryConninfo,
             "primary_conninfo has no dbname=...: slot sync needs it (add it, then reload)".into(),
-        );
+        ),
+    ];
+    problems.extend(
+        checks
+            .into_iter()
+            .filter(|(bad, ..)| *bad)
+            .map(|(_, state, text)| (state, text)),
+    );
+    problems
+}
+
+/// What keeps the standby's copy of the slot (or its absence) from following a failover.
+fn copy_problem(copy: Option<&StandbyCopy>) -> Option<(FailoverState, String)> {
+    let Some(copy) = copy else {
+        return Some((
+            FailoverState::Missing,
+            "the slot is not here: after a failover to this host it would be missing".into(),
+        ));
+    };
+    if copy.synced != Some(true) {
+        return Some((
+            FailoverState::NotSynced,
+            "the slot here was created on this server, not synchronized from the primary".into(),
+        ));
     }
-    match standby_copy(&client, slot).await {
-        Ok(Some(copy)) => {
-            s.slot_exists = Some(true);
-            s.synced = copy.synced;
-            s.failover = copy.failover;
-            s.temporary = Some(copy.temporary);
-            s.confirmed_flush_lsn = copy.confirmed_flush_lsn.clone();
-            let confirmed: Option<pgoutput::Lsn> = copy
-                .confirmed_flush_lsn
-                .as_deref()
-                .and_then(|c| c.parse().ok());
-            if let (Some(p), Some(c)) = (primary.and_then(SlotState::confirmed_flush), confirmed) {
-                s.behind_bytes = Some(p.0 as i64 - c.0 as i64);
-            }
-            if copy.synced != Some(true) {
-                problem(
-                    FailoverState::NotSynced,
-                    "the slot here was created on this server, not synchronized from the primary"
-                        .into(),
-                );
-            } else if let Some(reason) = &copy.invalidated {
-                problem(
-                    FailoverState::Invalidated,
-                    format!(
-                        "the slot's copy here is invalidated ({reason}): it cannot be used after \
-                         a failover; the slot sync worker creates it again while the primary's \
-                         slot is valid"
-                    ),
-                );
-            } else if copy.temporary {
-                problem(
-                    FailoverState::Temporary,
-                    "the slot's copy here is synced but still temporary, and PostgreSQL drops a \
-                     temporary copy at promotion: a failover now would lose the slot. It turns \
-                     persistent once the primary's slot has moved past what this standby \
-                     reserved for it (the relay must be running and confirming batches; the \
-                     first time can take minutes)"
-                        .into(),
-                );
-            }
-        }
-        Ok(None) => {
-            s.slot_exists = Some(false);
-            problem(
-                FailoverState::Missing,
-                "the slot is not here: after a failover to this host it would be missing".into(),
-            );
-        }
-        Err(e) => {
-            s.error = Some(crate::error_chain(&e));
-            return s;
-        }
+    if let Some(reason) = &copy.invalidated {
+        return Some((
+            FailoverState::Invalidated,
+            format!(
+                "the slot's copy here is invalidated ({reason}): it cannot be used after a \
+                 failover; the slot sync worker creates it again while the primary's slot is \
+                 valid"
+            ),
+        ));
     }
-    s.failover_state = states.first().copied().unwrap_or(FailoverState::Ready);
-    s.ready_for_failover = s.failover_state == FailoverState::Ready;
-    s
+    copy.temporary.then(|| {
+        (
+            FailoverState::Temporary,
+            "the slot's copy here is synced but still temporary, and PostgreSQL drops a \
+             temporary copy at promotion: a failover now would lose the slot. It turns \
+             persistent once the primary's slot has moved past what this standby reserved for \
+             it (the relay must be running and confirming batches; the first time can take \
+             minutes)"
+                .into(),
+        )
+    })
 }
 
 /// `outbox-relay status` exits with this when the slot is missing or lost.
@@ -506,5 +537,75 @@ mod tests {
                 Some(serde_json::json!(state.name()))
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod standby_tests {
+    use super::*;
+
+    fn settings() -> StandbySettings {
+        StandbySettings {
+            in_recovery: true,
+            version: 180_000,
+            sync_replication_slots: Some("on".into()),
+            hot_standby_feedback: Some("on".into()),
+            primary_conninfo: Some("host=p dbname=app".into()),
+            wal_level: "logical".into(),
+            primary_slot_name: Some("standby1".into()),
+        }
+    }
+
+    #[test]
+    fn the_first_problem_in_fix_order_names_the_state() {
+        assert!(setting_problems(&settings(), None).is_empty());
+        let replica = StandbySettings {
+            wal_level: "replica".into(),
+            hot_standby_feedback: Some("off".into()),
+            ..settings()
+        };
+        let found: Vec<FailoverState> = setting_problems(&replica, None)
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                FailoverState::WalLevelBelowLogical,
+                FailoverState::HotStandbyFeedbackOff
+            ]
+        );
+        let old = StandbySettings {
+            version: 160_000,
+            wal_level: "replica".into(),
+            ..settings()
+        };
+        let found: Vec<FailoverState> = setting_problems(&old, None)
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(found, [FailoverState::NoFailoverSlots]);
+    }
+
+    #[test]
+    fn a_synced_copy_is_ready_only_once_persistent() {
+        let copy = |synced, temporary| StandbyCopy {
+            synced: Some(synced),
+            failover: Some(true),
+            temporary,
+            confirmed_flush_lsn: None,
+            invalidated: None,
+        };
+        assert_eq!(copy_problem(Some(&copy(true, false))), None);
+        let state = |c: Option<&StandbyCopy>| copy_problem(c).map(|p| p.0);
+        assert_eq!(
+            state(Some(&copy(true, true))),
+            Some(FailoverState::Temporary)
+        );
+        assert_eq!(
+            state(Some(&copy(false, false))),
+            Some(FailoverState::NotSynced)
+        );
+        assert_eq!(state(None), Some(FailoverState::Missing));
     }
 }
