@@ -102,29 +102,69 @@ pub async fn replay_tables(
         ..ReplayReport::default()
     };
     let snapshot = base.map(|(snapshot, _)| snapshot);
+    let job = Job::Replay {
+        tables,
+        snapshot: snapshot.as_deref(),
+    };
+    attempts(config, sink, &control, (wait, dry_run), job, &mut report).await?;
+    Ok(report)
+}
+
+/// What a re-ship reads from the outbox.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    /// The rows `snapshot` (`None`: the whole outbox) does not see, in these tables.
+    Replay {
+        tables: Option<&'a [u32]>,
+        snapshot: Option<&'a str>,
+    },
+    /// The rows with these event ids.
+    Ids(&'a [String]),
+}
+
+/// Runs `job`, each attempt on a guarded connection; one that gave way to a migration is
+/// started again (what it shipped stays: the existence checks skip it) until `wait` has passed.
+async fn attempts(
+    config: &Config,
+    sink: &ClickHouseSink,
+    control: &Client,
+    (wait, dry_run): (Duration, bool),
+    job: Job<'_>,
+    report: &mut ReplayReport,
+) -> Result<(), ReshipError> {
     let started = Instant::now();
+    let work = match job {
+        Job::Replay { .. } => "replay",
+        Job::Ids(_) => "repair",
+    };
     loop {
         let mut attempt = ReplayReport::default();
-        let mut reader = Guarded::connect(&config.postgres_url, "replay").await?;
+        let mut reader = Guarded::connect(&config.postgres_url, work).await?;
         let (reader, guard) = reader.split();
         let pass = Pass {
             config,
             sink,
-            control: &control,
+            control,
             wait,
             dry_run,
         };
         let result = guard
-            .run(pass.replay(reader, tables, snapshot.as_deref(), &mut attempt))
+            .run(async {
+                match job {
+                    Job::Replay { tables, snapshot } => {
+                        pass.replay(reader, tables, snapshot, &mut attempt).await
+                    }
+                    Job::Ids(ids) => pass.reship(reader, ids, &mut attempt).await,
+                }
+            })
             .await;
         report.add(&attempt);
         match result {
             Err(ReshipError::Postgres(PgError::Yielded(waiter))) if started.elapsed() < wait => {
-                info!(%waiter, "replay gave way to a migration; starting again (what shipped stays)");
+                info!(%waiter, "{work} gave way to a migration; starting again (what shipped stays)");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => return Err(e),
-            Ok(()) => return Ok(report),
+            other => return other,
         }
     }
 }
@@ -290,29 +330,15 @@ pub async fn reship_ids(
 ) -> Result<ReplayReport, ReshipError> {
     let control = replay_lock(config).await?;
     let mut report = ReplayReport::default();
-    let started = Instant::now();
-    loop {
-        let mut attempt = ReplayReport::default();
-        let mut reader = Guarded::connect(&config.postgres_url, "repair").await?;
-        let (reader, guard) = reader.split();
-        let pass = Pass {
-            config,
-            sink,
-            control: &control,
-            wait,
-            dry_run: false,
-        };
-        let result = guard.run(pass.reship(reader, ids, &mut attempt)).await;
-        report.add(&attempt);
-        match result {
-            Err(ReshipError::Postgres(PgError::Yielded(waiter))) if started.elapsed() < wait => {
-                info!(%waiter, "repair gave way to a migration; starting again (what shipped stays)");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e),
-            Ok(()) => break,
-        }
-    }
+    attempts(
+        config,
+        sink,
+        &control,
+        (wait, false),
+        Job::Ids(ids),
+        &mut report,
+    )
+    .await?;
     info!(
         candidates = report.candidates,
         shipped = report.shipped,

@@ -84,17 +84,8 @@ async fn newest_checkpoint(
     client: &Client,
     config: &Config,
 ) -> Result<Option<(String, Option<String>)>, PgError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT c.snapshot_lsn::text, c.coverage FROM {} c WHERE c.slot = $1
-                  ORDER BY c.recorded_at DESC, c.snapshot_lsn DESC LIMIT 1",
-                checkpoints_table(config)
-            ),
-            &[&config.slot],
-        )
-        .await
-        .map_err(PgError::query("checkpoint read"))?;
+    let order = "c.recorded_at DESC, c.snapshot_lsn DESC";
+    let row = newest(client, config, "c.snapshot_lsn::text, c.coverage", order).await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
@@ -384,18 +375,31 @@ pub async fn last_checkpoint(
     client: &Client,
     config: &Config,
 ) -> Result<Option<(String, String)>, PgError> {
-    let row = client
+    let columns = "c.confirmed_lsn::text, c.recorded_at::text";
+    let order = "c.confirmed_lsn DESC, c.recorded_at DESC";
+    let row = newest(client, config, columns, order).await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// The slot's first checkpoint (`c`) in `order`, its `columns`. Qualified names: an ORDER BY
+/// naming a column the select list casts to text would sort the text ('0/FFBB780' after
+/// '0/10015DA8').
+async fn newest(
+    client: &Client,
+    config: &Config,
+    columns: &str,
+    order: &str,
+) -> Result<Option<tokio_postgres::Row>, PgError> {
+    client
         .query_opt(
             &format!(
-                "SELECT c.confirmed_lsn::text, c.recorded_at::text FROM {} c WHERE c.slot = $1
-                  ORDER BY c.confirmed_lsn DESC, c.recorded_at DESC LIMIT 1",
+                "SELECT {columns} FROM {} c WHERE c.slot = $1 ORDER BY {order} LIMIT 1",
                 checkpoints_table(config)
             ),
             &[&config.slot],
         )
         .await
-        .map_err(PgError::query("checkpoint read"))?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+        .map_err(PgError::query("checkpoint read"))
 }
 
 /// The insert time (Unix µs) of the oldest outbox event newer than `after_us` (the commit time
