@@ -499,6 +499,26 @@ async fn verify(command: Command, config: Config) -> anyhow::Result<bool> {
     Ok(report.complete())
 }
 
+/// The nodes of the ClickHouse cluster, as `status` prints them.
+fn print_cluster(c: &relay::sink::ClusterStatus) {
+    println!(
+        "clickhouse cluster   {}: {} of {} replicas answered",
+        c.cluster,
+        c.nodes.len(),
+        c.replicas
+    );
+    for n in &c.nodes {
+        let delay = n
+            .replication_delay_s
+            .map(|d| format!(", replication delay {d} s"))
+            .unwrap_or_default();
+        match &n.engine {
+            Some(engine) => println!("  node {}  table {engine}{delay}", n.node),
+            None => println!("  node {}  table MISSING: run `outbox-relay setup`", n.node),
+        }
+    }
+}
+
 /// The sink of `replay` and `dead-letters retry`: rows marked with (and checks limited to) this
 /// outbox's source, as the live relay writes them.
 async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
@@ -506,7 +526,12 @@ async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHo
     let sink = relay::sink::ClickHouseSink::from_config(config, &writer)?;
     let pg = relay::pg::connect(&config.postgres_url).await?;
     let source = relay::pg::source_identity(&pg, config).await?;
-    Ok(sink.with_source(source))
+    let sink = sink.with_source(source);
+    // Learns the table's shape on a cluster (replicated or not: how rows are counted).
+    if sink.cluster().is_some() {
+        sink.check_table().await?;
+    }
+    Ok(sink)
 }
 
 /// Runs a `dead-letters` command; `Ok` carries the exit code.
@@ -771,6 +796,9 @@ fn print_status(s: &relay::ops::status::Status) {
     match &s.clickhouse_error {
         None => println!("clickhouse           reachable"),
         Some(e) => println!("clickhouse           UNREACHABLE: {e}"),
+    }
+    if let Some(c) = &s.clickhouse_cluster {
+        print_cluster(c);
     }
     for sb in &s.standbys {
         match &sb.error {

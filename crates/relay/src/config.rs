@@ -44,6 +44,9 @@ pub struct Config {
     pub outbox_table: String,
     /// ClickHouse table the events land in.
     pub clickhouse_table: String,
+    /// The ClickHouse cluster (of `system.clusters`; `default` on ClickHouse Cloud) the table
+    /// lives on; empty: one server.
+    pub clickhouse_cluster: String,
     /// The identity written into ClickHouse's `source` column; empty derives it from PostgreSQL
     /// (`pg:<system identifier>/<database>/<schema>.<table>`).
     pub source_id: String,
@@ -137,6 +140,7 @@ impl Default for Config {
             outbox_schema: "public".into(),
             outbox_table: "event_outbox".into(),
             clickhouse_table: "event_log".into(),
+            clickhouse_cluster: String::new(),
             source_id: String::new(),
             environment: "production".into(),
             batch_max_rows: 100_000,
@@ -179,6 +183,7 @@ pub const SETTINGS: &[&str] = &[
     "outbox_schema",
     "outbox_table",
     "clickhouse_table",
+    "clickhouse_cluster",
     "source_id",
     "environment",
     "batch_max_rows",
@@ -216,6 +221,7 @@ const TEXT_SETTINGS: &[&str] = &[
     "outbox_schema",
     "outbox_table",
     "clickhouse_table",
+    "clickhouse_cluster",
     "environment",
     "log_level",
     "metrics_addr",

@@ -11,12 +11,14 @@ use crate::config::{
 };
 use crate::event::{EventRow, OwnedEventRow, put_string};
 
+mod cluster;
 pub mod engine;
 mod error;
 #[cfg(test)]
 pub mod memory;
 pub mod resend;
 
+pub use cluster::{Cluster, ClusterStatus, NodeStatus, fence_table, quote_ch_literal};
 pub use error::{Failure, SinkError};
 
 /// Where the relay writes events: the boundary between the relay loop and ClickHouse.
@@ -403,6 +405,10 @@ pub struct ClickHouseSink {
     /// Which PostgreSQL outbox this sink's rows come from (`source` column): the restart check
     /// and replay look only at rows of this source, so several relays can share a table.
     source: String,
+    /// The table's database (the URL's).
+    database: String,
+    /// The cluster the table lives on (`clickhouse_cluster`), shared by the sink's clones.
+    cluster: Option<std::sync::Arc<Cluster>>,
 }
 
 impl ClickHouseSink {
@@ -414,7 +420,25 @@ impl ClickHouseSink {
             query_prefix: format!("outbox-relay:{writer}:"),
             timeout: DEFAULT_TIMEOUT,
             source: String::new(),
+            database: target.database.clone(),
+            cluster: None,
         }
+    }
+
+    /// A sink whose table lives on this cluster (see `sink/cluster.rs`).
+    pub fn with_cluster(mut self, cluster: &str) -> ClickHouseSink {
+        self.cluster = (!cluster.is_empty()).then(|| std::sync::Arc::new(Cluster::new(cluster)));
+        self
+    }
+
+    /// The table's database.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The cluster the table lives on, if any.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_deref()
     }
 
     /// Marks every row written with `source` and limits every check to that source's rows.
@@ -434,11 +458,13 @@ impl ClickHouseSink {
     /// An `Identifier` parameter is taken as sent, without the unescaping of a `String` one
     /// (which the client's `param` does): it goes as a plain setting.
     fn query(&self, sql: &str) -> clickhouse::query::Query {
-        self.client
+        let query = self
+            .client
             .query(sql)
             .with_setting("param_table", &self.table)
             .param("table_name", &self.table)
-            .param("source", &self.source)
+            .param("source", &self.source);
+        self.cluster_settings(query)
     }
 
     /// Compares the table's columns with what the relay writes (see [`table_mismatches`]).
@@ -468,7 +494,8 @@ impl ClickHouseSink {
             );
         }
         if problems.is_empty() {
-            self.check_engine().await
+            self.check_engine().await?;
+            self.check_cluster_table().await
         } else {
             Err(SinkError::Table {
                 table: self.table.clone(),
@@ -508,7 +535,8 @@ impl ClickHouseSink {
         let target = ClickHouseTarget::from_config(config)?;
         Ok(
             ClickHouseSink::new(&target, &config.clickhouse_table, writer)
-                .with_timeout(config.clickhouse_timeout()),
+                .with_timeout(config.clickhouse_timeout())
+                .with_cluster(&config.clickhouse_cluster),
         )
     }
 
@@ -532,30 +560,35 @@ impl ClickHouseSink {
         result.map_err(|source| SinkError::query(query, source))
     }
 
-    fn insert_sql() -> String {
-        format!("INSERT INTO {TABLE} ({COLUMNS}) FORMAT RowBinary")
-    }
-
     fn query_id(&self) -> String {
         format!("{}{:016x}", self.query_prefix, rand::random::<u64>())
+    }
+
+    /// An insert of RowBinary rows into the table, with the settings every insert carries.
+    fn insert(&self) -> clickhouse::insert_formatted::InsertFormatted {
+        // event_context is written as a RowBinary string: a String column (0.2) keeps it byte
+        // for byte; the setting lets a 0.1 table's JSON column parse it.
+        let mut insert = self
+            .client
+            .insert_formatted_with(self.insert_statement())
+            .with_setting("param_table", &self.table)
+            .with_setting("input_format_binary_read_json_as_string", "1")
+            .with_setting("query_id", self.query_id())
+            .with_timeouts(Some(self.timeout), Some(self.timeout));
+        for (name, value) in self.insert_settings() {
+            insert = insert.with_setting(name, value);
+        }
+        insert
     }
 
     /// Opens the insert of a new batch. Nothing is visible in ClickHouse until
     /// [`BatchInsert::commit`]; dropping the batch aborts it.
     pub fn begin(&self) -> BatchInsert {
-        // event_context is written as a RowBinary string: a String column (0.2) keeps it byte
-        // for byte; the setting lets a 0.1 table's JSON column parse it.
-        let insert = self
-            .client
-            .insert_formatted_with(Self::insert_sql())
-            .with_setting("param_table", &self.table)
-            .with_setting("input_format_binary_read_json_as_string", "1")
-            .with_setting("query_id", self.query_id())
-            .with_timeouts(Some(self.timeout), Some(self.timeout))
-            .buffered();
+        let insert = self.insert().buffered();
         let mut source = Vec::with_capacity(self.source.len() + 2);
         put_string(&mut source, self.source.as_bytes());
         BatchInsert {
+            fenced: self.epoch().is_some_and(|e| e > 0).then(|| self.clone()),
             insert,
             source,
             table: self.table.clone(),
@@ -578,32 +611,32 @@ impl ClickHouseSink {
             put_string(&mut data, self.source.as_bytes());
         }
         let mut insert = self
-            .client
-            .insert_formatted_with(Self::insert_sql())
-            .with_setting("param_table", &self.table)
-            .with_setting("input_format_binary_read_json_as_string", "1")
-            .with_setting("query_id", self.query_id())
-            .with_setting("max_insert_block_size", (rows.len() + 1).to_string())
-            .with_timeouts(Some(self.timeout), Some(self.timeout));
+            .insert()
+            .with_setting("max_insert_block_size", (rows.len() + 1).to_string());
         if let Some(token) = token {
             insert = insert.with_setting("insert_deduplication_token", token);
         }
         let error = |source| SinkError::insert(&self.table, source);
         insert.send(data.into()).await.map_err(error)?;
-        insert.end().await.map_err(error)
+        insert.end().await.map_err(error)?;
+        self.check_fence().await
     }
 
     /// Stops the inserts an earlier session of this writer may have left running (a relay
     /// killed mid-insert, a connection cut while ClickHouse still works on it), and waits until
     /// they are gone: after this, what ClickHouse holds no longer changes behind our back.
+    /// On a cluster, first claims the fence, then stops them on every replica
+    /// (`sink/cluster.rs`).
     pub async fn stop_inflight(&self) -> Result<(), SinkError> {
+        self.claim_fence().await?;
         let query = "KILL QUERY WHERE startsWith(query_id, {prefix:String}) SYNC FORMAT Null";
         let request = self
             .client
             .query(query)
             .param("prefix", &self.query_prefix)
             .execute();
-        self.bounded(query, request).await
+        self.bounded(query, request).await?;
+        self.stop_inflight_everywhere().await
     }
 
     /// Which events from commit LSN `from` on ClickHouse already holds (see [`Present`]).
@@ -612,8 +645,9 @@ impl ClickHouseSink {
             "SELECT commit_lsn, min(tx_seq), max(tx_seq) FROM (
                  SELECT commit_lsn, tx_seq,
                         toInt64(tx_seq) - row_number() OVER (PARTITION BY commit_lsn ORDER BY tx_seq) AS island
-                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {TABLE} WHERE commit_lsn >= {from} AND {OURS}))
-              GROUP BY commit_lsn, island ORDER BY commit_lsn, 2"
+                   FROM (SELECT DISTINCT commit_lsn, tx_seq FROM {} WHERE commit_lsn >= {from} AND {OURS}))
+              GROUP BY commit_lsn, island ORDER BY commit_lsn, 2",
+            self.parts_everywhere()
         );
         let request = self.query(&query).fetch_all::<(u64, u32, u32)>();
         let ranges = self.bounded(&query, request).await?;
@@ -628,7 +662,8 @@ impl ClickHouseSink {
         // The ids go through the client's binding (`?`, an array literal): a list of thousands
         // is too long for a server-side parameter, which travels in the URL.
         let query = format!(
-            "SELECT DISTINCT toString(event_id) FROM {TABLE} WHERE event_id IN ? AND {OURS}"
+            "SELECT DISTINCT toString(event_id) FROM {} WHERE event_id IN ? AND {OURS}",
+            self.parts_everywhere()
         );
         let request = self.query(&query).bind(ids).fetch_all::<String>();
         let named = format!("SELECT ... WHERE event_id IN ({} ids)", ids.len());
@@ -717,6 +752,8 @@ impl<T: clickhouse::RowOwned + clickhouse::RowRead> Cursor<T> {
 /// One batch's insert, open while the batch fills.
 pub struct BatchInsert {
     insert: BufInsertFormatted,
+    /// The sink, when the insert is under the fence: checked again once it ends.
+    fenced: Option<ClickHouseSink>,
     /// The `source` column's value, encoded once.
     source: Vec<u8>,
     table: String,
@@ -751,7 +788,11 @@ impl BatchInsert {
 
     /// Ends the insert and waits for ClickHouse to accept it.
     pub async fn commit(mut self) -> Result<(), SinkError> {
-        self.insert.end().await.map_err(|e| self.error(e))
+        self.insert.end().await.map_err(|e| self.error(e))?;
+        match &self.fenced {
+            Some(sink) => sink.check_fence().await,
+            None => Ok(()),
+        }
     }
 
     fn error(&self, source: clickhouse::error::Error) -> SinkError {

@@ -67,6 +67,9 @@ impl Config {
         ] {
             check_identifier(setting, value)?;
         }
+        if !self.clickhouse_cluster.is_empty() {
+            check_identifier("clickhouse_cluster", &self.clickhouse_cluster)?;
+        }
         if !self
             .slot
             .bytes()

@@ -338,31 +338,88 @@ fn failover_note(config: &Config, version: i32, failover: Option<bool>) -> Strin
     }
 }
 
+/// Where the DDL goes: one server, every node through `ON CLUSTER`, or a database that
+/// replicates its tables itself (`Replicated`, ClickHouse Cloud).
+async fn layout<'a>(
+    client: &clickhouse::Client,
+    database: &str,
+    cluster: &'a str,
+) -> Result<schema::ClickHouseLayout<'a>, SetupError> {
+    if cluster.is_empty() {
+        return Ok(schema::ClickHouseLayout::Single);
+    }
+    let engine: Vec<String> = client
+        .query("SELECT engine FROM system.databases WHERE name = ?")
+        .bind(database)
+        .fetch_all()
+        .await
+        .map_err(|source| sink::SinkError::query("database engine", source))?;
+    Ok(match engine.first().map(String::as_str) {
+        Some("Replicated" | "Shared") => schema::ClickHouseLayout::ReplicatedDatabase,
+        _ => schema::ClickHouseLayout::OnCluster(cluster),
+    })
+}
+
+/// A DDL statement failed; on a cluster, what to do where `ON CLUSTER` cannot run.
+fn on_cluster_failed(cluster: &str, e: sink::SinkError) -> SetupError {
+    if cluster.is_empty() {
+        return e.into();
+    }
+    SetupError::Unsupported(format!(
+        "{e}. On cluster {cluster:?} setup runs its DDL with ON CLUSTER, which needs the \
+         cluster's distributed DDL (Keeper and a distributed_ddl section). Where that cannot run, \
+         create the table on every node yourself: `outbox-relay setup --print-sql` prints the \
+         statements (drop the ON CLUSTER clauses and run them on each node), then run setup \
+         again to check every node (docs/operations.md, \"ClickHouse clusters\")"
+    ))
+}
+
 pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     let target = ClickHouseTarget::from_config(config)
         .map_err(|e| SetupError::Unsupported(e.to_string()))?;
     let server = target.client(false);
+    let cluster = config.clickhouse_cluster.as_str();
+    let on_cluster = match cluster {
+        "" => String::new(),
+        c => format!(" ON CLUSTER {}", sink::quote_ch_literal(c)),
+    };
+    let database = sink::quote_ch_ident(&target.database);
     sink::execute(
         &server,
-        &format!(
-            "CREATE DATABASE IF NOT EXISTS {}",
-            sink::quote_ch_ident(&target.database)
-        ),
+        &format!("CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"),
     )
-    .await?;
+    .await
+    .map_err(|e| on_cluster_failed(cluster, e))?;
     let client = target.client(true);
     let sink = sink::ClickHouseSink::from_config(config, "setup")
         .map_err(|e| SetupError::Unsupported(e.to_string()))?;
     // An existing table whose engine would merge or drop the relay's rows is refused before
     // the DDL below alters it (and before an engine that takes no ALTER fails it obscurely).
     sink.check_engine().await?;
+    // On a cluster whose every node holds the table already (made through ON CLUSTER, or on
+    // each node where that cannot run), there is nothing to create: the check says so.
+    if !cluster.is_empty() && sink.check_table().await.is_ok() {
+        return Ok(());
+    }
+    let layout = layout(&client, &target.database, cluster).await?;
     // ClickHouse's HTTP interface takes one statement per request.
-    for statement in schema::clickhouse_ddl(config).split(";\n") {
-        if statement
+    for statement in schema::clickhouse_ddl_for(config, layout).split(";\n") {
+        if !statement
             .lines()
             .any(|l| !l.trim().is_empty() && !l.starts_with("--"))
         {
-            sink::execute(&client, statement).await?;
+            continue;
+        }
+        match sink::execute(&client, statement).await {
+            Ok(()) => {}
+            // The fence needs Keeper (KeeperMap): without it the relay runs unfenced.
+            Err(e) if statement.contains("KeeperMap") => tracing::warn!(
+                error = %e,
+                "the fence table could not be created (KeeperMap needs the cluster's Keeper): \
+                 a relay that lost the slot could write after another took over \
+                 (docs/operations.md, \"ClickHouse clusters\")"
+            ),
+            Err(e) => return Err(on_cluster_failed(cluster, e)),
         }
     }
     // An existing table is kept as it is: say now, not at the first insert, if it cannot take

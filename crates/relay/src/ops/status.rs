@@ -28,6 +28,9 @@ pub struct Status {
     pub coverage_watch: Option<bool>,
     pub clickhouse_reachable: bool,
     pub clickhouse_error: Option<String>,
+    /// With `clickhouse_cluster`: the nodes that answered, with the table's engine and
+    /// replication delay there, and how many replicas the cluster declares.
+    pub clickhouse_cluster: Option<crate::sink::ClusterStatus>,
     /// Events ClickHouse refused, waiting in the dead-letter table (None before `setup`).
     pub dead_letters: Option<u64>,
     /// The newest checkpoint's confirmed LSN and time.
@@ -472,6 +475,10 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         .ok()
         .flatten();
     let clickhouse_error = sink.ping().await.err().map(|e| e.to_string());
+    let clickhouse_cluster = match clickhouse_error {
+        None => sink.cluster_status().await.ok().flatten(),
+        Some(_) => None,
+    };
     let publication_problem = match coverage::coverage(&client, config).await? {
         coverage::Coverage::Covered { .. } => None,
         coverage::Coverage::Uncovered { why, .. } => Some(why),
@@ -499,6 +506,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         state,
         clickhouse_reachable: clickhouse_error.is_none(),
         clickhouse_error,
+        clickhouse_cluster,
         dead_letters,
         last_checkpoint_lsn: checkpoint.as_ref().map(|c| c.0.clone()),
         last_checkpoint_at: checkpoint.map(|c| c.1),

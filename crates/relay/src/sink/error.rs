@@ -90,6 +90,13 @@ pub enum SinkError {
         table: String,
         problems: Vec<String>,
     },
+    /// Another relay claimed the fence after this one (it holds the slot now): this relay's
+    /// inserts keep nothing from then on (`sink/cluster.rs`).
+    #[error(
+        "another relay took over writing this outbox into ClickHouse (fence epoch {now}, this \
+         relay's {mine}): this relay lost the slot and writes nothing more; it waits for the slot"
+    )]
+    Fenced { mine: u64, now: u64 },
     /// The table's engine, sorting key or TTL would merge, drop or change rows after the relay
     /// confirmed them ([`super::engine::engine_problems`]); retrying does not help.
     #[error(
@@ -141,6 +148,7 @@ impl SinkError {
         match self {
             SinkError::Insert { failure, .. } | SinkError::Query { failure, .. } => *failure,
             SinkError::Table { .. } | SinkError::Engine { .. } => Failure::Configuration,
+            SinkError::Fenced { .. } => Failure::Unavailable,
         }
     }
 }

@@ -306,9 +306,69 @@ pub fn base_fingerprint_sql(publication: &str, schema: &str, table: &str) -> Str
     )
 }
 
-/// The event table (ClickHouse).
+/// Where the ClickHouse DDL is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClickHouseLayout<'a> {
+    /// One server: a plain MergeTree.
+    Single,
+    /// Every node of a cluster, through `ON CLUSTER`: a ReplicatedMergeTree (`{shard}` and
+    /// `{replica}` macros), and the fence in the cluster's Keeper.
+    OnCluster(&'a str),
+    /// A database that replicates its tables itself (a `Replicated` database, ClickHouse Cloud):
+    /// a ReplicatedMergeTree without arguments (SharedMergeTree on Cloud), and the fence.
+    ReplicatedDatabase,
+}
+
+/// The event table (ClickHouse), for the configuration's layout: one server, or `ON CLUSTER`
+/// when `clickhouse_cluster` is set.
 pub fn clickhouse_ddl(config: &Config) -> String {
+    match config.clickhouse_cluster.as_str() {
+        "" => clickhouse_ddl_for(config, ClickHouseLayout::Single),
+        cluster => clickhouse_ddl_for(config, ClickHouseLayout::OnCluster(cluster)),
+    }
+}
+
+/// The event table (ClickHouse) for `layout`.
+pub fn clickhouse_ddl_for(config: &Config, layout: ClickHouseLayout<'_>) -> String {
     let table = quote_ch_ident(&config.clickhouse_table);
+    let (on_cluster, engine) = match layout {
+        ClickHouseLayout::Single => (String::new(), "MergeTree".to_string()),
+        ClickHouseLayout::OnCluster(cluster) => (
+            format!(" ON CLUSTER {}", crate::sink::quote_ch_literal(cluster)),
+            "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}')"
+                .to_string(),
+        ),
+        ClickHouseLayout::ReplicatedDatabase => (String::new(), "ReplicatedMergeTree".into()),
+    };
+    let fence = match layout {
+        ClickHouseLayout::Single => String::new(),
+        _ => {
+            let database = crate::config::ClickHouseTarget::from_config(config)
+                .map(|t| t.database)
+                .unwrap_or_default();
+            let name = crate::sink::fence_table(&config.clickhouse_table);
+            format!(
+                r#"
+-- The fence (docs/operations.md, "ClickHouse clusters"): each relay session claims the next
+-- epoch of its source here, in the cluster's Keeper, and every insert it makes keeps its rows
+-- only while that epoch is the newest, so a relay that lost the slot never writes after another
+-- took over. Needs Keeper (KeeperMap); without it setup warns and the relay runs unfenced.
+CREATE TABLE IF NOT EXISTS {fence}{on_cluster}
+(
+    key        String,
+    source     String,
+    epoch      UInt64,
+    holder     String,
+    claimed_at DateTime64(3, 'UTC')
+)
+ENGINE = KeeperMap({path})
+PRIMARY KEY key;
+"#,
+                fence = quote_ch_ident(&name),
+                path = crate::sink::quote_ch_literal(&format!("/outbox_relay/{database}/{name}")),
+            )
+        }
+    };
     format!(
         r#"-- The "one big table" of events. One row per outbox row, exactly as published.
 -- commit_lsn and tx_seq say where the event came from in PostgreSQL's WAL, xid in which
@@ -319,7 +379,7 @@ pub fn clickhouse_ddl(config: &Config) -> String {
 -- event_context is the published text, byte for byte (docs/design.md): query it with JSON
 -- functions (JSONExtractString(event_context, 'user', 'id')), or add a typed MATERIALIZED
 -- column for a path you filter on often (docs/publishing.md).
-CREATE TABLE IF NOT EXISTS {table}
+CREATE TABLE IF NOT EXISTS {table}{on_cluster}
 (
     event_id         UUID,
     event_type       LowCardinality(String),
@@ -333,32 +393,32 @@ CREATE TABLE IF NOT EXISTS {table}
     trace_id         String,
     source           LowCardinality(String)
 )
-ENGINE = MergeTree
+ENGINE = {engine}
 PARTITION BY toYYYYMM(event_date_time)
 ORDER BY (event_type, event_date_time, event_id)
 SETTINGS non_replicated_deduplication_window = 1000;
 
 -- The relay's restart check reads the rows past the slot's confirmed LSN; parts are written in
 -- commit order, so a minmax index lets it skip all older parts.
-ALTER TABLE {table} ADD INDEX IF NOT EXISTS commit_lsn_minmax commit_lsn TYPE minmax GRANULARITY 1;
+ALTER TABLE {table}{on_cluster} ADD INDEX IF NOT EXISTS commit_lsn_minmax commit_lsn TYPE minmax GRANULARITY 1;
 
 -- Tables made before 0.2 lack the source column; their rows keep '' (one relay wrote them).
-ALTER TABLE {table} ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT '';
+ALTER TABLE {table}{on_cluster} ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT '';
 
 -- Tables made before 0.3 lack the xid column; their rows keep 0 (not known): `verify` proves
 -- the events shipped since (docs/guarantees.md, "What `verify` proves").
-ALTER TABLE {table} ADD COLUMN IF NOT EXISTS xid UInt64 DEFAULT 0 AFTER tx_seq;
+ALTER TABLE {table}{on_cluster} ADD COLUMN IF NOT EXISTS xid UInt64 DEFAULT 0 AFTER tx_seq;
 
 -- verify reads the rows of transactions its snapshots see or not: a minmax index lets it skip
 -- the parts older than the outbox's retention.
-ALTER TABLE {table} ADD INDEX IF NOT EXISTS xid_minmax xid TYPE minmax GRANULARITY 1;
+ALTER TABLE {table}{on_cluster} ADD INDEX IF NOT EXISTS xid_minmax xid TYPE minmax GRANULARITY 1;
 
 -- Tables made before 0.2 hold event_context as JSON, which loses text (null values, empty
 -- objects, dotted keys, big numbers) and refuses some documents. This turns the column into the
 -- text (a mutation that rewrites the column of existing parts: their rows read back as ClickHouse
 -- rendered them, the exact text of those is gone); on a String column it changes nothing.
-ALTER TABLE {table} MODIFY COLUMN event_context String CODEC(ZSTD(3));
-"#
+ALTER TABLE {table}{on_cluster} MODIFY COLUMN event_context String CODEC(ZSTD(3));
+{fence}"#
     )
 }
 

@@ -105,6 +105,9 @@ pub async fn verify_pass(
         let made = ClickHouseSink::from_config(config, &writer)
             .map_err(|e| PgError::NotReady(e.to_string()))?
             .with_source(source);
+        if made.cluster().is_some() {
+            made.check_table().await?;
+        }
         *sink = Some(made);
     }
     let Some(sink) = sink.as_ref() else {

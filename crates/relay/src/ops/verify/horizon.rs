@@ -18,7 +18,7 @@ use super::snapshot::Snapshot;
 use crate::config::Config;
 use crate::pg::PgError;
 use crate::reship;
-use crate::sink::{ClickHouseSink, OURS, TABLE};
+use crate::sink::{ClickHouseSink, OURS};
 use crate::store::schema::checkpoints_table;
 
 /// A checkpoint whose snapshot bounds the proof.
@@ -117,8 +117,9 @@ async fn first_with_xid(
 ) -> Result<Option<Horizon>, VerifyError> {
     let before_xid: Vec<u64> = sink
         .fetch_all(&format!(
-            "SELECT max(commit_lsn) FROM {TABLE}
-              WHERE {OURS} AND xid = 0 AND commit_lsn > 0 AND commit_lsn >= {floor}"
+            "SELECT max(commit_lsn) FROM {}
+              WHERE {OURS} AND xid = 0 AND commit_lsn > 0 AND commit_lsn >= {floor}",
+            sink.parts_everywhere()
         ))
         .await?;
     let Some(&last) = before_xid.first().filter(|l| **l > 0) else {

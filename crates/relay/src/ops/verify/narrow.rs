@@ -11,7 +11,7 @@ use super::VerifyError;
 use super::content::{CH_MICROS, Fields, ch_bucket, pg_bucket};
 use super::sums::{Scope, Sum, pg_time, wrap_sum};
 use crate::pg::PgError;
-use crate::sink::{ClickHouseSink, TABLE};
+use crate::sink::ClickHouseSink;
 
 /// A window of at most this many rows (both sides) is merged whole.
 const SMALL_WINDOW: u64 = 20_000;
@@ -112,9 +112,10 @@ pub async fn narrow(
     );
     let ch_sql = format!(
         "SELECT toString(event_id) AS id, count(), min(h), max(h), max(xid)
-           FROM (SELECT event_id, xid, {} AS h FROM {TABLE} WHERE {})
+           FROM (SELECT event_id, xid, {} AS h FROM {} WHERE {})
           {ch_filter} GROUP BY id ORDER BY id",
         Fields::clickhouse().ch_hash(),
+        sink.rows_once(),
         scope.ch_where(&ch_window)
     );
     let statement = tx
@@ -258,10 +259,11 @@ async fn differing_buckets(
         })
         .collect();
     let ch_sql = format!(
-        "SELECT {} AS b, count(), sum(h) FROM (SELECT {} AS h FROM {TABLE} WHERE {})
+        "SELECT {} AS b, count(), sum(h) FROM (SELECT {} AS h FROM {} WHERE {})
           GROUP BY b ORDER BY b",
         ch_bucket("h", bits),
         Fields::clickhouse().ch_hash(),
+        sink.rows_once(),
         scope.ch_where(ch_window)
     );
     let mut ch = sink.cursor::<(i64, u64, i64)>(&ch_sql)?;

@@ -14,7 +14,7 @@ use super::{
     VerifyReport, format_us, settle,
 };
 use crate::config::Config;
-use crate::sink::{ClickHouseSink, OURS, TABLE};
+use crate::sink::{ClickHouseSink, OURS};
 
 /// What the pass ([`super::pass`]) hands to [`finish`].
 pub(super) struct Compared {
@@ -66,8 +66,9 @@ pub(super) async fn finish(
     report.altered.sort();
     if others {
         let sql = format!(
-            "SELECT toString(source), count() FROM {TABLE} WHERE NOT ({OURS})
-              GROUP BY source ORDER BY source"
+            "SELECT toString(source), count() FROM {} WHERE NOT ({OURS})
+              GROUP BY source ORDER BY source",
+            sink.rows_once()
         );
         report.other_sources = sink.fetch_all(&sql).await?;
     }

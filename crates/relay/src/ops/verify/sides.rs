@@ -129,11 +129,13 @@ pub(super) async fn clickhouse_side(
     scope: &Scope<'_>,
     memory: &mut Memory,
 ) -> Result<(HashMap<i64, Sum>, u64), VerifyError> {
+    // On a cluster, every node's (a replica's own mutations, or one every replica runs).
     let mutations: u64 = sink
-        .fetch_all::<u64>(
-            "SELECT count() FROM system.mutations
-              WHERE database = currentDatabase() AND table = {table_name:String}",
-        )
+        .fetch_all::<u64>(&format!(
+            "SELECT count() FROM {} WHERE database = {} AND table = {{table_name:String}}",
+            sink.system_everywhere("mutations"),
+            crate::sink::quote_ch_literal(sink.database())
+        ))
         .await?
         .first()
         .copied()

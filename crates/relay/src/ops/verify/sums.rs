@@ -20,7 +20,7 @@ use super::content::{CH_MICROS, Fields, ch_window, pg_micros, pg_window};
 use super::snapshot::{Snapshot, pg_row_xid};
 use crate::config::Config;
 use crate::pg::PgError;
-use crate::sink::{ClickHouseSink, OURS, SinkError, TABLE};
+use crate::sink::{ClickHouseSink, OURS, SinkError};
 use crate::store::schema::{dead_letters_table, outbox_table};
 
 /// What a pass compares: the snapshot S, the horizon H, an optional `event_date_time` range
@@ -207,7 +207,8 @@ impl Scope<'_> {
             "SELECT {w} AS w, countIf({old}), sumIf(xid, {old}),
                     countIf({mid}), sumIf(xid, {mid}), sum(if({mid}, {h}, toInt64(0))),
                     countIf({new}), sum(if({new}, {h}, toInt64(0)))
-               FROM {TABLE} WHERE {} GROUP BY w",
+               FROM {} WHERE {} GROUP BY w",
+            sink.rows_once(),
             self.ch_where(&extra),
         );
         type Row = (i64, u64, u64, u64, u64, i64, u64, i64);
