@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use percent_encoding::percent_decode_str;
+use tokio_postgres::config::ChannelBinding;
 
 use super::error::TlsParamError;
 use super::tls::{PgTls, TlsParams};
@@ -36,6 +37,12 @@ impl Target {
         let (rest, params) = split(url)?;
         let config: tokio_postgres::Config = rest.parse().map_err(TlsParamError::Invalid)?;
         let tls = PgTls::resolve(&params, home().as_deref())?;
+        // libpq would fail at every connection, after asking the server for a password.
+        if config.get_channel_binding() == ChannelBinding::Require
+            && tls.mode == super::SslMode::Disable
+        {
+            return Err(TlsParamError::ChannelBindingWithoutTls);
+        }
         Ok(Target { config, tls })
     }
 
@@ -374,5 +381,29 @@ mod tests {
         );
         let err = Target::parse("postgres://db/app?sslmode=bogus").unwrap_err();
         assert!(err.to_string().starts_with("sslmode=\"bogus\""), "{err}");
+    }
+
+    #[test]
+    fn channel_binding_is_read_and_checked() {
+        let binding = |url: &str| Target::parse(url).map(|t| t.config.get_channel_binding());
+        assert_eq!(
+            binding("postgres://db/app?sslmode=require&channel_binding=require").unwrap(),
+            ChannelBinding::Require
+        );
+        assert_eq!(
+            binding("host=db channel_binding=disable").unwrap(),
+            ChannelBinding::Disable
+        );
+        assert_eq!(binding("host=db").unwrap(), ChannelBinding::Prefer);
+        let err = binding("host=db channel_binding=always").unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(text.contains("channel_binding"), "{text}");
+        // libpq would fail at each connection: refused before the first.
+        let err = binding("host=db sslmode=disable channel_binding=require").unwrap_err();
+        assert!(
+            matches!(err, TlsParamError::ChannelBindingWithoutTls),
+            "{err}"
+        );
+        assert!(err.to_string().contains("set sslmode=verify-full"), "{err}");
     }
 }

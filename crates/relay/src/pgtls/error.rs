@@ -47,6 +47,11 @@ pub enum TlsParamError {
     NoSystemRoots,
     #[error("{0} is set without {1}: a client certificate needs both sslcert and sslkey")]
     HalfClientCert(&'static str, &'static str),
+    #[error(
+        "channel_binding=require needs TLS but sslmode=disable never uses it: set \
+         sslmode=verify-full (or require) with channel_binding=require, or channel_binding=prefer"
+    )]
+    ChannelBindingWithoutTls,
     #[error("{0} is not supported by outbox-relay: remove it from postgres_url")]
     Unsupported(String),
     #[error("{0}")]

@@ -12,6 +12,7 @@ use pgwire_replication::{
     FeedbackObserver, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
 use tokio::sync::Notify;
+use tokio_postgres::config::ChannelBinding;
 
 use super::RelayError;
 use crate::config::Config;
@@ -182,6 +183,11 @@ fn replication_config(
     )
     .with_port(pg.get_ports().first().copied().unwrap_or(5432))
     .with_tls(tls)
+    .with_channel_binding(match pg.get_channel_binding() {
+        ChannelBinding::Disable => pgwire_replication::ChannelBinding::Disable,
+        ChannelBinding::Require => pgwire_replication::ChannelBinding::Require,
+        _ => pgwire_replication::ChannelBinding::Prefer,
+    })
     .with_start_lsn(start)
     .with_ack_lsn(start)
     .with_binary(true)
