@@ -161,12 +161,19 @@ fn replay_refuses_a_position_past_the_wal_or_before_the_checkpoints_with_exit_2(
     // verify --from-lsn: the same positions refused the same way, "could not check" (exit 2),
     // never a "nothing to verify" success.
     for (from, says) in [
-        ("FF/0", "WAL position FF/0 is past the end of this server's WAL ("),
+        (
+            "FF/0",
+            "WAL position FF/0 is past the end of this server's WAL (",
+        ),
         ("0/10", "WAL position 0/10 is before the oldest checkpoint"),
     ] {
         let out = f.relay(&["verify", "--from-lsn", from, "--wait-s", "30"]);
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(2), "verify --from-lsn {from}: {err}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "verify --from-lsn {from}: {err}"
+        );
         assert!(err.contains(says), "{err}");
     }
     // 0/0 (the whole outbox) and a position the relay confirmed are fine.
@@ -174,7 +181,12 @@ fn replay_refuses_a_position_past_the_wal_or_before_the_checkpoints_with_exit_2(
         let out = f.relay(&["replay", "--from-lsn", &from, "--json"]);
         assert_eq!(out.status.code(), Some(0), "{from}: {}", stderr(&out));
         let out = f.relay(&["verify", "--from-lsn", &from, "--wait-s", "30"]);
-        assert_eq!(out.status.code(), Some(0), "verify {from}: {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "verify {from}: {}",
+            stderr(&out)
+        );
     }
     assert_eq!(f.ch_count(), 300, "replay doubled nothing");
     assert_eq!(relay.terminate().code(), Some(0));

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, RelayProcess, stderr, wait_until};
+use harness::tls::{TestCa, TlsTerminator};
 use harness::{HBA_TLS_ONLY, PgOptions, PgServer, PgVersion, TestCerts};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -302,6 +303,210 @@ fn events_arrive_over_tls() {
     );
     assert_eq!(encrypted.trim(), "t");
     stop(&f, relay);
+}
+
+/// A role that must authenticate with scram-sha-256 on hostssl lines (everyone else: as
+/// HBA_TLS_ONLY says), and its password.
+const SCRAM_USER: &str = "relay_scram";
+const SCRAM_PASSWORD: &str = "scram-sekrit";
+
+fn scram_hba(host: &str) -> String {
+    format!(
+        "{host} all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n\
+         {host} replication {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n"
+    )
+}
+
+fn create_scram_user(pg: &PgServer) {
+    // password_encryption is scram-sha-256 by default (PostgreSQL 14+): a SCRAM verifier.
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE {SCRAM_USER} LOGIN SUPERUSER REPLICATION PASSWORD '{SCRAM_PASSWORD}'"
+        ),
+    )
+    .expect("create role");
+}
+
+/// The relay's URL as the SCRAM user, to `host` with `params`.
+fn scram_url(pg: &PgServer, host: &str, params: &str) -> String {
+    url(pg, host, params).replacen(
+        "postgres://postgres@",
+        &format!("postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@"),
+        1,
+    )
+}
+
+/// scram-sha-256 over hostssl with `channel_binding=require`: `setup`, `status` and `run` (its
+/// SQL connection and its walsender, both bound to the server's certificate:
+/// SCRAM-SHA-256-PLUS) work and ship events.
+#[test]
+fn channel_binding_required_over_tls() {
+    let Some(certs) = prerequisites("channel_binding_required_over_tls") else {
+        return;
+    };
+    let hba = format!("{}{HBA_TLS_ONLY}", scram_hba("hostssl"));
+    let options = PgOptions::tls(&certs, Some(&hba)).expect("TLS options");
+    let pg = PgServer::start_with(PgVersion::V15, options).expect("start PostgreSQL 15 with TLS");
+    create_scram_user(&pg);
+    let params = format!(
+        "sslmode=verify-full&sslrootcert={}&channel_binding=require",
+        ca(&certs)
+    );
+    let url = scram_url(&pg, "localhost", &params);
+    // `setup` runs here, over a bound connection.
+    let mut f = Fixture::start_on(
+        pg,
+        &[
+            ("RELAY_POSTGRES_URL", &url),
+            ("HOME", "/nonexistent/outbox-relay-test-home"),
+        ],
+    );
+    let out = f.relay(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "status: {}", stderr(&out));
+
+    let relay = f.spawn_relay();
+    f.publish(200, 20, "bound");
+    f.wait_for_rows(200, LONG, Some(&relay));
+    assert_eq!(f.ch_unique(), 200);
+    // Both of run's connections are the SCRAM user's, over TLS.
+    let query = format!(
+        "SELECT string_agg(DISTINCT a.application_name || '=' || s.ssl::text, ',' \
+                           ORDER BY a.application_name || '=' || s.ssl::text) \
+           FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+          WHERE a.usename = '{SCRAM_USER}' \
+            AND a.application_name IN ('{SQL_APP}', 'outbox-relay')"
+    );
+    let expected = format!("outbox-relay=true,{SQL_APP}=true");
+    let mut seen = String::new();
+    let both = wait_until(LONG, || {
+        seen = f.sql(&query).trim().to_string();
+        seen == expected
+    });
+    assert!(both, "{seen}; log:\n{}", relay.log());
+    stop(&f, relay);
+
+    // require (no certificate check) binds too: what protects it from a man in the middle.
+    set_scram_url(
+        &mut f,
+        "127.0.0.1",
+        "sslmode=require&channel_binding=require",
+    );
+    let relay = f.spawn_relay();
+    f.publish(10, 10, "bound_require");
+    f.wait_for_rows(210, LONG, Some(&relay));
+    stop(&f, relay);
+}
+
+/// A man in the middle that terminates TLS with a certificate of its own and relays everything
+/// inside: scram-sha-256 alone does not notice it (`channel_binding=disable`: `status` works
+/// through it), channel binding does (the server finds the certificate hash the relay signed is
+/// not its own and refuses): the relay stops, naming the problem.
+#[test]
+fn channel_binding_exposes_a_man_in_the_middle() {
+    let Some(certs) = prerequisites("channel_binding_exposes_a_man_in_the_middle") else {
+        return;
+    };
+    let hba = format!("{}{HBA_TLS_ONLY}", scram_hba("hostssl"));
+    let options = PgOptions::tls(&certs, Some(&hba)).expect("TLS options");
+    let pg = PgServer::start_with(PgVersion::V15, options).expect("start PostgreSQL 15 with TLS");
+    create_scram_user(&pg);
+    let upstream = format!("127.0.0.1:{}", pg.port()).parse().expect("address");
+    let url = scram_url(&pg, "127.0.0.1", "sslmode=require");
+    let mut f = Fixture::start_on(
+        pg,
+        &[
+            ("RELAY_POSTGRES_URL", &url),
+            ("HOME", "/nonexistent/outbox-relay-test-home"),
+        ],
+    );
+    let ca = TestCa::new().expect("the man in the middle's CA");
+    let own = ca.issue(&["IP:127.0.0.1"]).expect("its certificate");
+    let mitm = TlsTerminator::postgres_in_the_middle(&own, upstream, &certs.ca_cert)
+        .expect("man in the middle");
+    let through = |f: &mut Fixture, params: &str| {
+        let url = scram_url(&f.pg, "127.0.0.1", params)
+            .replace(&format!(":{}/", f.pg.port()), &format!(":{}/", mitm.port()))
+            .replace("{db}", &f.db);
+        f.set_env("RELAY_POSTGRES_URL", &url);
+    };
+    through(&mut f, "sslmode=require&channel_binding=disable");
+    let out = f.relay(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for params in ["sslmode=require", "sslmode=require&channel_binding=require"] {
+        through(&mut f, params);
+        let error = refused(&f);
+        println!("{error}");
+        assert!(
+            error.contains("SCRAM channel binding check failed")
+                && error.contains("man in the middle"),
+            "{params}: {error}"
+        );
+    }
+}
+
+fn set_scram_url(f: &mut Fixture, host: &str, params: &str) {
+    let url = scram_url(&f.pg, host, params).replace("{db}", &f.db);
+    f.set_env("RELAY_POSTGRES_URL", &url);
+}
+
+/// `channel_binding=require` to a server without TLS: `status` and `run` fail by themselves,
+/// saying the connection is not encrypted and what to change; with sslmode=disable it is a
+/// configuration error.
+#[test]
+fn channel_binding_required_without_tls_is_refused() {
+    let Some(version) = PgVersion::available().first().copied() else {
+        eprintln!("SKIP channel_binding_required_without_tls_is_refused: no PostgreSQL");
+        return;
+    };
+    // ssl off; scram-sha-256 for the relay's role, trust for the harness.
+    let hba = format!(
+        "local all all trust\n{}host all all 127.0.0.1/32 trust\n\
+         host replication all 127.0.0.1/32 trust\n",
+        scram_hba("host")
+    );
+    let options = PgOptions {
+        hba: Some(hba),
+        ..PgOptions::default()
+    };
+    let pg = PgServer::start_with(version, options).expect("start PostgreSQL");
+    create_scram_user(&pg);
+    // Without binding (the default, prefer), SCRAM works.
+    let url = scram_url(&pg, "127.0.0.1", "");
+    let mut f = Fixture::start_on(
+        pg,
+        &[
+            ("RELAY_POSTGRES_URL", &url),
+            ("HOME", "/nonexistent/outbox-relay-test-home"),
+        ],
+    );
+    set_scram_url(&mut f, "127.0.0.1", "channel_binding=require");
+    let out = f.relay(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let error = refused(&f);
+    println!("{error}");
+    assert!(
+        error.contains("channel_binding=require")
+            && error.contains("not encrypted")
+            && error.contains("sslmode=verify-full")
+            && error.contains("channel_binding=prefer"),
+        "{error}"
+    );
+    assert!(!error.contains(SCRAM_PASSWORD), "{error}");
+
+    set_scram_url(
+        &mut f,
+        "127.0.0.1",
+        "sslmode=disable&channel_binding=require",
+    );
+    let out = f.relay(&["status"]);
+    let error = stderr(&out);
+    println!("{error}");
+    assert_eq!(out.status.code(), Some(2), "{error}");
+    assert!(
+        error.contains("channel_binding=require needs TLS") && error.contains("sslmode=disable"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@
 //!   re-send of refused rows;
 //! - [`store`]: the relay's tables in PostgreSQL (schema, dead letters);
 //! - [`ops`]: setup, status, purge, replay, verify;
-//! - [`config`], [`pg`] and [`pgtls`] (PostgreSQL connections), [`http`] and [`metrics`]: around
-//!   it.
+//! - [`config`], [`pg`] and [`pgtls`] (PostgreSQL connections), [`tls`] (what both servers'
+//!   TLS shares), [`http`] and [`metrics`]: around it.
 
 pub mod config;
 pub mod event;
@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod reship;
 pub mod sink;
 pub mod store;
+pub mod tls;
 
 pub use config::Config;
 pub use pipeline::{Relay, RelayError};

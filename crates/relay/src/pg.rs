@@ -6,9 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio_postgres::Client;
 use tokio_postgres::config::SslMode as PqSslMode;
-use tokio_postgres::error::SqlState;
 
-use crate::pgtls::{self, CertProblem, PgTls, Seen, SslMode, Target};
+use crate::pgtls::{self, Seen, SslMode, Target};
 
 mod guard;
 pub use guard::{GuardHandle, Guarded, LOCK_TIMEOUT, Waiter};
@@ -227,107 +226,56 @@ async fn connect_target(target: &Target) -> Result<(Client, Seen), PgError> {
 
 /// Why one connection attempt failed.
 enum Failure {
-    Pg(tokio_postgres::Error),
+    /// With what the attempt's TLS handshake saw.
+    Pg(tokio_postgres::Error, Seen),
     /// The TLS files changed since the configuration was checked.
     Params(pgtls::TlsParamError),
 }
 
 impl Failure {
     fn is_server_refusal(&self) -> bool {
-        matches!(self, Failure::Pg(e) if e.as_db_error().is_some())
+        matches!(self, Failure::Pg(e, _) if e.as_db_error().is_some())
     }
 
     fn is_tls_failure(&self) -> bool {
-        matches!(self, Failure::Pg(e) if pgtls::rustls_error(e).is_some())
+        matches!(self, Failure::Pg(e, _) if crate::tls::rustls_error(e).is_some())
     }
 }
 
 async fn attempt(target: &Target, mode: PqSslMode) -> Result<(Client, Seen), Failure> {
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let tls = target
+    let connector = target
         .tls
-        .client_config(seen.clone())
+        .connector(seen.clone())
         .map_err(Failure::Params)?;
     let mut config = target.config.clone();
     config.ssl_mode(mode);
-    let (client, connection) = config
-        .connect(pgtls::MakeRustls::new(tls, seen.clone()))
-        .await
-        .map_err(Failure::Pg)?;
+    let connected = config.connect(connector).await;
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let (client, connection) = connected.map_err(|e| Failure::Pg(e, seen.clone()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
-    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
     Ok((client, seen))
-}
-
-/// A server's refusal (SQLSTATE 28000) that TLS settings cure, explained: pg_hba.conf has only
-/// `hostssl` lines for us, or its `cert` method wants a client certificate.
-pub(crate) fn server_tls_refusal(server_message: &str, tls: &PgTls) -> Option<String> {
-    // PostgreSQL's wording: "..., no encryption" (14+), "..., SSL off" (before).
-    if server_message.contains("no encryption") || server_message.contains("SSL off") {
-        return Some(format!(
-            "the server requires TLS but sslmode={} connects without it (server: \
-             {server_message}): set sslmode=require or sslmode=verify-full in postgres_url",
-            tls.requested.as_str()
-        ));
-    }
-    if server_message.contains("certificate") {
-        let now = match &tls.client_cert {
-            Some((cert, _)) => format!("sslcert={} is not accepted", cert.display()),
-            None => "none is set".into(),
-        };
-        return Some(format!(
-            "the server requires a client certificate and {now} (server: {server_message}): set \
-             sslcert and sslkey in postgres_url to a certificate for this user signed by a CA in \
-             the server's ssl_ca_file"
-        ));
-    }
-    None
-}
-
-/// The server does not offer TLS (its `ssl` setting is off) and the mode needs it.
-pub(crate) fn no_tls_message(tls: &PgTls) -> String {
-    format!(
-        "the server does not offer TLS (its ssl setting is off) and sslmode={} needs it: \
-         enable ssl on the server, or use sslmode=prefer to connect without TLS",
-        tls.requested.as_str()
-    )
 }
 
 fn connect_error(target: &Target, failure: Failure) -> PgError {
     let where_ = describe_config(&target.config);
-    let tls = |problem| PgError::Tls {
-        target: where_.clone(),
-        problem,
-    };
-    let e = match failure {
+    let (e, seen) = match failure {
         Failure::Params(e) => return PgError::NotReady(format!("postgres_url: {e}")),
-        Failure::Pg(e) => e,
+        Failure::Pg(e, seen) => (e, seen),
     };
-    if let Some(db) = e.as_db_error()
-        && *db.code() == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-        && let Some(problem) = server_tls_refusal(db.message(), &target.tls)
-    {
-        return tls(problem);
-    }
-    if let Some(r) = pgtls::rustls_error(&e) {
-        return tls(match CertProblem::of(r) {
-            Some(p) => p.explain(&target.tls, &target.host(), &r.to_string()),
-            None => format!(
-                "the TLS handshake failed: {r}: check sslcert and sslkey if the server asks for a \
-                 client certificate, and the server's ssl settings"
-            ),
-        });
-    }
-    if e.to_string().contains("server does not support TLS") {
-        return tls(no_tls_message(&target.tls));
-    }
-    PgError::Connect {
-        target: where_,
-        source: e,
+    match pgtls::problems::sql_problem(&e, target, &seen) {
+        Some(problem) => PgError::Tls {
+            target: where_,
+            problem,
+        },
+        None => PgError::Connect {
+            target: where_,
+            source: e,
+        },
     }
 }
 

@@ -10,8 +10,10 @@ use crate::config::{
     ClickHouseCompression, ClickHouseTarget, Config, ConfigError, DEFAULT_TIMEOUT, tls_config,
 };
 use crate::event::{EventRow, OwnedEventRow, put_string};
+pub use describe::describe;
 
 mod cluster;
+mod describe;
 pub mod engine;
 mod error;
 #[cfg(test)]
@@ -229,124 +231,6 @@ impl ClickHouseTarget {
             client
         }
     }
-}
-
-/// A ClickHouse error with its causes (`network error: client error (Connect): ...`) and, for a
-/// TLS failure, what it means and what to do.
-pub fn describe(error: &clickhouse::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut hint = None;
-    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    // The top error's text already includes its direct source's.
-    let mut skip = true;
-    while let Some(mut e) = next {
-        let line = e.to_string();
-        if !skip && !text.contains(&line) {
-            text = format!("{text}: {line}");
-        }
-        skip = false;
-        // An io::Error's source() skips the error it wraps (and hyper-rustls wraps tokio-rustls'
-        // io::Error in another): look inside. On the way, the server closing the connection in
-        // the handshake (tokio-rustls' "tls handshake eof"): a plain port under load does that
-        // instead of answering in plain text.
-        while let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if hint.is_none()
-                && io.kind() == std::io::ErrorKind::UnexpectedEof
-                && io.to_string().contains("handshake")
-            {
-                hint = Some(
-                    "the server did not answer in TLS (it closed the connection in the \
-                     handshake): is this ClickHouse's HTTPS port (8443 by default)? For the \
-                     plain HTTP port use http://"
-                        .to_string(),
-                );
-            }
-            match io.get_ref() {
-                Some(inner) => e = inner,
-                None => break,
-            }
-        }
-        if hint.is_none() {
-            hint = e.downcast_ref::<rustls::Error>().map(tls_hint);
-        }
-        next = e.source();
-    }
-    match hint {
-        Some(hint) => format!("{text} ({hint})"),
-        None => text,
-    }
-}
-
-/// What a TLS failure means for an operator, and what to do.
-fn tls_hint(error: &rustls::Error) -> String {
-    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
-    match error {
-        Error::InvalidCertificate(Cert::UnknownIssuer) => {
-            "ClickHouse's certificate is signed by an unknown CA: set clickhouse_ca_file \
-             (RELAY_CLICKHOUSE_CA_FILE) to your CA bundle (PEM), or add the CA to the system \
-             trust store"
-                .into()
-        }
-        Error::InvalidCertificate(Cert::NotValidForNameContext {
-            expected,
-            presented,
-        }) => {
-            format!(
-                "ClickHouse's certificate is not valid for host {}: it names {}; use a host \
-                 name the certificate names in clickhouse_url, or have it reissued",
-                expected.to_str(),
-                if presented.is_empty() {
-                    "no host".to_string()
-                } else {
-                    presented
-                        .iter()
-                        .map(|p| bare_name(p))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
-            )
-        }
-        Error::InvalidCertificate(Cert::NotValidForName) => {
-            "ClickHouse's certificate is not valid for the host in clickhouse_url: use a host \
-             name the certificate names, or have it reissued"
-                .into()
-        }
-        Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
-            "ClickHouse's certificate has expired: renew it (or check this machine's clock)".into()
-        }
-        Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
-            "ClickHouse's certificate is not valid yet: check this machine's clock".into()
-        }
-        Error::InvalidCertificate(other) => {
-            format!(
-                "ClickHouse's certificate was refused ({other:?}): check it, and clickhouse_ca_file"
-            )
-        }
-        Error::AlertReceived(
-            alert @ (Alert::CertificateRequired
-            | Alert::BadCertificate
-            | Alert::UnknownCA
-            | Alert::HandshakeFailure
-            | Alert::AccessDenied),
-        ) => format!(
-            "ClickHouse refused the TLS handshake ({alert:?}): if it requires a client \
-             certificate, set clickhouse_client_cert and clickhouse_client_key to one its CA signed"
-        ),
-        Error::InvalidMessage(_) => {
-            "the server did not answer in TLS: is this ClickHouse's HTTPS port (8443 by default)? \
-             For the plain HTTP port use http://"
-                .into()
-        }
-        other => format!("TLS handshake with ClickHouse failed: {other}"),
-    }
-}
-
-/// `clickhouse.example` for rustls's `DnsName("clickhouse.example")`.
-fn bare_name(presented: &str) -> &str {
-    presented
-        .split_once("(\"")
-        .and_then(|(_, rest)| rest.strip_suffix("\")"))
-        .unwrap_or(presented)
 }
 
 /// Which events ClickHouse already holds past a position: for each commit LSN, the ranges of
@@ -797,20 +681,5 @@ impl BatchInsert {
 
     fn error(&self, source: clickhouse::error::Error) -> SinkError {
         SinkError::insert(&self.table, source)
-    }
-}
-
-#[cfg(test)]
-mod describe_tests {
-    #[test]
-    fn a_handshake_closed_by_the_server_is_named() {
-        // hyper-rustls wraps tokio-rustls' io::Error in another one.
-        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
-        let outer = std::io::Error::other(eof);
-        let text = super::describe(&clickhouse::error::Error::Network(Box::new(outer)));
-        assert!(text.contains("did not answer in TLS"), "{text}");
-        let other = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body ended early");
-        let text = super::describe(&clickhouse::error::Error::Network(Box::new(other)));
-        assert!(!text.contains("did not answer in TLS"), "{text}");
     }
 }

@@ -60,6 +60,29 @@ impl SslMode {
     }
 }
 
+/// Channel binding of SCRAM authentication to the TLS connection, libpq's
+/// `channel_binding` (vendored change, see VENDORED.md).
+///
+/// With binding, the client authenticates with `SCRAM-SHA-256-PLUS` and the
+/// hash of the server's certificate (`tls-server-end-point`, RFC 5929): a
+/// man in the middle that terminates TLS with a certificate of its own cannot
+/// relay the exchange, as the server's hash differs from the one the client
+/// signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelBinding {
+    /// Never bind (plain `SCRAM-SHA-256`, telling the server the client does
+    /// not support binding).
+    Disable,
+    /// Bind when the connection is encrypted and the server offers
+    /// `SCRAM-SHA-256-PLUS`; otherwise authenticate without binding.
+    #[default]
+    Prefer,
+    /// Bind or fail: the connection must be encrypted and the server must
+    /// authenticate the client with `SCRAM-SHA-256-PLUS` (no other method,
+    /// no authentication at all, is accepted).
+    Require,
+}
+
 /// TLS/SSL configuration for PostgreSQL connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsConfig {
@@ -339,6 +362,11 @@ pub struct ReplicationConfig {
     /// TLS/SSL configuration.
     pub tls: TlsConfig,
 
+    /// SCRAM channel binding (libpq's `channel_binding`; vendored change).
+    ///
+    /// Default: [`ChannelBinding::Prefer`]
+    pub channel_binding: ChannelBinding,
+
     /// Name of the replication slot to use.
     ///
     /// The slot must already exist and be a logical replication slot
@@ -503,6 +531,7 @@ impl Default for ReplicationConfig {
             password: "postgres".into(),
             database: "postgres".into(),
             tls: TlsConfig::default(),
+            channel_binding: ChannelBinding::default(),
             slot: "slot".into(),
             publication: "pub".into(),
             start_lsn: Lsn(0),
@@ -634,6 +663,12 @@ impl ReplicationConfig {
     /// Set TLS configuration.
     pub fn with_tls(mut self, tls: TlsConfig) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Set SCRAM channel binding (libpq's `channel_binding`).
+    pub fn with_channel_binding(mut self, binding: ChannelBinding) -> Self {
+        self.channel_binding = binding;
         self
     }
 

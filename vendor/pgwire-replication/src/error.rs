@@ -40,6 +40,13 @@ pub enum PgWireError {
     #[error("authentication error: {0}")]
     Auth(String),
 
+    /// `channel_binding=require` could not be met (vendored change): the
+    /// connection is not encrypted, or the server did not authenticate the
+    /// client with `SCRAM-SHA-256-PLUS`. The text says which; nothing was
+    /// sent that a man in the middle could use (no password, no proof).
+    #[error("channel binding required (channel_binding=require), but {0}")]
+    ChannelBinding(String),
+
     /// TLS error - handshake failure, certificate validation, etc.
     #[error("tls error: {0}")]
     Tls(String),

@@ -1,5 +1,6 @@
 //! `clickhouse_url` and the ClickHouse TLS settings: parsed and read once, at start.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,10 +135,6 @@ impl ClickHouseTarget {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The TLS client configuration: trusted roots are the built-in (webpki) ones, the system's
 /// (honouring `SSL_CERT_FILE` and `SSL_CERT_DIR`) and the PEM bundle `ca_file`; with
 /// `client_cert` and `client_key`, the certificate the relay presents. Empty paths are unset.
@@ -147,9 +144,14 @@ pub fn tls_config(
     client_key: &str,
 ) -> Result<rustls::ClientConfig, ConfigError> {
     use crate::config::invalid;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use crate::tls::{self, PemError};
 
+    fn file<'a>(setting: &'static str, path: &'a str) -> impl FnOnce(PemError) -> ConfigError + 'a {
+        move |e| match e {
+            PemError::Unreadable(e) => invalid(setting, format!("cannot read {path:?}: {e}")),
+            PemError::Bad(problem) => invalid(setting, format!("{path:?} {problem}")),
+        }
+    }
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let native = rustls_native_certs::load_native_certs();
@@ -157,37 +159,12 @@ pub fn tls_config(
         tracing::debug!(%error, "skipping part of the system trust store");
     }
     roots.add_parsable_certificates(native.certs);
-    let read_certs =
-        |setting: &str, path: &str| -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-            std::fs::metadata(path)
-                .map_err(|e| invalid(setting, format!("cannot read {path:?}: {e}")))?;
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    invalid(
-                        setting,
-                        format!("{path:?} is not a PEM certificate file: {e}"),
-                    )
-                })?;
-            if certs.is_empty() {
-                return Err(invalid(
-                    setting,
-                    format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-                ));
-            }
-            Ok(certs)
-        };
     if !ca_file.is_empty() {
-        for cert in read_certs("clickhouse_ca_file", ca_file)? {
-            roots.add(cert).map_err(|e| {
-                invalid(
-                    "clickhouse_ca_file",
-                    format!("{ca_file:?} holds a certificate that cannot be a CA: {e}"),
-                )
-            })?;
-        }
+        let file_roots =
+            tls::roots(Path::new(ca_file)).map_err(file("clickhouse_ca_file", ca_file))?;
+        roots.roots.extend(file_roots.roots);
     }
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid("clickhouse_url", format!("TLS is not available: {e}")))?
         .with_root_certificates(roots);
@@ -202,13 +179,10 @@ pub fn tls_config(
             "is required with clickhouse_client_key: the PEM certificate of that key",
         )),
         (false, false) => {
-            let certs = read_certs("clickhouse_client_cert", client_cert)?;
-            let key = PrivateKeyDer::from_pem_file(client_key).map_err(|e| {
-                invalid(
-                    "clickhouse_client_key",
-                    format!("cannot read a PEM private key from {client_key:?}: {e}"),
-                )
-            })?;
+            let certs = tls::certificates(Path::new(client_cert))
+                .map_err(file("clickhouse_client_cert", client_cert))?;
+            let key = tls::private_key(Path::new(client_key))
+                .map_err(file("clickhouse_client_key", client_key))?;
             builder.with_client_auth_cert(certs, key).map_err(|e| {
                 invalid(
                     "clickhouse_client_key",

@@ -12,6 +12,7 @@ use pgwire_replication::{
     FeedbackObserver, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
 use tokio::sync::Notify;
+use tokio_postgres::config::ChannelBinding;
 
 use super::RelayError;
 use crate::config::Config;
@@ -143,38 +144,12 @@ impl Source for PgSource {
 /// A replication error, explained as the SQL connection's are when it is about TLS.
 pub(super) fn replication_error(url: &str, source: PgWireError) -> RelayError {
     let target = pg::describe(url);
-    if let Some(problem) = replication_tls_problem(url, &source) {
-        return RelayError::Postgres(PgError::Tls { target, problem });
-    }
-    RelayError::Replication { target, source }
-}
-
-/// A TLS failure of the replication connection, explained as the SQL connection's are.
-fn replication_tls_problem(url: &str, source: &PgWireError) -> Option<String> {
-    let target = pgtls::Target::parse(url).ok()?;
-    match source {
-        PgWireError::Server(message) if message.contains("28000") => {
-            pg::server_tls_refusal(message, &target.tls)
-        }
-        PgWireError::Tls(text) if text.contains("SSLRequest rejected") => {
-            Some(pg::no_tls_message(&target.tls))
-        }
-        PgWireError::Tls(text) => match pgtls::CertProblem::of_text(text) {
-            Some(p) => Some(p.explain(&target.tls, &target.host(), text)),
-            // Settings, or the server's refusal of the handshake; a network error in the middle
-            // of a handshake stays a (retried) replication error.
-            None if ["TLS config error", "received fatal alert", "invalid SNI"]
-                .iter()
-                .any(|s| text.contains(s)) =>
-            {
-                Some(format!(
-                    "{text}: check sslmode, sslrootcert, sslcert and sslkey in postgres_url and \
-                     the server's ssl settings"
-                ))
-            }
-            None => None,
-        },
-        _ => None,
+    let problem = pgtls::Target::parse(url)
+        .ok()
+        .and_then(|t| pgtls::problems::replication_problem(&t, &source));
+    match problem {
+        Some(problem) => RelayError::Postgres(PgError::Tls { target, problem }),
+        None => RelayError::Replication { target, source },
     }
 }
 
@@ -208,6 +183,11 @@ fn replication_config(
     )
     .with_port(pg.get_ports().first().copied().unwrap_or(5432))
     .with_tls(tls)
+    .with_channel_binding(match pg.get_channel_binding() {
+        ChannelBinding::Disable => pgwire_replication::ChannelBinding::Disable,
+        ChannelBinding::Require => pgwire_replication::ChannelBinding::Require,
+        _ => pgwire_replication::ChannelBinding::Prefer,
+    })
     .with_start_lsn(start)
     .with_ack_lsn(start)
     .with_binary(true)

@@ -50,5 +50,6 @@
 
 pub mod scram;
 
+pub use scram::ScramBinding;
 #[cfg(feature = "scram")]
 pub use scram::ScramClient;

@@ -46,6 +46,48 @@ use crate::error::{PgWireError, Result};
 #[cfg(feature = "scram")]
 type HmacSha256 = Hmac<Sha256>;
 
+/// How the client takes part in channel binding (RFC 5802's gs2 header;
+/// vendored change, see VENDORED.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScramBinding {
+    /// `n`: the client does not bind (no TLS, or binding disabled).
+    Unsupported,
+    /// `y`: the client could bind but the server did not offer
+    /// `SCRAM-SHA-256-PLUS` (a server that did would see a downgrade).
+    NotOffered,
+    /// `p=tls-server-end-point`: `SCRAM-SHA-256-PLUS`, bound to this hash of
+    /// the server's certificate (RFC 5929).
+    TlsServerEndPoint(Vec<u8>),
+}
+
+impl ScramBinding {
+    /// The SASL mechanism this binding authenticates with.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            ScramBinding::TlsServerEndPoint(_) => "SCRAM-SHA-256-PLUS",
+            _ => "SCRAM-SHA-256",
+        }
+    }
+
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            ScramBinding::Unsupported => "n,,",
+            ScramBinding::NotOffered => "y,,",
+            ScramBinding::TlsServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    /// The `c=` attribute's content before base64: the gs2 header, then the
+    /// binding data.
+    fn cbind_input(&self) -> Vec<u8> {
+        let mut input = self.gs2_header().as_bytes().to_vec();
+        if let ScramBinding::TlsServerEndPoint(hash) = self {
+            input.extend_from_slice(hash);
+        }
+        input
+    }
+}
+
 /// SCRAM-SHA-256 client state.
 ///
 /// Holds the client nonce and first message needed for the authentication exchange.
@@ -58,6 +100,8 @@ pub struct ScramClient {
     pub client_first_bare: String,
     /// Complete client-first-message to send to server
     pub client_first: String,
+    /// Channel binding (vendored change).
+    pub binding: ScramBinding,
 }
 
 #[cfg(feature = "scram")]
@@ -67,32 +111,37 @@ impl ScramClient {
     /// # Arguments
     /// * `username` - PostgreSQL username (will be SASL-escaped)
     pub fn new(username: &str) -> ScramClient {
+        Self::with_binding(username, ScramBinding::Unsupported)
+    }
+
+    /// Create a SCRAM client with a random nonce and channel binding
+    /// `binding` (vendored change).
+    pub fn with_binding(username: &str, binding: ScramBinding) -> ScramClient {
         let mut nonce = [0u8; 18];
         rand::rng().fill_bytes(&mut nonce);
-        let nonce_b64 = B64.encode(nonce);
-
-        let user = sasl_escape_username(username);
-        let client_first_bare = format!("n={user},r={nonce_b64}");
-        let client_first = format!("n,,{client_first_bare}");
-
-        ScramClient {
-            client_nonce_b64: nonce_b64,
-            client_first_bare,
-            client_first,
-        }
+        Self::with_nonce_and_binding(username, &B64.encode(nonce), binding)
     }
 
     /// Create a SCRAM client with a specific nonce (for testing).
     #[cfg(test)]
     pub(crate) fn with_nonce(username: &str, nonce_b64: &str) -> ScramClient {
+        Self::with_nonce_and_binding(username, nonce_b64, ScramBinding::Unsupported)
+    }
+
+    fn with_nonce_and_binding(
+        username: &str,
+        nonce_b64: &str,
+        binding: ScramBinding,
+    ) -> ScramClient {
         let user = sasl_escape_username(username);
         let client_first_bare = format!("n={user},r={nonce_b64}");
-        let client_first = format!("n,,{client_first_bare}");
+        let client_first = format!("{}{client_first_bare}", binding.gs2_header());
 
         ScramClient {
             client_nonce_b64: nonce_b64.to_string(),
             client_first_bare,
             client_first,
+            binding,
         }
     }
 
@@ -164,8 +213,9 @@ impl ScramClient {
             .decode(salt_b64.as_bytes())
             .map_err(|e| PgWireError::Auth(format!("SCRAM invalid salt base64: {e}")))?;
 
-        // Channel binding for non-TLS or tls-unique not supported: "biws" = base64("n,,")
-        let channel_binding = "biws";
+        // The gs2 header and, for SCRAM-SHA-256-PLUS, the server certificate's
+        // hash (vendored change): "biws" = base64("n,,") without binding.
+        let channel_binding = B64.encode(self.binding.cbind_input());
         let client_final_wo_proof = format!("c={channel_binding},r={rnonce}");
 
         let auth_message = format!(
@@ -426,6 +476,114 @@ mod tests {
 
         let err = client.client_final("password", server_first).unwrap_err();
         assert!(err.to_string().contains("base64"));
+    }
+
+    // ==================== channel binding (vendored change) ====================
+
+    /// RFC 7677's SCRAM-SHA-256 example: without binding the messages are
+    /// the RFC's to the letter.
+    #[test]
+    fn rfc7677_example_without_binding() {
+        let client = ScramClient::with_nonce("user", "rOprNGfwEbeRWgbNEkqO");
+        assert_eq!(client.client_first, "n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
+        let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
+                            s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let (client_final, _, _) = client.client_final("pencil", server_first).unwrap();
+        assert_eq!(
+            client_final,
+            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
+             p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+        );
+    }
+
+    /// What a server does with a client-final-message (RFC 5802 section 3,
+    /// PostgreSQL's `verify_client_proof` and `read_client_final_message`):
+    /// the `c=` attribute must be the gs2 header of the client-first-message
+    /// followed by the server's own certificate hash, and the proof must
+    /// check out against the stored key.
+    fn server_accepts(
+        client: &ScramClient,
+        server_first: &str,
+        client_final: &str,
+        server_cert_hash: &[u8],
+    ) -> bool {
+        let (salt, iters) = (b"salt-of-the-server", 4096);
+        let salted = hi_sha256(b"pencil", salt, iters);
+        let stored_key = Sha256::digest(hmac_sha256(&salted, b"Client Key"));
+        let (without_proof, proof) = client_final.rsplit_once(",p=").unwrap();
+        let cbind = B64
+            .decode(
+                without_proof
+                    .strip_prefix("c=")
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap(),
+            )
+            .unwrap();
+        let gs2 = client
+            .client_first
+            .strip_suffix(&client.client_first_bare)
+            .unwrap();
+        let mut expected = gs2.as_bytes().to_vec();
+        if gs2.starts_with("p=") {
+            expected.extend_from_slice(server_cert_hash);
+        }
+        let auth_message = format!(
+            "{},{server_first},{without_proof}",
+            client.client_first_bare
+        );
+        let signature = hmac_sha256(stored_key.as_slice(), auth_message.as_bytes());
+        let client_key = xor_bytes(&B64.decode(proof).unwrap(), &signature);
+        cbind == expected && Sha256::digest(&client_key).as_slice() == stored_key.as_slice()
+    }
+
+    #[test]
+    fn scram_plus_binds_the_server_certificate_hash() {
+        let hash = Sha256::digest(b"the server's certificate").to_vec();
+        let binding = ScramBinding::TlsServerEndPoint(hash.clone());
+        assert_eq!(binding.mechanism(), "SCRAM-SHA-256-PLUS");
+        let client = ScramClient::with_nonce_and_binding("user", "nonce", binding);
+        assert_eq!(
+            client.client_first,
+            "p=tls-server-end-point,,n=user,r=nonce"
+        );
+        let server_first = format!(
+            "r=nonce+server,s={},i=4096",
+            B64.encode(b"salt-of-the-server")
+        );
+        let (client_final, _, _) = client.client_final("pencil", &server_first).unwrap();
+        let mut c = b"p=tls-server-end-point,,".to_vec();
+        c.extend_from_slice(&hash);
+        assert!(client_final.starts_with(&format!("c={},r=", B64.encode(&c))));
+        assert!(server_accepts(&client, &server_first, &client_final, &hash));
+        // A man in the middle's certificate: the server's own hash differs.
+        let other = Sha256::digest(b"a man in the middle's certificate").to_vec();
+        assert!(!server_accepts(
+            &client,
+            &server_first,
+            &client_final,
+            &other
+        ));
+    }
+
+    #[test]
+    fn scram_without_binding_says_why_in_its_gs2_header() {
+        let server_first = format!(
+            "r=nonce+server,s={},i=4096",
+            B64.encode(b"salt-of-the-server")
+        );
+        for (binding, gs2, c) in [
+            (ScramBinding::Unsupported, "n,,", "c=biws,"),
+            (ScramBinding::NotOffered, "y,,", "c=eSws,"),
+        ] {
+            assert_eq!(binding.mechanism(), "SCRAM-SHA-256");
+            let client = ScramClient::with_nonce_and_binding("user", "nonce", binding);
+            assert!(client.client_first.starts_with(&format!("{gs2}n=user")));
+            let (client_final, _, _) = client.client_final("pencil", &server_first).unwrap();
+            assert!(client_final.starts_with(c), "{client_final}");
+            assert!(server_accepts(&client, &server_first, &client_final, b""));
+        }
     }
 
     // ==================== verify_server_final tests ====================

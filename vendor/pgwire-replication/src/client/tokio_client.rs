@@ -502,6 +502,9 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
     {
         use crate::tls::rustls::{maybe_upgrade_to_tls, MaybeTlsStream};
         let upgraded = maybe_upgrade_to_tls(tcp, &cfg.tls, &cfg.host).await?;
+        if upgraded.is_tls() {
+            worker.set_tls(upgraded.tls_server_end_point());
+        }
         match upgraded {
             MaybeTlsStream::Plain(mut s) => worker.run_on_stream(&mut s).await,
             MaybeTlsStream::Tls(mut s) => worker.run_on_stream(s.as_mut()).await,

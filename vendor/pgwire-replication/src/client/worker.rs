@@ -6,7 +6,8 @@ use tokio::time::Instant;
 
 use super::metrics::ReplicationMetrics;
 use super::progress::ProgressCell;
-use crate::config::ReplicationConfig;
+use crate::auth::ScramBinding;
+use crate::config::{ChannelBinding, ReplicationConfig};
 use crate::error::{PgWireError, Result};
 use crate::lsn::Lsn;
 use crate::protocol::framing::{
@@ -262,6 +263,13 @@ pub struct WorkerState {
     gate: Option<mpsc::Receiver<GateCommand>>,
     /// The applied LSN in the last status update written to the server, if any.
     last_sent: Option<Lsn>,
+    /// The connection is encrypted (vendored change: SCRAM channel binding).
+    encrypted: bool,
+    /// The `tls-server-end-point` hash of the server's certificate, if the
+    /// connection is encrypted and the certificate has one.
+    end_point: Option<Vec<u8>>,
+    /// The client authenticated with `SCRAM-SHA-256-PLUS`.
+    bound: bool,
 }
 
 impl WorkerState {
@@ -284,7 +292,18 @@ impl WorkerState {
             started: None,
             gate: None,
             last_sent: None,
+            encrypted: false,
+            end_point: None,
+            bound: false,
         }
+    }
+
+    /// The connection is encrypted, its server certificate's
+    /// `tls-server-end-point` hash is `end_point` (vendored change: SCRAM
+    /// channel binding).
+    pub(crate) fn set_tls(&mut self, end_point: Option<Vec<u8>>) {
+        self.encrypted = true;
+        self.end_point = end_point;
     }
 
     /// Notify `started` once the server accepts START_REPLICATION.
@@ -792,6 +811,7 @@ impl WorkerState {
         code: i32,
         data: &[u8],
     ) -> Result<()> {
+        self.check_channel_binding(code)?;
         match code {
             0 => Ok(()), // AuthenticationOk
             3 => {
@@ -826,6 +846,71 @@ impl WorkerState {
         }
     }
 
+    /// `channel_binding=require` (libpq's rule, vendored change): a request
+    /// other than SASL is refused before it is answered, and so is the end of
+    /// authentication unless the client authenticated with
+    /// `SCRAM-SHA-256-PLUS`.
+    fn check_channel_binding(&self, code: i32) -> Result<()> {
+        if self.cfg.channel_binding != ChannelBinding::Require || code == 10 || self.bound {
+            return Ok(());
+        }
+        if !self.encrypted {
+            return Err(not_encrypted());
+        }
+        Err(PgWireError::ChannelBinding(match code {
+            0 => "the server authenticated the client without asking for a password \
+                  (pg_hba.conf's method for this connection is not scram-sha-256)"
+                .into(),
+            3 | 5 => format!(
+                "the server asked for a {} password instead of SCRAM \
+                 (pg_hba.conf's method for this connection must be scram-sha-256)",
+                if code == 3 { "cleartext" } else { "MD5" }
+            ),
+            _ => format!("the server asked for authentication method {code}"),
+        }))
+    }
+
+    /// The SASL mechanism and channel binding to use among `mechanisms`
+    /// (vendored change): `SCRAM-SHA-256-PLUS` when the connection is
+    /// encrypted, the server offers it and binding is not disabled; plain
+    /// `SCRAM-SHA-256` otherwise, unless binding is required.
+    fn scram_binding(&self, mechanisms: &[String]) -> Result<ScramBinding> {
+        let offers = |m: &str| mechanisms.iter().any(|o| o == m);
+        let binding = self.cfg.channel_binding;
+        if binding != ChannelBinding::Disable && offers("SCRAM-SHA-256-PLUS") {
+            if let Some(hash) = &self.end_point {
+                return Ok(ScramBinding::TlsServerEndPoint(hash.clone()));
+            }
+        }
+        if binding == ChannelBinding::Require {
+            return Err(if !self.encrypted {
+                not_encrypted()
+            } else if offers("SCRAM-SHA-256-PLUS") {
+                PgWireError::ChannelBinding(
+                    "the server's certificate has no tls-server-end-point hash (its signature \
+                     algorithm is not one of RSA or ECDSA with SHA-1/256/384/512)"
+                        .into(),
+                )
+            } else {
+                PgWireError::ChannelBinding(format!(
+                    "the server did not offer SCRAM-SHA-256-PLUS (offered: {}): the role's \
+                     password must be stored as SCRAM (password_encryption = scram-sha-256) and \
+                     the server built with TLS",
+                    mechanisms.join(", ")
+                ))
+            });
+        }
+        if !offers("SCRAM-SHA-256") {
+            return Err(PgWireError::Auth(format!(
+                "server doesn't offer SCRAM-SHA-256, available: {mechanisms:?}"
+            )));
+        }
+        Ok(match (&self.end_point, binding) {
+            (Some(_), ChannelBinding::Prefer) => ScramBinding::NotOffered,
+            _ => ScramBinding::Unsupported,
+        })
+    }
+
     /// Perform SCRAM-SHA-256 authentication.
     async fn auth_scram<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
@@ -834,27 +919,25 @@ impl WorkerState {
     ) -> Result<()> {
         // Parse offered mechanisms
         let mechanisms = parse_sasl_mechanisms(mechanisms_data);
-
-        if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
-            return Err(PgWireError::Auth(format!(
-                "server doesn't offer SCRAM-SHA-256, available: {mechanisms:?}"
-            )));
-        }
+        let binding = self.scram_binding(&mechanisms)?;
 
         #[cfg(not(feature = "scram"))]
-        return Err(PgWireError::Auth(
-            "SCRAM authentication required but 'scram' feature not enabled".into(),
-        ));
+        return Err(PgWireError::Auth(format!(
+            "{} authentication required but 'scram' feature not enabled",
+            binding.mechanism()
+        )));
 
         #[cfg(feature = "scram")]
         {
             use crate::auth::scram::ScramClient;
 
-            let scram = ScramClient::new(&self.cfg.user);
+            let plus = matches!(binding, ScramBinding::TlsServerEndPoint(_));
+            let scram = ScramClient::with_binding(&self.cfg.user, binding);
 
             // Send SASLInitialResponse
             let mut init = Vec::new();
-            init.extend_from_slice(b"SCRAM-SHA-256\0");
+            init.extend_from_slice(scram.binding.mechanism().as_bytes());
+            init.push(0);
             init.extend_from_slice(&(scram.client_first.len() as i32).to_be_bytes());
             init.extend_from_slice(scram.client_first.as_bytes());
             write_password_message(stream, &init).await?;
@@ -872,6 +955,7 @@ impl WorkerState {
             let server_final = read_auth_data(stream, 12).await?;
             let server_final_str = String::from_utf8_lossy(&server_final);
             ScramClient::verify_server_final(&server_final_str, &salted_password, &auth_message)?;
+            self.bound = plus;
 
             Ok(())
         }
@@ -972,6 +1056,15 @@ async fn write_terminate<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<()> {
     stream.write_all(&[b'X', 0, 0, 0, 4]).await?;
     stream.flush().await?;
     Ok(())
+}
+
+/// `channel_binding=require` on a plain connection.
+fn not_encrypted() -> PgWireError {
+    PgWireError::ChannelBinding(
+        "the connection is not encrypted: channel binding needs TLS (the server does not offer \
+         it, or sslmode does not use it)"
+            .into(),
+    )
 }
 
 /// Parse SASL mechanism list from auth data.
@@ -1211,6 +1304,120 @@ mod tests {
         let metrics = Arc::new(ReplicationMetrics::default());
         let worker = WorkerState::new(cfg, progress, stop_rx, tx, metrics);
         (worker, stop_tx, rx)
+    }
+
+    // ==================== channel binding (vendored change) ====================
+
+    /// What a client with `binding` (on a TLS connection with certificate
+    /// hash `tls`, `None`: plain) sends when the server asks for SASL with
+    /// `mechanisms`, or answers to AuthenticationOk (`mechanisms` empty):
+    /// the SASLInitialResponse's mechanism and client-first-message, or the
+    /// client's error when it sent nothing.
+    async fn first_answer(
+        binding: ChannelBinding,
+        tls: Option<Option<Vec<u8>>>,
+        request: (i32, &[&str]),
+    ) -> std::result::Result<(String, String), PgWireError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cfg = ReplicationConfig::new("h", "user", "pencil", "db", "slot", "pub")
+            .with_channel_binding(binding);
+        let (mut worker, _stop_tx, _rx) = test_worker(cfg);
+        if let Some(end_point) = tls {
+            worker.set_tls(end_point);
+        }
+        let (mut worker_end, mut server) = tokio::io::duplex(64 * 1024);
+        let mut payload = request.0.to_be_bytes().to_vec();
+        for m in request.1 {
+            payload.extend_from_slice(m.as_bytes());
+            payload.push(0);
+        }
+        payload.push(0);
+        server.write_all(&frame(b'R', &payload)).await.unwrap();
+        // ReadyForQuery: what follows AuthenticationOk.
+        server.write_all(&frame(b'Z', b"I")).await.unwrap();
+        let client = async move {
+            let result = worker.authenticate(&mut worker_end).await;
+            drop(worker_end);
+            result
+        };
+        let sent = async move {
+            let tag = server.read_u8().await.ok()?;
+            assert_eq!(tag, b'p');
+            let len = server.read_i32().await.unwrap();
+            let mut body = vec![0; len as usize - 4];
+            server.read_exact(&mut body).await.unwrap();
+            Some(body)
+        };
+        let (result, sent) = tokio::join!(client, sent);
+        let Some(body) = sent else {
+            // Nothing sent: refused, or authenticated by AuthenticationOk.
+            return result.map(|()| ("".into(), "".into()));
+        };
+        let nul = body.iter().position(|&b| b == 0).unwrap();
+        let mechanism = String::from_utf8(body[..nul].to_vec()).unwrap();
+        let first = String::from_utf8_lossy(&body[nul + 5..]).into_owned();
+        Ok((mechanism, first))
+    }
+
+    const BOTH: (i32, &[&str]) = (10, &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+    const PLAIN_ONLY: (i32, &[&str]) = (10, &["SCRAM-SHA-256"]);
+
+    #[tokio::test]
+    async fn scram_binds_to_the_certificate_when_offered() {
+        let hash = Some(Some(vec![7u8; 32]));
+        for binding in [ChannelBinding::Prefer, ChannelBinding::Require] {
+            let (mechanism, first) = first_answer(binding, hash.clone(), BOTH).await.unwrap();
+            assert_eq!(mechanism, "SCRAM-SHA-256-PLUS");
+            assert!(
+                first.starts_with("p=tls-server-end-point,,n=user,r="),
+                "{first}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn scram_without_binding_when_not_required() {
+        let hash = Some(Some(vec![7u8; 32]));
+        for (binding, tls, request, gs2) in [
+            (ChannelBinding::Prefer, hash.clone(), PLAIN_ONLY, "y,,"),
+            (ChannelBinding::Prefer, None, BOTH, "n,,"),
+            (ChannelBinding::Disable, hash.clone(), BOTH, "n,,"),
+            (ChannelBinding::Prefer, Some(None), BOTH, "n,,"),
+        ] {
+            let (mechanism, first) = first_answer(binding, tls, request).await.unwrap();
+            assert_eq!(mechanism, "SCRAM-SHA-256", "{binding:?} {gs2}");
+            assert!(first.starts_with(gs2), "{binding:?}: {first}");
+        }
+    }
+
+    #[tokio::test]
+    async fn require_refuses_before_sending_anything() {
+        let hash = Some(Some(vec![7u8; 32]));
+        let require = ChannelBinding::Require;
+        for (tls, request, why) in [
+            (None, BOTH, "not encrypted"),
+            (None, (0, &[][..]), "not encrypted"),
+            (hash.clone(), PLAIN_ONLY, "did not offer SCRAM-SHA-256-PLUS"),
+            (Some(None), BOTH, "no tls-server-end-point hash"),
+            (hash.clone(), (0, &[][..]), "without asking for a password"),
+            (hash.clone(), (3, &[][..]), "cleartext password"),
+            (hash.clone(), (5, &["salt"][..]), "MD5 password"),
+        ] {
+            let err = first_answer(require, tls, request).await.unwrap_err();
+            assert!(
+                matches!(&err, PgWireError::ChannelBinding(text) if text.contains(why)),
+                "{why}: {err}"
+            );
+            assert!(
+                err.to_string().starts_with("channel binding required"),
+                "{err}"
+            );
+        }
+        // Without `require`, trust goes on as before.
+        for binding in [ChannelBinding::Prefer, ChannelBinding::Disable] {
+            let answer = first_answer(binding, hash.clone(), (0, &[][..])).await;
+            assert!(answer.is_ok(), "{answer:?}");
+        }
     }
 
     /// The `options` startup parameter is how `libpq`/`PGOPTIONS` lets a caller

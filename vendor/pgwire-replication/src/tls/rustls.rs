@@ -98,6 +98,54 @@ impl MaybeTlsStream {
     }
 }
 
+impl MaybeTlsStream {
+    /// The `tls-server-end-point` channel binding data of the connection
+    /// (vendored change): the hash of the server's certificate, `None` for a
+    /// plain connection or a certificate without one
+    /// ([`tls_server_end_point`]).
+    pub fn tls_server_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            MaybeTlsStream::Plain(_) => None,
+            MaybeTlsStream::Tls(s) => {
+                let (_, session) = s.get_ref();
+                tls_server_end_point(session.peer_certificates()?.first()?)
+            }
+        }
+    }
+}
+
+/// The `tls-server-end-point` channel binding data of a server certificate
+/// (DER), RFC 5929 section 4.1: the certificate hashed with the hash function
+/// of its signature algorithm, SHA-256 for MD5 and SHA-1 (vendored change).
+/// `None` when the algorithm has no such hash (Ed25519, RSA-PSS: PostgreSQL
+/// cannot bind to those either) or the certificate does not parse.
+pub fn tls_server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256, Sha384, Sha512};
+    use x509_cert::der::oid::db::rfc5912::{
+        ECDSA_WITH_SHA_256, ECDSA_WITH_SHA_384, ECDSA_WITH_SHA_512, ID_SHA_1, ID_SHA_256,
+        ID_SHA_384, ID_SHA_512, MD_5_WITH_RSA_ENCRYPTION, SHA_1_WITH_RSA_ENCRYPTION,
+        SHA_256_WITH_RSA_ENCRYPTION, SHA_384_WITH_RSA_ENCRYPTION, SHA_512_WITH_RSA_ENCRYPTION,
+    };
+    use x509_cert::der::Decode;
+
+    let parsed = x509_cert::Certificate::from_der(cert).ok()?;
+    Some(match parsed.signature_algorithm.oid {
+        MD_5_WITH_RSA_ENCRYPTION
+        | ID_SHA_1
+        | SHA_1_WITH_RSA_ENCRYPTION
+        | ID_SHA_256
+        | SHA_256_WITH_RSA_ENCRYPTION
+        | ECDSA_WITH_SHA_256 => Sha256::digest(cert).to_vec(),
+        ID_SHA_384 | SHA_384_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_384 => {
+            Sha384::digest(cert).to_vec()
+        }
+        ID_SHA_512 | SHA_512_WITH_RSA_ENCRYPTION | ECDSA_WITH_SHA_512 => {
+            Sha512::digest(cert).to_vec()
+        }
+        _ => return None,
+    })
+}
+
 impl AsyncRead for MaybeTlsStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -485,6 +533,32 @@ mod tests {
     use super::*;
     use std::io::Write;
     use tempfile::NamedTempFile;
+
+    // ==================== channel binding (vendored change) ====================
+
+    /// The certificate hashes `openssl x509 -outform DER | openssl dgst` gives.
+    #[test]
+    fn tls_server_end_point_hashes_with_the_signature_algorithm() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let hash = |pem: &str| {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            tls_server_end_point(&der).map(hex::encode)
+        };
+        assert_eq!(
+            hash(include_str!("testdata/p256_sha256.pem")).as_deref(),
+            Some("9e233cba60b9a436015de72f20371dcfc24d54fae11d8c775cbba8d161f64fa8")
+        );
+        assert_eq!(
+            hash(include_str!("testdata/p384_sha384.pem")).as_deref(),
+            Some(
+                "6ffcd53b4e2770139e48c382ee72cbc3a3c6fcf3dcdc719d9afad039b98b15b4\
+                 31652d82a37917bb670f0d7dc2d02490"
+            )
+        );
+        assert_eq!(hash(include_str!("testdata/ed25519.pem")), None);
+        assert_eq!(tls_server_end_point(b"not a certificate"), None);
+    }
 
     // ==================== mTLS misconfiguration detection ====================
     // These catch a common mistake: providing cert without key or vice versa
