@@ -5,6 +5,10 @@ them on 127.0.0.1 with the given ports and blocks forever. The server ignores SI
 SIGKILL by pid. It uses a private chDB entry point, so tools/requirements-dev.txt pins the version.
 
     python tools/clickhouse_server.py --http-port 8123 --tcp-port 9000 --dir /tmp/ch
+
+--config-extra FILE adds the file's XML elements to config.xml's <clickhouse> root (the cluster
+tests' <remote_servers>, <macros>, <zookeeper>, ...). They come after the listeners' elements
+and must not repeat them.
 """
 
 import argparse
@@ -20,18 +24,26 @@ def main() -> None:
         "--users",
         help="file of further <user> elements for users.xml (e.g. one with <grants>)",
     )
+    parser.add_argument(
+        "--config-extra",
+        help="file of further top-level elements for config.xml (e.g. <remote_servers>)",
+    )
     args = parser.parse_args()
     more_users = ""
     if args.users:
         with open(args.users) as f:
             more_users = f.read()
+    more_config = ""
+    if args.config_extra:
+        with open(args.config_extra) as f:
+            more_config = f.read()
 
     os.makedirs(args.dir, exist_ok=True)
     with open(os.path.join(args.dir, "config.xml"), "w") as f:
         f.write(
             "<clickhouse><listen_host>127.0.0.1</listen_host>"
             f"<http_port>{args.http_port}</http_port><tcp_port>{args.tcp_port}</tcp_port>"
-            "<users_config>users.xml</users_config></clickhouse>"
+            f"<users_config>users.xml</users_config>{more_config}</clickhouse>"
         )
     # The usual `default` user (no password), and `relay_plus`, whose password has a `+` in it
     # (tests of URL percent-decoding: a `+` in a URL's password must stay a `+`). Users from

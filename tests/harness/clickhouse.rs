@@ -1,12 +1,18 @@
 //! A ClickHouse server of a test's own (the `chdb-core` wheel's embedded listeners, run by
-//! `tools/clickhouse_server.py`), or a shared external one.
+//! `tools/clickhouse_server.py`), or a shared external one. The nodes of a
+//! [`ClickHouseCluster`](crate::ClickHouseCluster) are such servers with further config.xml
+//! elements.
 
+use std::io::Read;
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{PORT_ATTEMPTS, TempDir, free_port, python, tail, wait_ready, workspace_root};
+use crate::util::{
+    PORT_ATTEMPTS, TempDir, free_port, python, signal, stop_or_cont, tail, wait_ready,
+    workspace_root,
+};
 
 /// A ClickHouse server (chdb-core's embedded listeners) of the test's own, or (with
 /// `RELAY_TEST_CLICKHOUSE_URL` set, e.g. a clickhouse-server service container) a shared external
@@ -19,7 +25,11 @@ pub struct ClickHouseServer {
     dir: TempDir,
     /// Further `<user>` elements of users.xml ([`ClickHouseServer::start_with_users`]).
     users: Option<String>,
+    /// Further top-level elements of config.xml (a cluster node's `<remote_servers>`, ...).
+    config_extra: Option<String>,
     child: Option<Child>,
+    /// SIGSTOPped by [`ClickHouseServer::stop`] and not continued since.
+    stopped: bool,
 }
 
 impl ClickHouseServer {
@@ -46,7 +56,9 @@ impl ClickHouseServer {
                 tcp_port: 0,
                 dir: TempDir::new("relay_ch_external")?,
                 users: None,
+                config_extra: None,
                 child: None,
+                stopped: false,
             };
             server.query("SELECT 1")?;
             return Ok(server);
@@ -67,14 +79,7 @@ impl ClickHouseServer {
 
     /// Starts a local server on these ports, or on others when one of them is taken.
     fn start_on(http_port: u16, tcp_port: u16, users: Option<String>) -> Result<ClickHouseServer> {
-        let mut server = ClickHouseServer {
-            external: None,
-            http_port,
-            tcp_port,
-            dir: TempDir::new("relay_ch")?,
-            users,
-            child: None,
-        };
+        let mut server = ClickHouseServer::local(http_port, tcp_port, users, None)?;
         let mut attempt = 0;
         loop {
             match server.spawn() {
@@ -93,6 +98,37 @@ impl ClickHouseServer {
         }
     }
 
+    fn local(
+        http_port: u16,
+        tcp_port: u16,
+        users: Option<String>,
+        config_extra: Option<String>,
+    ) -> Result<ClickHouseServer> {
+        Ok(ClickHouseServer {
+            external: None,
+            http_port,
+            tcp_port,
+            dir: TempDir::new("relay_ch")?,
+            users,
+            config_extra,
+            child: None,
+            stopped: false,
+        })
+    }
+
+    /// A local server on exactly these ports with further config.xml elements (a cluster
+    /// node, whose ports the other nodes' config names): one attempt; the error (which holds
+    /// the log's tail) says "already in use" when another process took a port.
+    pub(crate) fn start_node(
+        http_port: u16,
+        tcp_port: u16,
+        config_extra: String,
+    ) -> Result<ClickHouseServer> {
+        let mut server = ClickHouseServer::local(http_port, tcp_port, None, Some(config_extra))?;
+        server.spawn()?;
+        Ok(server)
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.dir.0.join("server.log"))?;
         let mut command = Command::new(python()?);
@@ -106,6 +142,11 @@ impl ClickHouseServer {
             let path = self.dir.0.join("more_users.xml");
             std::fs::write(&path, users)?;
             command.arg("--users").arg(path);
+        }
+        if let Some(extra) = &self.config_extra {
+            let path = self.dir.0.join("config_extra.xml");
+            std::fs::write(&path, extra)?;
+            command.arg("--config-extra").arg(path);
         }
         let mut child = command.stdout(log.try_clone()?).stderr(log).spawn()?;
         // Ours, not another test's server that took the HTTP port first: it names our TCP port.
@@ -140,6 +181,43 @@ impl ClickHouseServer {
         self.http_port
     }
 
+    /// The native protocol's port (0 for an external server).
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port
+    }
+
+    /// The server process's id while it runs (None when killed, or external).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP by pid, returning once the kernel shows it stopped: the server keeps its
+    /// sockets (connections are accepted by the kernel) and answers nothing, as a frozen VM.
+    /// [`ClickHouseServer::cont`] resumes it.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            bail!("ClickHouse is not running here (killed, or external)");
+        };
+        stop_or_cont(pid, true)?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// SIGCONT by pid after [`ClickHouseServer::stop`].
+    pub fn cont(&mut self) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            bail!("ClickHouse is not running here (killed, or external)");
+        };
+        stop_or_cont(pid, false)?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// SIGSTOPped and not continued since.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// `http://default:@127.0.0.1:PORT/database`
     pub fn url(&self, database: &str) -> String {
         match &self.external {
@@ -157,6 +235,14 @@ impl ClickHouseServer {
 
     /// Runs a query over HTTP and returns the body (an error carries ClickHouse's message).
     pub fn query(&self, sql: &str) -> Result<String> {
+        self.query_with_timeout(sql, Duration::from_secs(60))
+    }
+
+    /// [`ClickHouseServer::query`] with a timeout of the whole request. An exception
+    /// ClickHouse reports after it began sending rows (HTTP 200, then `__exception__` and the
+    /// message in the body, as a `clusterAllReplicas` query whose last node fails) is an error
+    /// too, carrying the body.
+    pub fn query_with_timeout(&self, sql: &str, timeout: Duration) -> Result<String> {
         let (url, user, password) = match &self.external {
             Some((base, user, password)) => (format!("{base}/"), user.as_str(), password.as_str()),
             None => (
@@ -166,12 +252,21 @@ impl ClickHouseServer {
             ),
         };
         match ureq::post(&url)
-            .timeout(Duration::from_secs(60))
+            .timeout(timeout)
             .set("X-ClickHouse-User", user)
             .set("X-ClickHouse-Key", password)
             .send_string(sql)
         {
-            Ok(resp) => Ok(resp.into_string()?),
+            Ok(resp) => {
+                // Read what came even when the stream breaks off (as after such an exception).
+                let mut body = String::new();
+                let read = resp.into_reader().read_to_string(&mut body);
+                if body.contains("\n__exception__\n") {
+                    bail!("ClickHouse 200, then an exception in the body: {body}");
+                }
+                read?;
+                Ok(body)
+            }
             Err(ureq::Error::Status(code, resp)) => {
                 bail!(
                     "ClickHouse {code}: {}",
@@ -188,6 +283,10 @@ impl ClickHouseServer {
             bail!("cannot kill an external ClickHouse (RELAY_TEST_CLICKHOUSE_URL)");
         }
         if let Some(mut child) = self.child.take() {
+            if self.stopped {
+                signal(child.id(), "CONT");
+                self.stopped = false;
+            }
             child.kill()?;
             child.wait()?;
         }

@@ -6,16 +6,24 @@
 //! child process.
 //!
 //! One module per role, their public names re-exported here: `postgres.rs` (clusters, versions,
-//! TLS options, a primary with a standby), `clickhouse.rs`, [`pginstall`] (PostgreSQL 18
-//! runnable by the `postgres` user), [`tls`] (a test CA and a TLS terminator) and `util.rs`
-//! (what the servers share: names, directories, ports, the wait for a start).
+//! TLS options, a primary with a standby), `clickhouse.rs`, `cluster.rs` (chDB servers declared
+//! as the shards and replicas of one ClickHouse cluster), `proxy.rs` (a round-robin TCP proxy,
+//! one endpoint for a cluster), `zookeeper.rs` (a Keeper for KeeperMap tables), [`pginstall`]
+//! (PostgreSQL 18 runnable by the `postgres` user), [`tls`] (a test CA and a TLS terminator) and
+//! `util.rs` (what the servers share: names, directories, ports, the wait for a start).
 
 mod clickhouse;
+mod cluster;
 pub mod pginstall;
 mod postgres;
+mod proxy;
 pub mod tls;
 mod util;
+mod zookeeper;
 
 pub use clickhouse::ClickHouseServer;
+pub use cluster::{ClickHouseCluster, ClickHouseNode, ClusterSpec, KEEPER_MAP_PREFIX};
 pub use postgres::{HBA_TLS_ONLY, PgOptions, PgPair, PgServer, PgVersion, STANDBY_SLOT, TestCerts};
+pub use proxy::{OnRefused, ProxyCounts, RoundRobinProxy};
 pub use util::{unique_name, workspace_root};
+pub use zookeeper::ZooKeeper;

@@ -76,6 +76,49 @@ pub(crate) fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// The state letters (`R`, `S`, `T` for stopped, ...) of each thread of a process, from
+/// `/proc/PID/task/*/stat`.
+pub(crate) fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // `tid (comm) S ...`: comm may hold spaces and parentheses.
+            stat.rsplit_once(')')?.1.trim_start().chars().next()
+        })
+        .collect()
+}
+
+/// Sends SIGSTOP or SIGCONT and waits (up to 10 s) until the kernel shows every thread of the
+/// process stopped, or none stopped (a group stop completes thread by thread: a busy server
+/// may still answer a request in between).
+pub(crate) fn stop_or_cont(pid: u32, stop: bool) -> Result<()> {
+    signal(pid, if stop { "STOP" } else { "CONT" });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states = thread_states(pid);
+        let stopped = |s: &char| *s == 'T' || *s == 't';
+        let done = if stop {
+            !states.is_empty() && states.iter().all(stopped)
+        } else {
+            !states.iter().any(stopped)
+        };
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "process {pid} is not {} after SIG{} (its threads' states: {states:?})",
+                if stop { "stopped" } else { "running" },
+                if stop { "STOP" } else { "CONT" }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls `ready` until it holds; fails with the log's tail if the server exits or takes longer
 /// than [`STARTUP`].
 pub(crate) fn wait_ready(
