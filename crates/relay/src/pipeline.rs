@@ -252,8 +252,10 @@ impl Relay {
         let mut session = Session::new(config, sink, store, &self.metrics, mode);
         session.coverage_replay = coverage_replay;
         session.xid_reference = xid_reference;
-        session.start(start).await?;
+        // The slot first: only the relay that holds it claims the fence (on a cluster) and reads
+        // what ClickHouse holds; one that lost it stops at `preflight` or here.
         let source = PgSource::connect(config, &target, start, &seen).await?;
+        session.start(start).await?;
         info!(slot = %config.slot, from_lsn = %start, primary = %primary.endpoint, "streaming");
         self.metrics.replicating.store(true, Relaxed);
         self.metrics.set_state(State::Streaming);

@@ -149,15 +149,7 @@ impl Fixture {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(relay_bin());
-        cmd.args(args).env_clear();
-        for key in ["PATH", "HOME"] {
-            if let Ok(v) = std::env::var(key) {
-                cmd.env(key, v);
-            }
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        cmd
+        relay_command(&self.env, args)
     }
 
     /// Starts `outbox-relay run` in the background; its log goes to a file in the test's dir.
@@ -174,16 +166,9 @@ impl Fixture {
 
     /// [`Fixture::spawn_relay`] with some settings changed (another outbox, slot, server).
     pub fn spawn_relay_with(&self, env: &[(&str, &str)]) -> RelayProcess {
-        let log = tempfile_path("relay-log");
-        let file = std::fs::File::create(&log).expect("relay log file");
-        let child = self
-            .command(&["run"])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn outbox-relay run");
-        RelayProcess { child, log }
+        let mut cmd = self.command(&["run"]);
+        cmd.envs(env.iter().copied());
+        RelayProcess::spawn(cmd)
     }
 
     /// Runs SQL on the application database, returning psql's unaligned output.
@@ -297,6 +282,19 @@ impl Fixture {
     }
 }
 
+/// `outbox-relay ARGS` with exactly these settings (and `PATH`, `HOME`) in its environment.
+pub fn relay_command(env: &[(String, String)], args: &[&str]) -> Command {
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(args).env_clear();
+    for key in ["PATH", "HOME"] {
+        if let Ok(v) = std::env::var(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
 /// GET `http://addr/path`: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     match ureq::get(&format!("http://{addr}{path}"))
@@ -358,6 +356,23 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
+    /// Starts `outbox-relay run` with exactly these settings; its log goes to a file in the
+    /// temp directory (removed when dropped).
+    pub fn start(env: &[(String, String)]) -> RelayProcess {
+        RelayProcess::spawn(relay_command(env, &["run"]))
+    }
+
+    fn spawn(mut cmd: Command) -> RelayProcess {
+        let log = tempfile_path("relay-log");
+        let file = std::fs::File::create(&log).expect("relay log file");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn outbox-relay run");
+        RelayProcess { child, log }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

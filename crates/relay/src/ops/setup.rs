@@ -383,6 +383,17 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
         "" => String::new(),
         c => format!(" ON CLUSTER {}", sink::quote_ch_literal(c)),
     };
+    let sink = sink::ClickHouseSink::from_config(config, "setup")
+        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
+    // On a cluster whose every node holds the table already (made through ON CLUSTER, or on
+    // each node where that cannot run), there is nothing to create: the check says so, before
+    // any ON CLUSTER statement (which a cluster without distributed DDL refuses).
+    if !cluster.is_empty() {
+        match sink.check_table().await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::info!(error = %e, "creating the table on cluster {cluster}"),
+        }
+    }
     let database = sink::quote_ch_ident(&target.database);
     sink::execute(
         &server,
@@ -391,16 +402,9 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     .await
     .map_err(|e| on_cluster_failed(cluster, e))?;
     let client = target.client(true);
-    let sink = sink::ClickHouseSink::from_config(config, "setup")
-        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
     // An existing table whose engine would merge or drop the relay's rows is refused before
     // the DDL below alters it (and before an engine that takes no ALTER fails it obscurely).
     sink.check_engine().await?;
-    // On a cluster whose every node holds the table already (made through ON CLUSTER, or on
-    // each node where that cannot run), there is nothing to create: the check says so.
-    if !cluster.is_empty() && sink.check_table().await.is_ok() {
-        return Ok(());
-    }
     let layout = layout(&client, &target.database, cluster).await?;
     // ClickHouse's HTTP interface takes one statement per request.
     for statement in schema::clickhouse_ddl_for(config, layout).split(";\n") {

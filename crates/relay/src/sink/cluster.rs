@@ -131,7 +131,11 @@ impl ClickHouseSink {
         };
         let query = query
             .with_setting("receive_timeout", NODE_TIMEOUT_S.to_string())
-            .with_setting("connect_timeout_with_failover_ms", "1000");
+            .with_setting("connect_timeout_with_failover_ms", "1000")
+            // A node that accepts connections but does not answer (a frozen VM, SIGSTOP) fails
+            // the read within seconds, not after three 10 s handshakes.
+            .with_setting("handshake_timeout_ms", "2000")
+            .with_setting("connections_with_failover_max_tries", "2");
         match c.replicated() {
             true => query.with_setting("select_sequential_consistency", "1"),
             false => query,
@@ -146,7 +150,7 @@ impl ClickHouseSink {
             return Ok(());
         };
         let here = format!(
-            "database = {} AND {{}} = {{{{table_name:String}}}}",
+            "database = {} AND {{}} = {{table_name:String}}",
             quote_ch_literal(&self.database)
         );
         let sql = format!(
@@ -393,7 +397,7 @@ impl ClickHouseSink {
         };
         let skip = "SETTINGS skip_unavailable_shards = 1";
         let here = format!(
-            "database = {} AND {{}} = {{{{table_name:String}}}}",
+            "database = {} AND {{}} = {{table_name:String}}",
             quote_ch_literal(&self.database)
         );
         let replicas: Vec<u64> = self
