@@ -97,7 +97,9 @@ impl Cluster {
     /// without `ON CLUSTER` and with a plain MergeTree (chDB cannot replicate); the fence table
     /// shares one Keeper path, so every node sees one fence.
     fn make_tables(&self) {
-        let env = self.base_env("unused", "unused");
+        let mut env = self.base_env("unused", "unused");
+        env.retain(|(k, _)| k != "RELAY_CLICKHOUSE_CLUSTER");
+        env.push(("RELAY_CLICKHOUSE_CLUSTER".into(), CLUSTER.into()));
         let out = relay_command(&env, &["setup", "--print-sql"])
             .output()
             .expect("run setup --print-sql");
@@ -309,7 +311,7 @@ fn publish_sql(from: u64, sizes: &[String]) -> String {
          BEGIN
            FOREACH size IN ARRAY ARRAY[{}]::int[] LOOP
              INSERT INTO event_outbox (event_type, event_context)
-             SELECT 'stream', json_build_object('n', g)::text
+             SELECT 'stream', json_build_object('n', g)
                FROM generate_series(n, n + size - 1) g;
              COMMIT;
              n := n + size;
@@ -333,6 +335,7 @@ fn kill9_rounds_behind_a_round_robin_proxy() {
     let events = env_number("RELAY_TEST_CLUSTER_EVENTS", 70_000);
     let per_round = events / rounds;
     let stream = "event_type = 'stream'";
+    let mut logs = Vec::new();
     for round in 0..rounds {
         let before = cluster.union_count(stream);
         std::thread::scope(|scope| {
@@ -345,6 +348,7 @@ fn kill9_rounds_behind_a_round_robin_proxy() {
                 "round {round}: never reached {kill_at}\n{}",
                 relay.log()
             );
+            logs.push(relay.log());
             relay.kill9();
         });
     }
@@ -357,7 +361,7 @@ fn kill9_rounds_behind_a_round_robin_proxy() {
         &source,
         &format!(
             "INSERT INTO event_outbox (event_type, event_context)
-             SELECT 'big', json_build_object('n', g)::text FROM generate_series(1, {big}) g"
+             SELECT 'big', json_build_object('n', g) FROM generate_series(1, {big}) g"
         ),
     );
     let reading = format!(
@@ -375,11 +379,22 @@ fn kill9_rounds_behind_a_round_robin_proxy() {
                     .is_ok_and(|r| r.trim().parse::<u64>().unwrap_or(0) >= share)
         });
         assert!(reached, "big round {round}\n{}", relay.log());
+        logs.push(relay.log());
         relay.kill9();
     }
 
     let relay = source.spawn();
     cluster.wait_shipped(&source, &relay);
+    logs.push(relay.log());
+    // Figures, not assertions: what cluster mode costs (compare RELAY_TEST_CLUSTER_ONE_NODE=1).
+    eprintln!(
+        "restart check ms (median of {} sessions): {}; insert ms per batch (median of {} \
+         batches): {}",
+        logged(&logs, "restart_check_ms").len(),
+        median(logged(&logs, "restart_check_ms")),
+        logged(&logs, "flush_ms").len(),
+        median(logged(&logs, "flush_ms")),
+    );
     cluster.assert_exactly_once(&source);
     let spread = cluster.per_node();
     assert!(
@@ -401,28 +416,49 @@ fn kill9_rounds_behind_a_round_robin_proxy() {
 fn a_node_killed_or_stopped_during_inserts() {
     let mut cluster = Cluster::start(1, 3);
     let source = cluster.source(&[]);
-    let relay = source.spawn();
+    let nodes = cluster_status(&source);
+    assert_eq!(nodes["cluster"], CLUSTER, "{nodes}");
+    assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3), "{nodes}");
+    let mut relay = source.spawn();
     let mut rng = StdRng::seed_from_u64(seed() ^ 1);
     for (round, node) in [(0, 1), (1, 2)] {
         let stopping = round == 1;
+        let port = cluster.nodes.node(node).tcp_port().to_string();
         std::thread::scope(|scope| {
             publisher(scope, &cluster.pg, &source.db, 3_000, rng.random());
+            // During inserts: the node goes once the relay is shipping.
+            let before = cluster.union_count("1");
+            let grew = wait_until(LONG, || cluster.union_count("1") > before + 300);
+            assert!(grew, "round {round}: never shipped\n{}", relay.log());
+            if stopping {
+                cluster.nodes.node_mut(node).stop().expect("SIGSTOP a node");
+            } else {
+                cluster.nodes.node_mut(node).kill().expect("kill -9 a node");
+            }
         });
-        let before = cluster.union_count("1");
-        let grew = wait_until(LONG, || cluster.union_count("1") > before + 300);
-        assert!(grew, "{}", relay.log());
-        let port = cluster.nodes.node(node).tcp_port().to_string();
-        let log_before = relay.log().len();
-        if stopping {
-            cluster.nodes.node_mut(node).stop().expect("SIGSTOP a node");
-        } else {
-            cluster.nodes.node_mut(node).kill().expect("kill -9 a node");
+        if !stopping {
+            // status shows the nodes that answer, beside the replicas the cluster declares.
+            let nodes = cluster_status(&source);
+            assert_eq!(nodes["replicas"], 3, "{nodes}");
+            let answered = nodes["nodes"].as_array().expect("nodes");
+            assert_eq!(answered.len(), 2, "{nodes}");
+            assert!(
+                answered.iter().all(|n| n["engine"] == "MergeTree"
+                    && !n["node"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .ends_with(&format!(":{port}"))),
+                "{nodes}"
+            );
         }
-        // The relay could not read that node: it says which.
-        let named = wait_until(LONG, || relay.log()[log_before..].contains(&port));
+        // During a restart check: the relay killed and started again while the node is
+        // down cannot read what that node holds, so it waits, naming the node.
+        relay.kill_now();
+        relay = source.spawn();
+        let named = wait_until(LONG, || relay.log().contains(&port));
         assert!(
             named,
-            "no error naming the node's port {port}\n{}",
+            "round {round}: no error naming the node's port {port}\n{}",
             relay.log()
         );
         if stopping {
@@ -474,13 +510,16 @@ fn a_frozen_relay_is_fenced_after_another_takes_over() {
             signal(a.pid(), "STOP");
             // PostgreSQL ends A's walsender after wal_sender_timeout: the slot is free.
             let freed = wait_until(LONG, || {
-                cluster.sql(
-                    &source,
-                    &format!(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = '{}'",
-                        source.slot
-                    ),
-                ) == "f"
+                cluster
+                    .sql(
+                        &source,
+                        &format!(
+                            "SELECT active FROM pg_replication_slots WHERE slot_name = '{}'",
+                            source.slot
+                        ),
+                    )
+                    .trim()
+                    == "f"
             });
             assert!(freed, "round {round}: A's walsender never ended");
             let b = source.spawn();
@@ -577,7 +616,8 @@ fn verify_finds_and_repairs_a_row_deleted_on_one_node() {
             cluster.ch_db
         ))
         .unwrap();
-    let lost: Vec<&str> = lost.lines().collect();
+    let mut lost: Vec<&str> = lost.lines().collect();
+    lost.sort();
     cluster
         .nodes
         .node(node)
@@ -609,6 +649,28 @@ fn verify_finds_and_repairs_a_row_deleted_on_one_node() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     cluster.assert_exactly_once(&source);
     assert_eq!(relay.terminate().code(), Some(0));
+}
+
+/// The values of `key=` in the relays' logs.
+fn logged(logs: &[String], key: &str) -> Vec<u64> {
+    let key = format!("{key}=");
+    logs.iter()
+        .flat_map(|log| log.split_whitespace())
+        .filter_map(|word| word.strip_prefix(key.as_str())?.parse().ok())
+        .collect()
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+/// `status --json`'s `clickhouse_cluster`: the nodes that answered and the replicas declared.
+fn cluster_status(source: &Source) -> serde_json::Value {
+    let out = source.relay(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", stderr(&out)));
+    status["clickhouse_cluster"].clone()
 }
 
 fn signal(pid: i32, name: &str) {

@@ -154,8 +154,14 @@ impl<'a, S: Sink, P: Store> Session<'a, S, P> {
     /// may still be writing (the fence), then reads which rows the sink already holds.
     pub(crate) async fn start(&mut self, start: Lsn) -> Result<(), RelayError> {
         self.progress = Progress::new(start);
+        let began = std::time::Instant::now();
         self.sink.stop_inflight().await?;
         self.present = self.sink.present(start.0).await?;
+        info!(
+            restart_check_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            start_lsn = %start,
+            "restart check done: the fence held, ClickHouse's rows past the slot read"
+        );
         if !self.present.is_empty() {
             info!(
                 rows = self.present.rows(),

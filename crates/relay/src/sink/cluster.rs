@@ -243,9 +243,11 @@ impl ClickHouseSink {
         };
         c.epoch.store(0, Relaxed);
         let fence = fence_table(&self.table);
-        let present: Vec<u64> = self
+        // Nodes without the fence table: every node minus those holding it (Int64, never
+        // Nullable: the scalar subquery is wrapped).
+        let present: Vec<i64> = self
             .fetch_all(&format!(
-                "SELECT (SELECT count() FROM {}) - countDistinct({NODE})
+                "SELECT toInt64(ifNull((SELECT count() FROM {}), 0)) - toInt64(countDistinct({NODE}))
                    FROM {} WHERE database = {} AND name = {}",
                 self.system_everywhere("one"),
                 self.system_everywhere("tables"),
@@ -267,20 +269,22 @@ impl ClickHouseSink {
             let next = self.fence_epoch().await? + 1;
             let claim = format!(
                 "INSERT INTO {} (key, source, epoch, holder, claimed_at)
-                 SELECT {}, {{source:String}}, {next}, {}, now64(3)
+                 SELECT {}, {}, {next}, {}, now64(3)
                  SETTINGS keeper_map_strict_mode = 1",
                 super::quote_ch_ident(&fence),
                 quote_ch_literal(&format!("{}#{next}", self.source)),
+                quote_ch_literal(&self.source),
                 quote_ch_literal(&self.query_prefix),
             );
-            match self.fetch_all::<u8>(&claim).await {
+            match self.execute(&claim).await {
                 Ok(_) => {
                     c.epoch.store(next, Relaxed);
                     tracing::info!(epoch = next, "fence claimed");
                     return Ok(());
                 }
-                // Another relay claimed that epoch first: read again.
-                Err(e) if e.to_string().contains("already exists") => continue,
+                // Another relay claimed that epoch first (KeeperMap's strict mode refuses the
+                // key: "already exists", or Keeper's "Node exists"): read again.
+                Err(e) if claimed_first(&e.to_string()) => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -441,6 +445,11 @@ impl ClickHouseSink {
                 .collect(),
         }))
     }
+}
+
+/// Whether a refused fence claim means another relay took that epoch first.
+fn claimed_first(error: &str) -> bool {
+    error.contains("already exists") || error.contains("Node exists")
 }
 
 /// What does not fit on the cluster's nodes: a node without the table, and nodes that differ
