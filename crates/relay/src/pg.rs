@@ -225,7 +225,7 @@ async fn connect_target(target: &Target) -> Result<(Client, Seen), PgError> {
 enum Failure {
     /// With what the attempt's TLS handshake saw.
     Pg(tokio_postgres::Error, Seen),
-    /// The TLS files changed since the configuration was checked.
+    /// The TLS configuration could not be built from what the configuration read.
     Params(pgtls::TlsParamError),
 }
 
