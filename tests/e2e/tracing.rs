@@ -20,15 +20,14 @@ fn batch_transaction_continues_the_publishers_trace() {
          VALUES ('traced', '{{}}', '{TRACE}-a1b2c3d4e5f60718-1');
          INSERT INTO event_outbox (event_type, event_context) VALUES ('untraced', '{{}}');"
     ));
-    let config = relay::Config {
-        postgres_url: f.pg.url(&f.db),
-        clickhouse_url: f.ch.url(&f.ch_db),
-        slot: f.slot.clone(),
-        batch_max_wait_ms: 100,
-        status_interval_ms: 100,
-        metrics_addr: String::new(),
-        ..relay::Config::default()
-    };
+    let mut config = relay::Config::default();
+    config.postgres_url = f.pg.url(&f.db);
+    config.clickhouse_url = f.ch.url(&f.ch_db);
+    config.slot = f.slot.clone();
+    config.batch_max_wait_ms = 100;
+    config.status_interval_ms = 100;
+    config.metrics_addr = String::new();
+    let config = config.validated().expect("a valid configuration");
     let options = sentry::ClientOptions::new().traces_sample_rate(1.0);
     let envelopes = sentry::test::with_captured_envelopes_options(
         || {

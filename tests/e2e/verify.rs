@@ -387,14 +387,13 @@ fn verify_a_million_events() {
 /// The configuration the tests' in-process background passes run with: no grace period,
 /// 10-minute windows.
 fn pass_config(f: &Fixture) -> relay::Config {
-    relay::Config {
-        postgres_url: f.pg.url(&f.db),
-        clickhouse_url: f.ch.url(&f.ch_db),
-        slot: f.slot.clone(),
-        verify_grace_s: 0,
-        verify_window_s: 600,
-        ..relay::Config::default()
-    }
+    let mut config = relay::Config::default();
+    config.postgres_url = f.pg.url(&f.db);
+    config.clickhouse_url = f.ch.url(&f.ch_db);
+    config.slot = f.slot.clone();
+    config.verify_grace_s = 0;
+    config.verify_window_s = 600;
+    config.validated().expect("a valid configuration")
 }
 
 /// The background verifier's memory (crates/relay/src/verify.rs, `Memory`): a pass after the first

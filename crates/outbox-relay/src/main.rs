@@ -523,8 +523,8 @@ fn print_cluster(c: &relay::sink::ClusterStatus) {
 /// outbox's source, as the live relay writes them.
 async fn clickhouse_sink(config: &Config) -> anyhow::Result<relay::sink::ClickHouseSink> {
     let writer = format!("{}-tool", config.slot);
-    let sink = relay::sink::ClickHouseSink::from_config(config, &writer)?;
-    let pg = relay::pg::connect(&config.postgres_url).await?;
+    let sink = relay::sink::ClickHouseSink::from_config(config, &writer);
+    let pg = relay::pg::connect(config.postgres()).await?;
     let source = relay::pg::source_identity(&pg, config).await?;
     let sink = sink.with_source(source);
     // Learns the table's shape on a cluster (replicated or not: how rows are counted).

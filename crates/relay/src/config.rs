@@ -6,6 +6,7 @@
 //! environment wins over the file. `SENTRY_DSN` is read without the prefix, as Sentry documents it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod check;
@@ -19,7 +20,12 @@ use serde::{Deserialize, Serialize};
 
 /// Every setting the relay reads, with its default. The configuration reference in
 /// `docs/configuration.md` lists the same names; a test keeps the two in step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// A configuration from [`Config::load`] or [`Config::from_figment`] (or one built in code and
+/// passed through [`Config::validated`]) also carries its targets, parsed once:
+/// [`Config::postgres`] and [`Config::clickhouse`]. Changing `postgres_url`, `clickhouse_url` or
+/// the ClickHouse TLS settings afterwards does not change them: validate again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// PostgreSQL connection URL or key=value string; the user needs the REPLICATION attribute.
@@ -107,6 +113,16 @@ pub struct Config {
     pub sentry_dsn: Option<String>,
     /// Share of batches traced as Sentry transactions, 0.0 to 1.0.
     pub sentry_traces_sample_rate: f32,
+    /// `postgres_url` and `clickhouse_url` parsed, their TLS files read: set by validation.
+    #[serde(skip)]
+    pub(crate) targets: Option<Targets>,
+}
+
+/// The servers a validated configuration names, parsed once and shared by every connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Targets {
+    postgres: Arc<crate::pgtls::Target>,
+    clickhouse: Arc<ClickHouseTarget>,
 }
 
 /// How data travels over ClickHouse's HTTP interface (`clickhouse_compression`).
@@ -167,6 +183,7 @@ impl Default for Config {
             metrics_addr: "127.0.0.1:9898".into(),
             sentry_dsn: None,
             sentry_traces_sample_rate: 1.0,
+            targets: None,
         }
     }
 }
@@ -296,7 +313,7 @@ impl Config {
 
     /// Extracts and validates a configuration from any figment.
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let mut config: Config = figment.extract().map_err(|e| match e.path.last() {
+        let config: Config = figment.extract().map_err(|e| match e.path.last() {
             // Name the setting the way the operator wrote it, with the source of the value.
             Some(key) => {
                 let source = e
@@ -308,9 +325,43 @@ impl Config {
             }
             None => ConfigError::Load(Box::new(e)),
         })?;
-        config.log_level = normalize_log_level(&config.log_level)?;
-        config.validate()?;
-        Ok(config)
+        config.validated()
+    }
+
+    /// Validates a configuration built in code (`load` and `from_figment` do this): checks every
+    /// setting, normalizes `log_level`, and parses `postgres_url` and `clickhouse_url` into the
+    /// targets every connection uses, reading their certificate and key files.
+    pub fn validated(mut self) -> Result<Config, ConfigError> {
+        self.log_level = normalize_log_level(&self.log_level)?;
+        let (postgres, clickhouse) = self.validate()?;
+        self.targets = Some(Targets {
+            postgres: Arc::new(postgres),
+            clickhouse: Arc::new(clickhouse),
+        });
+        Ok(self)
+    }
+
+    /// `postgres_url` parsed at validation, with its TLS files read.
+    ///
+    /// # Panics
+    /// On a configuration that was not validated ([`Config::validated`]).
+    pub fn postgres(&self) -> &Arc<crate::pgtls::Target> {
+        &self.targets().postgres
+    }
+
+    /// `clickhouse_url` and the ClickHouse TLS settings parsed at validation, their files read.
+    ///
+    /// # Panics
+    /// On a configuration that was not validated ([`Config::validated`]).
+    pub fn clickhouse(&self) -> &Arc<ClickHouseTarget> {
+        &self.targets().clickhouse
+    }
+
+    fn targets(&self) -> &Targets {
+        self.targets.as_ref().expect(
+            "a Config from Config::load or Config::from_figment, or passed through \
+             Config::validated, which parse postgres_url and clickhouse_url",
+        )
     }
 
     /// The metrics endpoint's address, if it is on.
@@ -398,14 +449,12 @@ mod tests {
             jail.create_file("relay.toml", MINIMAL)?;
             let config = load(jail).expect("valid");
             assert_eq!(config.clickhouse_compression, ClickHouseCompression::Lz4);
-            let target = ClickHouseTarget::from_config(&config).expect("target");
-            assert_eq!(target.compression, ClickHouseCompression::Lz4);
+            assert_eq!(config.clickhouse().compression, ClickHouseCompression::Lz4);
 
             jail.set_env("RELAY_CLICKHOUSE_COMPRESSION", "none");
             let config = load(jail).expect("valid");
             assert_eq!(config.clickhouse_compression, ClickHouseCompression::None);
-            let target = ClickHouseTarget::from_config(&config).expect("target");
-            assert_eq!(target.compression, ClickHouseCompression::None);
+            assert_eq!(config.clickhouse().compression, ClickHouseCompression::None);
 
             jail.set_env("RELAY_CLICKHOUSE_COMPRESSION", "zstd");
             let message = load(jail).unwrap_err().to_string();
@@ -562,6 +611,55 @@ mod tests {
             load(jail).expect("an encoded @ is fine");
             Ok(())
         });
+    }
+
+    /// The targets are parsed, and their files read, when the configuration loads: a bad
+    /// `postgres_url` or an unreadable ClickHouse CA file stops the relay there, naming the
+    /// setting; clones share what was read.
+    #[test]
+    fn targets_are_parsed_at_load() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", MINIMAL)?;
+            let config = load(jail).expect("valid");
+            assert_eq!(config.postgres().endpoint(0), "127.0.0.1:5432");
+            assert_eq!(config.clickhouse().database, "analytics");
+            let copy = config.clone();
+            assert!(Arc::ptr_eq(config.postgres(), copy.postgres()));
+            assert!(Arc::ptr_eq(config.clickhouse(), copy.clickhouse()));
+
+            let setting = "setting postgres_url (env RELAY_POSTGRES_URL)";
+            jail.set_env("RELAY_POSTGRES_URL", "postgres://relay@db:port/app");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains(setting), "{message}");
+            assert!(message.contains("is not a PostgreSQL URL"), "{message}");
+            jail.set_env(
+                "RELAY_POSTGRES_URL",
+                "postgres://relay@db/app?sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+            );
+            let message = load(jail).unwrap_err().to_string();
+            assert!(message.contains(setting), "{message}");
+            assert!(message.contains("/nonexistent/root.crt"), "{message}");
+
+            jail.set_env("RELAY_POSTGRES_URL", "postgres://relay@db/app");
+            jail.set_env("RELAY_CLICKHOUSE_URL", "https://ch:8443/analytics");
+            jail.set_env("RELAY_CLICKHOUSE_CA_FILE", "/nonexistent/ca.pem");
+            let message = load(jail).unwrap_err().to_string();
+            assert!(
+                message.contains("setting clickhouse_ca_file (env RELAY_CLICKHOUSE_CA_FILE)"),
+                "{message}"
+            );
+            assert!(message.contains("cannot read"), "{message}");
+            Ok(())
+        });
+        // A configuration built in code gets its targets from `validated`.
+        let config = Config {
+            postgres_url: "host=db user=relay".into(),
+            clickhouse_url: "http://ch:8123/analytics".into(),
+            ..Config::default()
+        };
+        assert!(config.targets.is_none());
+        let config = config.validated().expect("valid");
+        assert_eq!(config.postgres().host(), "db");
     }
 
     #[test]

@@ -90,12 +90,9 @@ impl PgError {
     }
 }
 
-/// Host, port and database of a connection string, for messages (never the password).
-pub fn describe(url: &str) -> String {
-    match pgtls::split(url).map(|(rest, _)| rest.parse::<tokio_postgres::Config>()) {
-        Ok(Ok(config)) => describe_config(&config),
-        _ => "<unparsable postgres_url>".into(),
-    }
+/// Host, port and database of `target`, for messages (never the password).
+pub fn describe(target: &Target) -> String {
+    describe_config(&target.config)
 }
 
 fn describe_config(config: &tokio_postgres::Config) -> String {
@@ -109,9 +106,10 @@ fn describe_config(config: &tokio_postgres::Config) -> String {
     format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or("?"))
 }
 
-/// Opens a SQL connection to the primary; its driver runs on a spawned task.
-pub async fn connect(url: &str) -> Result<Client, PgError> {
-    connect_primary(url).await.map(|p| p.client)
+/// Opens a SQL connection to the primary of `target` (`postgres_url`, parsed when the
+/// configuration was loaded: [`crate::Config::postgres`]); its driver runs on a spawned task.
+pub async fn connect(target: &Target) -> Result<Client, PgError> {
+    connect_primary(target).await.map(|p| p.client)
 }
 
 /// A SQL connection to the current primary, what its TLS handshake saw, and `postgres_url`
@@ -129,15 +127,14 @@ pub struct Primary {
 /// connection and is not in recovery (`pg_is_in_recovery()`), so that after a failover the
 /// relay follows the promoted standby. `target_session_attrs` is not needed (the check is
 /// always made).
-pub async fn connect_primary(url: &str) -> Result<Primary, PgError> {
-    let target = Target::parse(url).map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+pub async fn connect_primary(target: &Target) -> Result<Primary, PgError> {
     if !target.is_multi_host() {
-        let (client, seen) = connect_target(&target).await?;
+        let (client, seen) = connect_target(target).await?;
         let endpoint = target.endpoint(0);
         return Ok(Primary {
             client,
             seen,
-            target,
+            target: target.clone(),
             endpoint,
         });
     }
@@ -228,7 +225,7 @@ async fn connect_target(target: &Target) -> Result<(Client, Seen), PgError> {
 enum Failure {
     /// With what the attempt's TLS handshake saw.
     Pg(tokio_postgres::Error, Seen),
-    /// The TLS files changed since the configuration was checked.
+    /// The TLS configuration could not be built from what the configuration read.
     Params(pgtls::TlsParamError),
 }
 

@@ -145,7 +145,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: Config) -> Result<Relay, crate::config::ConfigError> {
-        let sink = ClickHouseSink::from_config(&config, &config.slot)?;
+        let sink = ClickHouseSink::from_config(&config, &config.slot);
         Ok(Relay {
             config,
             sink,
@@ -189,7 +189,7 @@ impl Relay {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), RelayError> {
         let config = &self.config;
-        let primary = pg::connect_primary(&config.postgres_url).await?;
+        let primary = pg::connect_primary(config.postgres()).await?;
         let (sql, seen, target) = (primary.client, primary.seen, primary.target);
         let start = pg::preflight(&sql, &config.slot).await?;
         pg::standby_slots_trap(&sql, &config.slot, &primary.endpoint).await?;
@@ -282,8 +282,7 @@ impl Relay {
                     )
                 }
                 State::WaitingForPostgres => matches!(
-                    tokio::time::timeout(PROBE_TIMEOUT, pg::connect(&self.config.postgres_url))
-                        .await,
+                    tokio::time::timeout(PROBE_TIMEOUT, pg::connect(self.config.postgres())).await,
                     Ok(Ok(_))
                 ),
                 _ => true,
@@ -324,7 +323,7 @@ pub async fn watch_postgres(config: Config, metrics: Arc<Metrics>) {
     loop {
         tick.tick().await;
         if sql.as_ref().is_none_or(|c| c.is_closed()) {
-            sql = tokio::time::timeout(PROBE_TIMEOUT, pg::connect(&config.postgres_url))
+            sql = tokio::time::timeout(PROBE_TIMEOUT, pg::connect(config.postgres()))
                 .await
                 .ok()
                 .and_then(Result::ok);
@@ -386,7 +385,7 @@ impl Relay {
     }
 
     async fn try_skip_unpublished_window(&self, message: &str) -> Result<RelayError, RelayError> {
-        let sql = pg::connect(&self.config.postgres_url).await?;
+        let sql = pg::connect(self.config.postgres()).await?;
         let fingerprint = match coverage::coverage(&sql, &self.config).await? {
             coverage::Coverage::Uncovered { why, .. } => return Err(RelayError::Uncovered(why)),
             coverage::Coverage::Covered { fingerprint } => fingerprint,

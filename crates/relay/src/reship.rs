@@ -139,7 +139,7 @@ async fn attempts(
     };
     loop {
         let mut attempt = ReplayReport::default();
-        let mut reader = Guarded::connect(&config.postgres_url, work).await?;
+        let mut reader = Guarded::connect(config.postgres(), work).await?;
         let (reader, guard) = reader.split();
         let pass = Pass {
             config,
@@ -383,7 +383,7 @@ impl Pass<'_> {
 /// Takes replay's lock (one re-sender per slot at a time: a replay, `verify --repair`) on a
 /// connection of its own, held while it lives; fails [`ReshipError::Busy`] when another holds it.
 async fn replay_lock(config: &Config) -> Result<Client, ReshipError> {
-    let control = pg::connect(&config.postgres_url).await?;
+    let control = pg::connect(config.postgres()).await?;
     let locked: bool = control
         .query_one(
             "SELECT pg_try_advisory_lock(hashtext('outbox-relay replay ' || $1))",

@@ -6,9 +6,7 @@ use std::time::Duration;
 use clickhouse::Client;
 use clickhouse::insert_formatted::BufInsertFormatted;
 
-use crate::config::{
-    ClickHouseCompression, ClickHouseTarget, Config, ConfigError, DEFAULT_TIMEOUT, tls_config,
-};
+use crate::config::{ClickHouseCompression, ClickHouseTarget, Config, DEFAULT_TIMEOUT, tls_config};
 use crate::event::{EventRow, OwnedEventRow, put_string};
 pub use describe::describe;
 
@@ -413,15 +411,12 @@ impl ClickHouseSink {
         }
     }
 
-    /// The sink the configuration describes (URL, table, `clickhouse_timeout_ms`); `writer`
-    /// names who writes, for query ids.
-    pub fn from_config(config: &Config, writer: &str) -> Result<ClickHouseSink, ConfigError> {
-        let target = ClickHouseTarget::from_config(config)?;
-        Ok(
-            ClickHouseSink::new(&target, &config.clickhouse_table, writer)
-                .with_timeout(config.clickhouse_timeout())
-                .with_cluster(&config.clickhouse_cluster),
-        )
+    /// The sink the configuration describes (its ClickHouse target, table,
+    /// `clickhouse_timeout_ms`); `writer` names who writes, for query ids.
+    pub fn from_config(config: &Config, writer: &str) -> ClickHouseSink {
+        ClickHouseSink::new(config.clickhouse(), &config.clickhouse_table, writer)
+            .with_timeout(config.clickhouse_timeout())
+            .with_cluster(&config.clickhouse_cluster)
     }
 
     /// Bounds each step of an insert (taking a chunk, answering at the end) and each query

@@ -25,14 +25,19 @@ pub enum PemError {
     Bad(String),
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, PemError> {
+/// The contents of a file, for the functions below that take them (`*_in`).
+pub fn read(path: &Path) -> Result<Vec<u8>, PemError> {
     std::fs::read(path).map_err(PemError::Unreadable)
 }
 
 /// The certificates of a PEM file (a chain, or a CA bundle); at least one.
 pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    certificates_in(&read(path)?)
+}
+
+/// The certificates of PEM contents (a chain, or a CA bundle); at least one.
+pub fn certificates_in(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PemError::Bad(format!("is not a PEM certificate file: {e}")))?;
     if certs.is_empty() {
@@ -46,8 +51,13 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemErro
 /// The trusted roots of a PEM bundle: the certificates that can be roots (others are skipped,
 /// as OpenSSL skips them); at least one.
 pub fn roots(path: &Path) -> Result<RootCertStore, PemError> {
+    roots_in(&read(path)?)
+}
+
+/// The trusted roots of PEM contents, as [`roots`].
+pub fn roots_in(pem: &[u8]) -> Result<RootCertStore, PemError> {
     let mut roots = RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certificates(path)?);
+    let (added, _) = roots.add_parsable_certificates(certificates_in(pem)?);
     if added == 0 {
         return Err(PemError::Bad(
             "holds no certificate usable as a root (CA) certificate".into(),
@@ -58,8 +68,12 @@ pub fn roots(path: &Path) -> Result<RootCertStore, PemError> {
 
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
-    let pem = read(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+    private_key_in(&read(path)?)
+}
+
+/// The private key of PEM contents, as [`private_key`].
+pub fn private_key_in(pem: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
         PemError::Bad(format!(
             "holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"
         ))

@@ -66,6 +66,7 @@ pub async fn main() -> anyhow::Result<()> {
         sni_hostname: Some(sni),
         client_cert_pem_path: Some(client_cert),
         client_key_pem_path: Some(client_key),
+        pem: Default::default(),
     })
     .with_start_lsn(start_lsn)
     .with_status_interval(std::time::Duration::from_secs(1))

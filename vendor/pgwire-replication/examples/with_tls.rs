@@ -43,6 +43,7 @@ pub async fn main() -> anyhow::Result<()> {
             sni_hostname: Some(sni_hostname),
             client_cert_pem_path: None,
             client_key_pem_path: None,
+            pem: Default::default(),
         })
         .with_start_lsn(start_lsn)
         .with_status_interval(std::time::Duration::from_secs(1))

@@ -4,6 +4,7 @@
 //! connections to PostgreSQL, including TLS settings and replication parameters.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::lsn::Lsn;
@@ -116,6 +117,34 @@ pub struct TlsConfig {
     /// Must be paired with `client_cert_pem_path`.
     /// Supports PKCS#8, PKCS#1 (RSA), and SEC1 (EC) formats.
     pub client_key_pem_path: Option<PathBuf>,
+
+    /// The contents of the files above, read by the caller beforehand. A file whose contents
+    /// are given here is not read (its path only names it in messages), so that every
+    /// connection uses what the caller read, however the file changes since.
+    pub pem: PemContents,
+}
+
+/// The contents of [`TlsConfig`]'s PEM files, each standing for its file when that file's path
+/// is set. `Debug` shows their sizes only: a private key never reaches a log.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PemContents {
+    /// Contents of `ca_pem_path`.
+    pub ca: Option<Arc<[u8]>>,
+    /// Contents of `client_cert_pem_path`.
+    pub client_cert: Option<Arc<[u8]>>,
+    /// Contents of `client_key_pem_path`.
+    pub client_key: Option<Arc<[u8]>>,
+}
+
+impl std::fmt::Debug for PemContents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = |c: &Option<Arc<[u8]>>| c.as_ref().map(|c| format!("{} bytes", c.len()));
+        f.debug_struct("PemContents")
+            .field("ca", &size(&self.ca))
+            .field("client_cert", &size(&self.client_cert))
+            .field("client_key", &size(&self.client_key))
+            .finish()
+    }
 }
 
 impl TlsConfig {
@@ -227,6 +256,23 @@ impl TlsConfig {
     ) -> Self {
         self.client_cert_pem_path = Some(cert_path.into());
         self.client_key_pem_path = Some(key_path.into());
+        self
+    }
+
+    /// Gives the contents of the PEM files, read beforehand: they are then not read again.
+    ///
+    /// # Example
+    /// ```
+    /// use pgwire_replication::config::{PemContents, TlsConfig};
+    ///
+    /// let tls = TlsConfig::verify_full(Some("/ca.pem".into())).with_pem_contents(PemContents {
+    ///     ca: Some(b"-----BEGIN CERTIFICATE-----...".to_vec().into()),
+    ///     ..PemContents::default()
+    /// });
+    /// assert!(tls.pem.ca.is_some());
+    /// ```
+    pub fn with_pem_contents(mut self, pem: PemContents) -> Self {
+        self.pem = pem;
         self
     }
 

@@ -84,6 +84,6 @@ pub use client::{
     FeedbackObserver, FeedbackSent, IdentifySystem, QueryRow, ReplicationClient, ReplicationEvent,
     ReplicationEventReceiver, ReplicationMetrics, TimelineHistory,
 };
-pub use config::{ChannelBinding, Publication, ReplicationConfig, SslMode, TlsConfig};
+pub use config::{ChannelBinding, PemContents, Publication, ReplicationConfig, SslMode, TlsConfig};
 pub use error::{PgWireError, Result};
 pub use lsn::Lsn;

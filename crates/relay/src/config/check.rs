@@ -2,17 +2,31 @@
 //! the setting and its variable, and what to do.
 
 use super::{ClickHouseTarget, Config, ConfigError, SETTINGS, invalid};
+use crate::pgtls::{Target, TlsParamError};
+
+/// `postgres_url` parsed, its TLS files read; a problem names the setting.
+fn postgres_target(url: &str) -> Result<Target, ConfigError> {
+    Target::parse(url).map_err(|e| match e {
+        TlsParamError::Invalid(e) => {
+            invalid("postgres_url", format!("is not a PostgreSQL URL: {e}"))
+        }
+        e => invalid("postgres_url", e.to_string()),
+    })
+}
 
 impl Config {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        self.check_targets()?;
+    /// Checks every setting; yields the targets `postgres_url` and `clickhouse_url` name.
+    pub(super) fn validate(&self) -> Result<(Target, ClickHouseTarget), ConfigError> {
+        let targets = self.check_targets()?;
         self.check_names()?;
         self.check_numbers()?;
-        self.check_endpoints()
+        self.check_endpoints()?;
+        Ok(targets)
     }
 
-    /// The URLs, their TLS files, and the ClickHouse database and table names they make.
-    fn check_targets(&self) -> Result<(), ConfigError> {
+    /// The URLs, their TLS files, and the ClickHouse database and table names they make: the
+    /// targets, parsed (the only place `postgres_url` and `clickhouse_url` are).
+    fn check_targets(&self) -> Result<(Target, ClickHouseTarget), ConfigError> {
         if self.postgres_url.trim().is_empty() {
             return Err(invalid(
                 "postgres_url",
@@ -20,12 +34,7 @@ impl Config {
             ));
         }
         check_postgres_url_userinfo(&self.postgres_url)?;
-        crate::pgtls::Target::parse(&self.postgres_url).map_err(|e| match e {
-            crate::pgtls::TlsParamError::Invalid(e) => {
-                invalid("postgres_url", format!("is not a PostgreSQL URL: {e}"))
-            }
-            e => invalid("postgres_url", e.to_string()),
-        })?;
+        let postgres = postgres_target(&self.postgres_url)?;
         // Parses the URL and reads the CA bundle and client certificate, if any: a file that is
         // missing or not PEM stops the relay here, naming the setting.
         let clickhouse = ClickHouseTarget::from_config(self)?;
@@ -53,7 +62,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(())
+        Ok((postgres, clickhouse))
     }
 
     /// The names PostgreSQL and ClickHouse must accept.

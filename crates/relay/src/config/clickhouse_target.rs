@@ -28,7 +28,8 @@ pub struct ClickHouseTarget {
 impl ClickHouseTarget {
     /// The endpoint `clickhouse_url` names, with the TLS settings (`clickhouse_ca_file`,
     /// `clickhouse_client_cert`, `clickhouse_client_key`) read from their files.
-    pub fn from_config(config: &Config) -> Result<ClickHouseTarget, ConfigError> {
+    /// Only configuration loading calls this: everyone else takes [`Config::clickhouse`].
+    pub(super) fn from_config(config: &Config) -> Result<ClickHouseTarget, ConfigError> {
         let mut target = ClickHouseTarget::parse(&config.clickhouse_url)?;
         target.compression = config.clickhouse_compression;
         let files = [

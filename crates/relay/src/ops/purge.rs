@@ -26,7 +26,7 @@ const CHUNK: i64 = 10_000;
 /// then sees committed), never from `event_date_time`, which the publisher sets: a backdated
 /// event stays as long as any other and `replay` can still find it.
 pub async fn purge_once(config: &Config) -> Result<u64, PgError> {
-    let mut guarded = pg::Guarded::connect(&config.postgres_url, "purge").await?;
+    let mut guarded = pg::Guarded::connect(config.postgres(), "purge").await?;
     let (client, guard) = guarded.split();
     guard.run(purge(config, client)).await
 }

@@ -39,7 +39,7 @@ pub async fn replay(
     wait: Duration,
     dry_run: bool,
 ) -> Result<ReplayReport, ReplayError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     positions::check_lsn(&client, config, from).await?;
     drop(client);
     Ok(reship::replay_tables(config, sink, from, wait, dry_run, None).await?)

@@ -1,6 +1,5 @@
 //! `outbox-relay setup`: creates, idempotently, everything the relay needs on both servers.
 
-use crate::config::ClickHouseTarget;
 use crate::config::Config;
 use crate::pg::{self, PgError, quote_pg_ident};
 use crate::sink::{self, SinkError};
@@ -50,7 +49,7 @@ pub const STANDBY_NEEDS: &str = "each standby needs sync_replication_slots = on,
 /// advisory lock for the whole run, so `CREATE ... IF NOT EXISTS` never races another one's
 /// catalog insert, and every step finds the previous setup's work and leaves it as it is.
 pub async fn setup(config: &Config, recreate_slot: bool) -> Result<SetupReport, SetupError> {
-    let lock = pg::connect(&config.postgres_url).await?;
+    let lock = pg::connect(config.postgres()).await?;
     lock.execute(
         "SELECT pg_advisory_lock(hashtext('outbox-relay setup'))",
         &[],
@@ -185,7 +184,7 @@ pub async fn setup_postgres(
     config: &Config,
     recreate_slot: bool,
 ) -> Result<SetupReport, SetupError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     let version = check_server(&client).await?;
     let mut report = SetupReport::default();
     if prepared_by_another_role(&client, config).await? {
@@ -375,16 +374,14 @@ fn on_cluster_failed(cluster: &str, e: sink::SinkError) -> SetupError {
 }
 
 pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
-    let target = ClickHouseTarget::from_config(config)
-        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
+    let target = config.clickhouse();
     let server = target.client(false);
     let cluster = config.clickhouse_cluster.as_str();
     let on_cluster = match cluster {
         "" => String::new(),
         c => format!(" ON CLUSTER {}", sink::quote_ch_literal(c)),
     };
-    let sink = sink::ClickHouseSink::from_config(config, "setup")
-        .map_err(|e| SetupError::Unsupported(e.to_string()))?;
+    let sink = sink::ClickHouseSink::from_config(config, "setup");
     // On a cluster whose every node holds the table already (made through ON CLUSTER, or on
     // each node where that cannot run), there is nothing to create: the check says so, before
     // any ON CLUSTER statement (which a cluster without distributed DDL refuses).

@@ -452,11 +452,10 @@ async fn verify_status(config: &Config) -> Option<VerifyStatus> {
 }
 
 pub async fn status(config: &Config) -> Result<Status, PgError> {
-    let primary = pg::connect_primary(&config.postgres_url).await?;
+    let primary = pg::connect_primary(config.postgres()).await?;
     let client = primary.client;
     let state = pg::slot_state(&client, &config.slot).await?;
-    let all = crate::pgtls::Target::parse(&config.postgres_url)
-        .map_err(|e| PgError::NotReady(format!("postgres_url: {e}")))?;
+    let all = config.postgres();
     let mut standbys = Vec::new();
     if all.is_multi_host() {
         for i in 0..all.host_count() {
@@ -467,8 +466,7 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
             }
         }
     }
-    let sink = ClickHouseSink::from_config(config, &config.slot)
-        .map_err(|e| PgError::NotReady(e.to_string()))?;
+    let sink = ClickHouseSink::from_config(config, &config.slot);
     let dead_letters = crate::store::deadletter::count(&client, config).await.ok();
     let checkpoint = crate::store::checkpoint::last_checkpoint(&client, config)
         .await

@@ -68,9 +68,9 @@ impl std::fmt::Display for Waiter {
 
 impl Guarded {
     /// Opens the work connection (with `lock_timeout`, named `outbox-relay <work>` in
-    /// `pg_stat_activity`) and its watchdog's to the primary of `url`.
-    pub async fn connect(url: &str, work: &str) -> Result<Guarded, PgError> {
-        let client = super::connect(url).await?;
+    /// `pg_stat_activity`) and its watchdog's to the primary of `target`.
+    pub async fn connect(target: &crate::pgtls::Target, work: &str) -> Result<Guarded, PgError> {
+        let client = super::connect(target).await?;
         let row = client
             .query_one(
                 "SELECT pg_backend_pid(), set_config('lock_timeout', $1, false),
@@ -80,7 +80,7 @@ impl Guarded {
             .await
             .map_err(PgError::query("session settings"))?;
         let pid: i32 = row.get(0);
-        let watchdog = super::connect(url).await?;
+        let watchdog = super::connect(target).await?;
         watchdog
             .execute(
                 "SELECT set_config('application_name', $1, false)",

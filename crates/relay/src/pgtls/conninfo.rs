@@ -319,10 +319,7 @@ mod tests {
             (t.endpoint(0), t.endpoint(1)),
             ("a:6000".into(), "b:6000".into())
         );
-        assert_eq!(
-            crate::pg::describe("host=a,b port=6000 dbname=app"),
-            "a:6000,b:6000/app"
-        );
+        assert_eq!(crate::pg::describe(&t), "a:6000,b:6000/app");
     }
 
     #[test]

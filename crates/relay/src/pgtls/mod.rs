@@ -2,9 +2,11 @@
 //! `channel_binding`, for both the SQL connections (tokio-postgres) and the replication
 //! connection (pgwire-replication). In three parts:
 //!
-//! - [`conninfo`]: the connection string. [`Target::parse`] is the one place that reads the TLS
-//!   parameters out of `postgres_url` (URL or key=value form); it yields the tokio-postgres
-//!   [`Config`](tokio_postgres::Config) without them and a [`PgTls`].
+//! - [`conninfo`]: the connection string. [`Target::parse`], called once when the configuration
+//!   loads ([`crate::Config::postgres`]), is the one place that reads the TLS parameters out of
+//!   `postgres_url` (URL or key=value form); it yields the tokio-postgres
+//!   [`Config`](tokio_postgres::Config) without them and a [`PgTls`], which holds the contents
+//!   of the files they name, read then.
 //! - [`tls`]: [`PgTls`], the parameters resolved as libpq resolves them, builds the SQL
 //!   connections' connector (tokio-postgres-rustls over our rustls configuration: verify-ca
 //!   and verify-full need a certificate verifier of our own) and the replication connection's

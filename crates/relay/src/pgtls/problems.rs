@@ -174,6 +174,7 @@ mod tests {
             root_cert: Some("/ca.pem".into()),
             system_roots: false,
             client_cert: None,
+            pem: Default::default(),
         }
     }
 

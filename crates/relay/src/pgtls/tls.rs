@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use pgwire_replication::TlsConfig;
+use pgwire_replication::{PemContents, TlsConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -94,6 +94,9 @@ pub struct PgTls {
     pub system_roots: bool,
     /// Client certificate and key.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The contents of `root_cert` and `client_cert`, read once by [`PgTls::resolve`]: every
+    /// connection (SQL and replication) uses them, so a rotated certificate takes a restart.
+    pub pem: PemContents,
 }
 
 /// What a SQL connection's handshake saw.
@@ -142,10 +145,12 @@ impl PgTls {
                 root_cert: None,
                 system_roots: false,
                 client_cert: None,
+                pem: PemContents::default(),
             });
         }
+        let mut pem = PemContents::default();
         if let Some(path) = &root_cert {
-            files::roots(path).map_err(TlsParamError::file("sslrootcert", path))?;
+            pem.ca = Some(read("sslrootcert", path, files::roots_in)?);
         } else if requested.verifies() {
             return Err(TlsParamError::NoRootCert {
                 mode: requested.as_str(),
@@ -171,8 +176,8 @@ impl PgTls {
             }),
         };
         if let Some((cert, key)) = &client_cert {
-            files::certificates(cert).map_err(TlsParamError::file("sslcert", cert))?;
-            files::private_key(key).map_err(TlsParamError::file("sslkey", key))?;
+            pem.client_cert = Some(read("sslcert", cert, files::certificates_in)?);
+            pem.client_key = Some(read("sslkey", key, files::private_key_in)?);
         }
         Ok(PgTls {
             requested,
@@ -180,6 +185,7 @@ impl PgTls {
             root_cert,
             system_roots,
             client_cert,
+            pem,
         })
     }
 
@@ -204,7 +210,8 @@ impl PgTls {
         let inner = match (&self.root_cert, self.mode.verifies()) {
             (_, false) => None,
             (Some(path), true) => {
-                let roots = files::roots(path).map_err(TlsParamError::file("sslrootcert", path))?;
+                let roots = files::roots_in(held(&self.pem.ca))
+                    .map_err(TlsParamError::file("sslrootcert", path))?;
                 Some(self.webpki(roots, provider.clone())?)
             }
             // Not from `resolve`; refused by the verifier's builder (no roots).
@@ -224,8 +231,10 @@ impl PgTls {
         let mut config = match &self.client_cert {
             Some((cert, key)) => builder
                 .with_client_auth_cert(
-                    files::certificates(cert).map_err(TlsParamError::file("sslcert", cert))?,
-                    files::private_key(key).map_err(TlsParamError::file("sslkey", key))?,
+                    files::certificates_in(held(&self.pem.client_cert))
+                        .map_err(TlsParamError::file("sslcert", cert))?,
+                    files::private_key_in(held(&self.pem.client_key))
+                        .map_err(TlsParamError::file("sslkey", key))?,
                 )
                 .map_err(|e| TlsParamError::BadFile {
                     param: "sslkey",
@@ -278,6 +287,8 @@ impl PgTls {
         if let Some((cert, key)) = &self.client_cert {
             tls = tls.with_client_cert(cert.clone(), key.clone());
         }
+        // What `resolve` read: the replication connection reads no file.
+        tls = tls.with_pem_contents(self.pem.clone());
         match self.mode {
             SslMode::VerifyCa => {
                 if let Some(name) = sql.cert_names.first() {
@@ -293,6 +304,22 @@ impl PgTls {
         }
         tls
     }
+}
+
+/// The contents of the file `param` = `path`, once `check` (which parses them) accepts them.
+fn read<T>(
+    param: &'static str,
+    path: &Path,
+    check: fn(&[u8]) -> Result<T, files::PemError>,
+) -> Result<Arc<[u8]>, TlsParamError> {
+    let pem = files::read(path).map_err(TlsParamError::file(param, path))?;
+    check(&pem).map_err(TlsParamError::file(param, path))?;
+    Ok(pem.into())
+}
+
+/// PEM contents `resolve` read (empty if it read none: then nothing parses).
+fn held(pem: &Option<Arc<[u8]>>) -> &[u8] {
+    pem.as_deref().unwrap_or_default()
 }
 
 /// A Unix-domain socket directory: as libpq, no TLS there (the kernel carries the bytes).
@@ -491,6 +518,10 @@ mod tests {
         assert_eq!(resolve("verify-full", None).mode, SslMode::VerifyFull);
         assert_eq!(resolve("prefer", None).mode, SslMode::Prefer);
         std::fs::remove_dir_all(&home).unwrap();
+        // The file was read by `resolve`: connections no longer need it (a rotated file takes
+        // a restart).
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        default.client_config(seen).expect("what resolve read");
     }
 
     #[test]
@@ -502,6 +533,11 @@ mod tests {
             root_cert: Some("/ca.pem".into()),
             system_roots: false,
             client_cert: Some(("/c.pem".into(), "/k.pem".into())),
+            pem: PemContents {
+                ca: Some(b"ca".to_vec().into()),
+                client_cert: Some(b"cert".to_vec().into()),
+                client_key: Some(b"key".to_vec().into()),
+            },
         };
         let plain = Seen::default();
         let encrypted = Seen {
@@ -520,6 +556,9 @@ mod tests {
             (Wire::VerifyFull, None, Some("/ca.pem".into()))
         );
         assert!(full.client_cert_pem_path.is_some() && full.client_key_pem_path.is_some());
+        // The contents read at start travel with the paths: the library reads no file.
+        assert_eq!(full.pem.client_key.as_deref(), Some(&b"key"[..]));
+        assert_eq!(full.pem.ca.as_deref(), Some(&b"ca"[..]));
         let full_ip = wire(SslMode::VerifyFull, "10.0.0.5", &plain);
         assert_eq!(full_ip.sni_hostname.as_deref(), Some("10.0.0.5"));
         let named = Seen {

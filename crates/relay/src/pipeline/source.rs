@@ -64,7 +64,7 @@ pub struct PgSource {
     /// Told when a standby status update went out.
     feedback: Arc<Notify>,
     /// `postgres_url`, for explaining errors.
-    url: String,
+    all: Arc<pgtls::Target>,
     status_interval: Duration,
 }
 
@@ -82,11 +82,11 @@ impl PgSource {
         let settings = replication_config(config, target, start, feedback.clone(), seen);
         let client = ReplicationClient::connect(settings)
             .await
-            .map_err(|source| replication_error(&config.postgres_url, source))?;
+            .map_err(|source| replication_error(config.postgres(), source))?;
         Ok(PgSource {
             client,
             feedback,
-            url: config.postgres_url.clone(),
+            all: config.postgres().clone(),
             status_interval: config.status_interval(),
         })
     }
@@ -98,7 +98,7 @@ impl Source for PgSource {
             .client
             .recv()
             .await
-            .map_err(|source| replication_error(&self.url, source))?;
+            .map_err(|source| replication_error(&self.all, source))?;
         let lsn = |l: pgwire_replication::Lsn| Lsn(l.as_u64());
         Ok(event.map(|event| match event {
             ReplicationEvent::Begin {
@@ -141,13 +141,11 @@ impl Source for PgSource {
     }
 }
 
-/// A replication error, explained as the SQL connection's are when it is about TLS.
-pub(super) fn replication_error(url: &str, source: PgWireError) -> RelayError {
-    let target = pg::describe(url);
-    let problem = pgtls::Target::parse(url)
-        .ok()
-        .and_then(|t| pgtls::problems::replication_problem(&t, &source));
-    match problem {
+/// A replication error, explained as the SQL connection's are when it is about TLS; `all` is
+/// `postgres_url`.
+pub(super) fn replication_error(all: &pgtls::Target, source: PgWireError) -> RelayError {
+    let target = pg::describe(all);
+    match pgtls::problems::replication_problem(all, &source) {
         Some(problem) => RelayError::Postgres(PgError::Tls { target, problem }),
         None => RelayError::Replication { target, source },
     }

@@ -266,7 +266,7 @@ pub fn is_unpublished_window(server_error: &str) -> bool {
 /// the outbox, everything the marker's snapshot does not see, which covers what the advance
 /// skipped; a crash in between repeats both steps. Call with the slot free.
 pub async fn skip_unpublished_window(config: &Config, tables: &[u32]) -> Result<Lsn, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     let confirmed = pg::preflight(&client, &config.slot).await?;
     record_pending(&client, config, confirmed, tables).await?;
     let row = client
@@ -290,7 +290,7 @@ pub async fn skip_unpublished_window(config: &Config, tables: &[u32]) -> Result<
 /// committed before the new slot. A crash between the two steps repeats both; the marker comes
 /// first so that a slot never exists without it.
 pub async fn recover_lost_slot(config: &Config) -> Result<Lsn, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     let table = checkpoints_table(config);
     client
         .execute(

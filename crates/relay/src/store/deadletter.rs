@@ -143,7 +143,7 @@ pub async fn count(client: &Client, config: &Config) -> Result<u64, PgError> {
 
 /// Every dead letter, oldest first.
 pub async fn list(config: &Config) -> Result<Vec<DeadLetter>, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     let rows = client
         .query(
             &format!(
@@ -194,7 +194,7 @@ pub async fn retry(
     sink: &ClickHouseSink,
     event_id: Option<&str>,
 ) -> Result<RetryReport, DeadLetterError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     // One re-sender at a time: a replay (the relay's own, after a publication change, or
     // `outbox-relay replay`) checks ClickHouse and then inserts, and so does retry; run side by
     // side, both could find an event missing and both send it. Waits for a running replay.
@@ -350,7 +350,7 @@ async fn refused_again(client: &Client, table: &str, id: &str, why: &str) -> Res
 
 /// Deletes dead letters (all, or one `event_id`) without shipping them; returns how many.
 pub async fn purge(config: &Config, event_id: Option<&str>) -> Result<u64, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     client
         .execute(
             &format!(

@@ -343,9 +343,7 @@ pub fn clickhouse_ddl_for(config: &Config, layout: ClickHouseLayout<'_>) -> Stri
     let fence = match layout {
         ClickHouseLayout::Single => String::new(),
         _ => {
-            let database = crate::config::ClickHouseTarget::from_config(config)
-                .map(|t| t.database)
-                .unwrap_or_default();
+            let database = &config.clickhouse().database;
             let name = crate::sink::fence_table(&config.clickhouse_table);
             format!(
                 r#"

@@ -295,8 +295,8 @@ fn build_rustls_config(
         let cert_path = tls.client_cert_pem_path.as_ref().unwrap();
         let key_path = tls.client_key_pem_path.as_ref().unwrap();
 
-        let cert_chain = load_cert_chain(cert_path)?;
-        let key = load_private_key(key_path)?;
+        let cert_chain = load_cert_chain(cert_path, tls.pem.client_cert.as_deref())?;
+        let key = load_private_key(key_path, tls.pem.client_key.as_deref())?;
 
         builder
             .with_client_auth_cert(cert_chain, key)
@@ -339,13 +339,8 @@ fn build_root_store(tls: &TlsConfig) -> Result<RootCertStore> {
         // Load custom CA certificates
         use rustls::pki_types::pem::PemObject;
 
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| {
-                PgWireError::Tls(format!(
-                    "TLS config error: failed to open CA PEM '{}': {e}",
-                    path.display()
-                ))
-            })?
+        let pem = pem_bytes(path, tls.pem.ca.as_deref(), "failed to open CA PEM")?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| {
                 PgWireError::Tls(format!(
@@ -369,20 +364,35 @@ fn build_root_store(tls: &TlsConfig) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-/// Load certificate chain from PEM file.
+/// The PEM of `path`: `held` (its contents, read by the caller beforehand) or the file's.
+fn pem_bytes<'a>(
+    path: &std::path::Path,
+    held: Option<&'a [u8]>,
+    failed: &str,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    match held {
+        Some(pem) => Ok(std::borrow::Cow::Borrowed(pem)),
+        None => std::fs::read(path)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| {
+                PgWireError::Tls(format!(
+                    "TLS config error: {failed} '{}': {e}",
+                    path.display()
+                ))
+            }),
+    }
+}
+
+/// Load certificate chain from PEM file (or `held`, its contents).
 fn load_cert_chain(
     path: &std::path::Path,
+    held: Option<&[u8]>,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
 
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| {
-            PgWireError::Tls(format!(
-                "TLS config error: failed to open client certificate '{}': {e}",
-                path.display()
-            ))
-        })?
+    let pem = pem_bytes(path, held, "failed to open client certificate")?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| {
             PgWireError::Tls(format!(
@@ -401,14 +411,18 @@ fn load_cert_chain(
     Ok(certs)
 }
 
-/// Load private key from PEM file.
+/// Load private key from PEM file (or `held`, its contents).
 ///
 /// Supports PKCS#8, PKCS#1 (RSA), and SEC1 (EC) key formats.
-fn load_private_key(path: &std::path::Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
+fn load_private_key(
+    path: &std::path::Path,
+    held: Option<&[u8]>,
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::PrivateKeyDer;
 
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+    let pem = pem_bytes(path, held, "failed to load private key from")?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         PgWireError::Tls(format!(
             "TLS config error: failed to load private key from '{}': {e}. \
              Supported formats: PKCS#8, PKCS#1 (RSA), SEC1 (EC)",
@@ -633,8 +647,28 @@ mod tests {
     fn empty_key_file_gives_clear_error() {
         let f = NamedTempFile::new().unwrap();
 
-        let err = load_private_key(f.path()).unwrap_err().to_string();
+        let err = load_private_key(f.path(), None).unwrap_err().to_string();
         assert!(err.contains("failed to load private key"));
+    }
+
+    #[test]
+    fn held_contents_stand_for_the_files() {
+        // The paths do not exist: only the contents given are read.
+        let tls = TlsConfig {
+            ca_pem_path: Some("/nonexistent/ca.pem".into()),
+            pem: crate::config::PemContents {
+                ca: Some(b"not pem".to_vec().into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = build_root_store(&tls).unwrap_err().to_string();
+        assert!(err.contains("no valid CA certificates"), "{err}");
+        let err = load_private_key("/nonexistent/k.pem".as_ref(), Some(b""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("failed to load private key"), "{err}");
+        assert!(!err.contains("No such file"), "{err}");
     }
 
     #[test]
@@ -643,7 +677,7 @@ mod tests {
         f.write_all(b"this is not a valid PEM file").unwrap();
 
         // Should fail gracefully, not panic
-        assert!(load_private_key(f.path()).is_err());
-        assert!(load_cert_chain(f.path()).is_err());
+        assert!(load_private_key(f.path(), None).is_err());
+        assert!(load_cert_chain(f.path(), None).is_err());
     }
 }

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{Memory, Options, RESWEEP_ROWS_PER_S, VerifyError, VerifyReport, compare};
 use crate::config::Config;
-use crate::pg::{self, PgError};
+use crate::pg;
 use crate::reship;
 use crate::sink::ClickHouseSink;
 
@@ -99,12 +99,10 @@ pub async fn verify_pass(
     memory: &mut Memory,
 ) -> Result<VerifyReport, VerifyError> {
     if sink.is_none() {
-        let client = pg::connect(&config.postgres_url).await?;
+        let client = pg::connect(config.postgres()).await?;
         let source = pg::source_identity(&client, config).await?;
         let writer = format!("{}-verify", config.slot);
-        let made = ClickHouseSink::from_config(config, &writer)
-            .map_err(|e| PgError::NotReady(e.to_string()))?
-            .with_source(source);
+        let made = ClickHouseSink::from_config(config, &writer).with_source(source);
         if made.cluster().is_some() {
             made.check_table().await?;
         }

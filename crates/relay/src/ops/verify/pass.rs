@@ -50,7 +50,7 @@ pub async fn compare(
     memory.align(options.window_us, horizon.as_ref().map_or(0, |h| h.lsn.0));
     check_hashes(&control, sink, memory).await?;
     // 3.-7. On a connection that gives way to whoever queues behind its locks.
-    let mut guarded = Guarded::connect(&config.postgres_url, "verify").await?;
+    let mut guarded = Guarded::connect(config.postgres(), "verify").await?;
     let (reader, guard) = guarded.split();
     let compared = guard
         .run(read_and_compare(
@@ -79,7 +79,7 @@ pub async fn compare(
 /// A plain connection for the fence, the horizon and the look-ups that settle what was found:
 /// single statements, none of which waits long for a lock.
 async fn settle_connection(config: &Config) -> Result<Client, PgError> {
-    let client = pg::connect(&config.postgres_url).await?;
+    let client = pg::connect(config.postgres()).await?;
     client
         .batch_execute(&format!("SET lock_timeout = '{}'", pg::LOCK_TIMEOUT))
         .await
