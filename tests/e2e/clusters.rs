@@ -670,6 +670,7 @@ fn cluster_status(source: &Source) -> serde_json::Value {
     let out = source.relay(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("status --json: {e}: {}", stderr(&out)));
+    eprintln!("status: {status}");
     status["clickhouse_cluster"].clone()
 }
 

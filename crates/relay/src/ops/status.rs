@@ -472,9 +472,14 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         .await
         .ok()
         .flatten();
-    let clickhouse_error = sink.ping().await.err().map(|e| e.to_string());
+    // Behind a load balancer a connection may land on a node that is down: a few
+    // connections, each to the next node, before ClickHouse counts as unreachable.
+    let clickhouse_error = three_tries(|| sink.ping())
+        .await
+        .err()
+        .map(|e| e.to_string());
     let clickhouse_cluster = match clickhouse_error {
-        None => sink.cluster_status().await.ok().flatten(),
+        None => three_tries(|| sink.cluster_status()).await.ok().flatten(),
         Some(_) => None,
     };
     let publication_problem = match coverage::coverage(&client, config).await? {
@@ -512,6 +517,22 @@ pub async fn status(config: &Config) -> Result<Status, PgError> {
         standbys,
         verify,
     })
+}
+
+/// `request` tried up to three times (each a new connection), the last error kept.
+async fn three_tries<T, E, F, Fut>(mut request: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut result = request().await;
+    for _ in 0..2 {
+        if result.is_ok() {
+            break;
+        }
+        result = request().await;
+    }
+    result
 }
 
 #[cfg(test)]
