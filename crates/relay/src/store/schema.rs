@@ -78,57 +78,139 @@ pub fn coverage_watch_trigger(config: &Config) -> String {
     )
 }
 
+/// The names and literals the PostgreSQL DDL uses, computed once from the configuration.
+struct DdlNames {
+    table: String,
+    checkpoints: String,
+    dead_letters: String,
+    coverage_log: String,
+    watch_function: String,
+    watch_trigger_ident: String,
+    watch_trigger_literal: String,
+    watched: String,
+    checkpoints_index: String,
+    index: String,
+    schema: String,
+    schema_literal: String,
+    name_literal: String,
+    publication: String,
+    publication_literal: String,
+    environment: String,
+    inner: String,
+    dollar: String,
+    type_check: String,
+    context_check: String,
+    version_check: String,
+    time_check: String,
+}
+
+impl DdlNames {
+    fn new(config: &Config) -> DdlNames {
+        let table = outbox_table(config);
+        let checkpoints = checkpoints_table(config);
+        let dead_letters = dead_letters_table(config);
+        let coverage_log = coverage_log_table(config);
+        let watch_function = format!(
+            "{}.{}",
+            quote_pg_ident(&config.outbox_schema),
+            quote_pg_ident(&derived_name(&config.outbox_table, "coverage_watch"))
+        );
+        let watch_trigger = coverage_watch_trigger(config);
+        let watch_trigger_ident = quote_pg_ident(&watch_trigger);
+        let watch_trigger_literal = quote_pg_literal(&watch_trigger);
+        let watched = base_fingerprint_sql(
+            &quote_pg_literal(&config.publication),
+            &quote_pg_literal(&config.outbox_schema),
+            &quote_pg_literal(&config.outbox_table),
+        );
+        let name = &config.outbox_table;
+        let checkpoints_index =
+            quote_pg_ident(&derived_name(name, "checkpoints_slot_snapshot_lsn"));
+        let index = quote_pg_ident(&derived_name(name, "event_date_time_brin"));
+        let check = |what: &str| quote_pg_ident(&derived_name(name, &format!("{what}_check")));
+        let schema = quote_pg_ident(&config.outbox_schema);
+        let schema_literal = quote_pg_literal(&config.outbox_schema);
+        let name_literal = quote_pg_literal(&config.outbox_table);
+        let publication = quote_pg_ident(&config.publication);
+        let publication_literal = quote_pg_literal(&config.publication);
+        let environment = quote_pg_literal(&config.environment);
+        // The DO blocks' dollar quote must not occur in a name they hold.
+        let names = [
+            &config.outbox_schema,
+            &config.outbox_table,
+            &config.publication,
+        ];
+        // The coverage watch's body nests inside a DO block: another tag.
+        let inner = (0..)
+            .map(|n| format!("$watch{n}$"))
+            .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
+            .unwrap_or_default();
+        let dollar = std::iter::once("$$".to_string())
+            .chain((0..).map(|n| format!("$relay{n}$")))
+            .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
+            .unwrap_or_default();
+        let (type_check, context_check, version_check, time_check) = (
+            check("event_type"),
+            check("event_context"),
+            check("metadata_version"),
+            check("event_date_time"),
+        );
+        DdlNames {
+            table,
+            checkpoints,
+            dead_letters,
+            coverage_log,
+            watch_function,
+            watch_trigger_ident,
+            watch_trigger_literal,
+            watched,
+            checkpoints_index,
+            index,
+            schema,
+            schema_literal,
+            name_literal,
+            publication,
+            publication_literal,
+            environment,
+            inner,
+            dollar,
+            type_check,
+            context_check,
+            version_check,
+            time_check,
+        }
+    }
+}
+
 /// The outbox table, its purge index, its publication, the checkpoint and dead-letter tables
 /// (PostgreSQL).
 pub fn postgres_ddl(config: &Config) -> String {
-    let table = outbox_table(config);
-    let checkpoints = checkpoints_table(config);
-    let dead_letters = dead_letters_table(config);
-    let coverage_log = coverage_log_table(config);
-    let watch_function = format!(
-        "{}.{}",
-        quote_pg_ident(&config.outbox_schema),
-        quote_pg_ident(&derived_name(&config.outbox_table, "coverage_watch"))
-    );
-    let watch_trigger = coverage_watch_trigger(config);
-    let watch_trigger_ident = quote_pg_ident(&watch_trigger);
-    let watch_trigger_literal = quote_pg_literal(&watch_trigger);
-    let watched = base_fingerprint_sql(
-        &quote_pg_literal(&config.publication),
-        &quote_pg_literal(&config.outbox_schema),
-        &quote_pg_literal(&config.outbox_table),
-    );
-    let name = &config.outbox_table;
-    let checkpoints_index = quote_pg_ident(&derived_name(name, "checkpoints_slot_snapshot_lsn"));
-    let index = quote_pg_ident(&derived_name(name, "event_date_time_brin"));
-    let check = |what: &str| quote_pg_ident(&derived_name(name, &format!("{what}_check")));
-    let schema = quote_pg_ident(&config.outbox_schema);
-    let schema_literal = quote_pg_literal(&config.outbox_schema);
-    let name_literal = quote_pg_literal(&config.outbox_table);
-    let publication = quote_pg_ident(&config.publication);
-    let publication_literal = quote_pg_literal(&config.publication);
-    let environment = quote_pg_literal(&config.environment);
-    // The DO blocks' dollar quote must not occur in a name they hold.
-    let names = [
-        &config.outbox_schema,
-        &config.outbox_table,
-        &config.publication,
-    ];
-    // The coverage watch's body nests inside a DO block: another tag.
-    let inner = (0..)
-        .map(|n| format!("$watch{n}$"))
-        .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
-        .unwrap_or_default();
-    let dollar = std::iter::once("$$".to_string())
-        .chain((0..).map(|n| format!("$relay{n}$")))
-        .find(|tag| names.iter().all(|name| !name.contains(tag.as_str())))
-        .unwrap_or_default();
-    let (type_check, context_check, version_check, time_check) = (
-        check("event_type"),
-        check("event_context"),
-        check("metadata_version"),
-        check("event_date_time"),
-    );
+    let names = DdlNames::new(config);
+    [
+        outbox_ddl(&names),
+        relay_tables_ddl(&names),
+        coverage_watch_ddl(&names),
+    ]
+    .concat()
+}
+
+/// The outbox table, its purge index and its publication.
+fn outbox_ddl(names: &DdlNames) -> String {
+    let DdlNames {
+        context_check,
+        dollar,
+        environment,
+        index,
+        publication,
+        publication_literal,
+        schema,
+        schema_literal,
+        table,
+        time_check,
+        type_check,
+        version_check,
+        ..
+    } = names;
     format!(
         r#"-- The transactional outbox. Publish an event inside the application's own transaction:
 --   INSERT INTO {table} (event_type, event_context) VALUES ($1, $2);
@@ -177,7 +259,20 @@ BEGIN
 END
 {dollar};
 
--- The relay's checkpoints, one row per batch ClickHouse accepted (docs/operations.md). snapshot
+"#
+    )
+}
+
+/// The relay's own tables: checkpoints and dead letters.
+fn relay_tables_ddl(names: &DdlNames) -> String {
+    let DdlNames {
+        checkpoints,
+        checkpoints_index,
+        dead_letters,
+        ..
+    } = names;
+    format!(
+        r#"-- The relay's checkpoints, one row per batch ClickHouse accepted (docs/operations.md). snapshot
 -- is a PostgreSQL snapshot taken before WAL position snapshot_lsn: a transaction it does not
 -- see committed after snapshot_lsn, which is how `outbox-relay replay` finds what to re-ship.
 -- Kept as long as the outbox rows (`outbox_retention_hours`); the newest row is always kept.
@@ -223,7 +318,26 @@ ALTER TABLE {dead_letters} ALTER COLUMN event_type DROP NOT NULL,
     ALTER COLUMN event_date_time DROP NOT NULL, ALTER COLUMN environment DROP NOT NULL,
     ALTER COLUMN event_context DROP NOT NULL, ALTER COLUMN metadata_version DROP NOT NULL;
 
--- The coverage watch (docs/guarantees.md): an event trigger logs every change of the
+"#
+    )
+}
+
+/// The coverage watch: an event trigger logging the publication's coverage of the outbox.
+fn coverage_watch_ddl(names: &DdlNames) -> String {
+    let DdlNames {
+        coverage_log,
+        dollar,
+        inner,
+        name_literal,
+        schema_literal,
+        watch_function,
+        watch_trigger_ident,
+        watch_trigger_literal,
+        watched,
+        ..
+    } = names;
+    format!(
+        r#"-- The coverage watch (docs/guarantees.md): an event trigger logs every change of the
 -- publication's coverage of the outbox table (publication, table, membership, publish =
 -- 'insert'), with the table that had the outbox's name, in the DDL's own transaction. The relay
 -- compares the log's newest id with the one its checkpoints were recorded under, so even a table
