@@ -114,23 +114,11 @@ pub enum FailoverState {
 }
 
 impl FailoverState {
-    /// The word `status --json` shows.
-    pub fn name(self) -> &'static str {
-        match self {
-            FailoverState::Ready => "ready",
-            FailoverState::Unreachable => "unreachable",
-            FailoverState::NotInRecovery => "not_in_recovery",
-            FailoverState::NoFailoverSlots => "no_failover_slots",
-            FailoverState::SlotNotFailover => "slot_not_failover",
-            FailoverState::WalLevelBelowLogical => "wal_level_below_logical",
-            FailoverState::SyncReplicationSlotsOff => "sync_replication_slots_off",
-            FailoverState::HotStandbyFeedbackOff => "hot_standby_feedback_off",
-            FailoverState::NoPrimarySlotName => "no_primary_slot_name",
-            FailoverState::NoDbnameInPrimaryConninfo => "no_dbname_in_primary_conninfo",
-            FailoverState::Missing => "missing",
-            FailoverState::NotSynced => "not_synced",
-            FailoverState::Invalidated => "invalidated",
-            FailoverState::Temporary => "temporary",
+    /// The word `status --json` shows, for the text report: serde's own name (one mapping).
+    pub fn name(self) -> String {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(word)) => word,
+            _ => format!("{self:?}"),
         }
     }
 }
@@ -537,33 +525,16 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::FailoverState::{self, *};
+    use super::FailoverState::*;
 
     /// The word the text report shows is the one `status --json` carries (scripts read either).
     #[test]
-    fn failover_state_words_match_the_json() {
-        let all: [FailoverState; 14] = [
-            Ready,
-            Unreachable,
-            NotInRecovery,
-            NoFailoverSlots,
-            SlotNotFailover,
-            WalLevelBelowLogical,
-            SyncReplicationSlotsOff,
-            HotStandbyFeedbackOff,
-            NoPrimarySlotName,
-            NoDbnameInPrimaryConninfo,
-            Missing,
-            NotSynced,
-            Invalidated,
-            Temporary,
-        ];
-        for state in all {
-            assert_eq!(
-                serde_json::to_value(state).ok(),
-                Some(serde_json::json!(state.name()))
-            );
-        }
+    fn failover_state_words_are_the_json_ones() {
+        assert_eq!(Temporary.name(), "temporary");
+        assert_eq!(
+            NoDbnameInPrimaryConninfo.name(),
+            "no_dbname_in_primary_conninfo"
+        );
     }
 }
 

@@ -286,32 +286,41 @@ fn column_ttls(create_table_query: &str) -> Vec<(String, String)> {
     found
 }
 
+/// The bytes of `s` from `start` on that lie outside quotes, each with the depth of
+/// parentheses and brackets after it; ends at the end of `s` or at a quote never closed.
+fn unquoted(s: &str, start: usize) -> impl Iterator<Item = (usize, i32)> + '_ {
+    let bytes = s.as_bytes();
+    let (mut i, mut depth) = (start, 0i32);
+    std::iter::from_fn(move || {
+        loop {
+            let b = *bytes.get(i)?;
+            if matches!(b, b'\'' | b'`' | b'"') {
+                i = quoted_end(s, i)? + 1;
+                continue;
+            }
+            match b {
+                b'(' | b'[' => depth += 1,
+                b')' | b']' => depth -= 1,
+                _ => {}
+            }
+            i += 1;
+            return Some((i - 1, depth));
+        }
+    })
+}
+
 /// Where `keyword` (one or more words, upper case) occurs in `s` as whole words, outside
 /// quotes and parentheses.
 fn find_keyword(s: &str, keyword: &str) -> Option<usize> {
     let bytes = s.as_bytes();
-    let mut depth = 0i32;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\'' | b'`' | b'"' => {
-                i = quoted_end(s, i)? + 1;
-                continue;
-            }
-            b'(' | b'[' => depth += 1,
-            b')' | b']' => depth -= 1,
-            _ if depth == 0
+    unquoted(s, 0)
+        .find(|&(i, depth)| {
+            depth == 0
                 && bytes[i..].starts_with(keyword.as_bytes())
                 && (i == 0 || !is_word(bytes[i - 1]))
-                && bytes.get(i + keyword.len()).is_none_or(|b| !is_word(*b)) =>
-            {
-                return Some(i);
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    None
+                && bytes.get(i + keyword.len()).is_none_or(|b| !is_word(*b))
+        })
+        .map(|(i, _)| i)
 }
 
 fn is_word(b: u8) -> bool {
@@ -335,51 +344,20 @@ fn quoted_end(s: &str, start: usize) -> Option<usize> {
 
 /// The index of the parenthesis closing the one at `open`.
 fn matching_paren(s: &str, open: usize) -> Option<usize> {
-    let bytes = s.as_bytes();
-    let mut depth = 0i32;
-    let mut i = open;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\'' | b'`' | b'"' => {
-                i = quoted_end(s, i)? + 1;
-                continue;
-            }
-            b'(' | b'[' => depth += 1,
-            b')' | b']' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(i);
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    None
+    unquoted(s, open)
+        .find(|&(i, depth)| depth == 0 && matches!(s.as_bytes()[i], b')' | b']'))
+        .map(|(i, _)| i)
 }
 
 /// `s` split at the commas outside quotes, parentheses and brackets.
 fn split_top_level(s: &str) -> Vec<&str> {
-    let bytes = s.as_bytes();
-    let (mut parts, mut depth, mut from, mut i) = (Vec::new(), 0i32, 0, 0);
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\'' | b'`' | b'"' => match quoted_end(s, i) {
-                Some(end) => {
-                    i = end + 1;
-                    continue;
-                }
-                None => break,
-            },
-            b'(' | b'[' => depth += 1,
-            b')' | b']' => depth -= 1,
-            b',' if depth == 0 => {
-                parts.push(&s[from..i]);
-                from = i + 1;
-            }
-            _ => {}
+    let mut parts = Vec::new();
+    let mut from = 0;
+    for (i, depth) in unquoted(s, 0) {
+        if depth == 0 && s.as_bytes()[i] == b',' {
+            parts.push(&s[from..i]);
+            from = i + 1;
         }
-        i += 1;
     }
     parts.push(&s[from..]);
     parts
@@ -478,74 +456,80 @@ mod tests {
             "AggregatingMergeTree ORDER BY (event_id) SETTINGS index_granularity = 8192",
             "(event_id)",
         );
-        for (engine, full, key) in [
+    }
+
+    #[test]
+    fn engines_that_merge_rows_without_event_id_in_the_key_or_collapse_are_refused() {
+        for (engine, full, key, why) in [
             (
                 "ReplacingMergeTree",
                 "ReplacingMergeTree ORDER BY (event_type) SETTINGS index_granularity = 8192",
                 "(event_type)",
+                "become one row",
             ),
             (
                 "ReplicatedReplacingMergeTree",
                 "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/e/rrmt', '{replica}', \
                  metadata_version) ORDER BY (event_type) SETTINGS index_granularity = 8192",
                 "(event_type)",
+                "become one row",
             ),
             (
                 "SharedReplacingMergeTree",
                 "SharedReplacingMergeTree('/clickhouse/tables/{uuid}/{shard}', '{replica}') \
                  ORDER BY (event_type, event_date_time) SETTINGS index_granularity = 8192",
                 "event_type, event_date_time",
+                "become one row",
             ),
             (
                 "SummingMergeTree",
                 "SummingMergeTree ORDER BY (event_type, event_date_time) SETTINGS \
                  index_granularity = 8192",
                 "event_type, event_date_time",
+                "become one row",
             ),
             (
                 "AggregatingMergeTree",
                 "AggregatingMergeTree ORDER BY (event_type, event_date_time) SETTINGS \
                  index_granularity = 8192",
                 "event_type, event_date_time",
+                "become one row",
             ),
             (
                 "CoalescingMergeTree",
                 "CoalescingMergeTree ORDER BY (event_type) SETTINGS index_granularity = 8192",
                 "(event_type)",
+                "become one row",
             ),
             // A hash of event_id can join distinct events.
             (
                 "ReplacingMergeTree",
                 "ReplacingMergeTree ORDER BY cityHash64(event_id) SETTINGS index_granularity = 8192",
                 "cityHash64(event_id)",
+                "become one row",
             ),
-        ] {
-            refused(engine, full, key, "become one row");
-        }
-    }
-
-    #[test]
-    fn collapsing_and_rollup_engines_are_refused_whatever_the_key() {
-        for (engine, full, key) in [
             (
                 "CollapsingMergeTree",
                 "CollapsingMergeTree(sign) ORDER BY (event_id) SETTINGS index_granularity = 8192",
                 "(event_id)",
+                "sign column",
             ),
             (
                 "ReplicatedCollapsingMergeTree",
                 "ReplicatedCollapsingMergeTree('/clickhouse/tables/{shard}/e/rcmt', '{replica}', \
                  sign) ORDER BY (event_type, event_date_time) SETTINGS index_granularity = 8192",
                 "event_type, event_date_time",
+                "sign column",
             ),
             (
                 "VersionedCollapsingMergeTree",
                 "VersionedCollapsingMergeTree(sign, ver) ORDER BY (event_type) SETTINGS \
                  index_granularity = 8192",
                 "(event_type), ver",
+                "sign column",
             ),
         ] {
-            refused(engine, full, key, "sign column");
+            refused(engine, full, key, why);
         }
         refused(
             "GraphiteMergeTree",
