@@ -22,27 +22,24 @@ use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(180);
 
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(
-    sigkill_rounds_with_four_publishers,
-    clickhouse_killed_and_restarted,
-    clickhouse_port_closed_at_random_moments,
-    clickhouse_silent_until_the_timeout,
-    sigterm_while_clickhouse_hangs_is_bounded,
-    postgres_restarted_and_walsender_terminated,
-    big_transaction_with_relay_killed_midway,
-    transaction_of_500_megabytes,
-    poison_event_becomes_a_dead_letter,
-    replay_after_clickhouse_lost_data,
-    lost_slot_is_detected_and_recovered,
-    invalidated_slot_is_detected_and_recovered,
-    clickhouse_compression_lz4_then_none,
+scenarios!(
+    each_postgres: [
+        sigkill_rounds_with_four_publishers,
+        postgres_restarted_and_walsender_terminated,
+        big_transaction_with_relay_killed_midway,
+        transaction_of_500_megabytes,
+        lost_slot_is_detected_and_recovered,
+        invalidated_slot_is_detected_and_recovered,
+    ],
+    clickhouse_only: [
+        clickhouse_compression_lz4_then_none,
+        clickhouse_killed_and_restarted,
+        clickhouse_port_closed_at_random_moments,
+        clickhouse_silent_until_the_timeout,
+        sigterm_while_clickhouse_hangs_is_bounded,
+        poison_event_becomes_a_dead_letter,
+        replay_after_clickhouse_lost_data,
+    ],
 );
 
 /// A small xorshift generator: fault timing varies from run to run, and the seed is printed.

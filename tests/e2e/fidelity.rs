@@ -9,15 +9,11 @@ use std::time::Duration;
 use common::{Fixture, stderr, wait_until};
 use harness::PgVersion;
 
-/// One test function per PostgreSQL version for each scenario.
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(corpus_comes_back_byte_for_byte);
+scenarios!(
+    each_postgres: [
+        corpus_comes_back_byte_for_byte,
+    ],
+);
 
 #[test]
 fn upgrade_of_a_0_1_table_keeps_text_from_then_on() {

@@ -17,14 +17,11 @@ use std::time::{Duration, Instant};
 use common::{Fixture, RelayProcess, http_get, metric, wait_until};
 use harness::PgVersion;
 
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(migrations_never_wait_behind_the_relay);
+scenarios!(
+    each_postgres: [
+        migrations_never_wait_behind_the_relay,
+    ],
+);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -11,26 +11,22 @@ use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(120);
 
-/// One test function per PostgreSQL version for each scenario.
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(
-    columns_arrive_intact,
-    rollbacks_never_arrive,
-    batches_and_inserts,
-    confirmed_lsn_never_passes_clickhouse,
-    restart_resumes_without_loss,
-    clickhouse_down_holds_the_slot,
-    kill9_mid_stream_loses_nothing,
-    idle_relay_advances_slot_past_unrelated_wal,
-    inserts_are_rows_over_max_rows,
-    purge_keeps_the_outbox_bounded,
-    metrics_match_clickhouse_and_the_slot,
+scenarios!(
+    each_postgres: [
+        columns_arrive_intact,
+        rollbacks_never_arrive,
+        confirmed_lsn_never_passes_clickhouse,
+        restart_resumes_without_loss,
+        kill9_mid_stream_loses_nothing,
+        idle_relay_advances_slot_past_unrelated_wal,
+        purge_keeps_the_outbox_bounded,
+    ],
+    clickhouse_only: [
+        clickhouse_down_holds_the_slot,
+        inserts_are_rows_over_max_rows,
+        metrics_match_clickhouse_and_the_slot,
+        batches_and_inserts,
+    ],
 );
 
 /// A ClickHouse user whose password has `+` in it (tools/clickhouse_server.py creates it), in

@@ -12,20 +12,14 @@ use common::{Fixture, RelayProcess, stderr, wait_until};
 use harness::{PgServer, PgVersion};
 use rand::{Rng, SeedableRng};
 
-/// One test function per PostgreSQL version for each scenario.
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(
-    sources_sharing_a_table_survive_kills,
-    publication_recreated_while_running_loses_nothing,
-    swapped_outbox_table_stops_then_recovers,
-    changes_undone_between_two_checks_lose_nothing,
-    rows_that_cannot_become_events_are_dead_letters_not_a_wedge,
+scenarios!(
+    each_postgres: [
+        sources_sharing_a_table_survive_kills,
+        publication_recreated_while_running_loses_nothing,
+        swapped_outbox_table_stops_then_recovers,
+        changes_undone_between_two_checks_lose_nothing,
+        rows_that_cannot_become_events_are_dead_letters_not_a_wedge,
+    ],
 );
 
 /// `source -> (rows, distinct ids)` in ClickHouse, and the ids per source.

@@ -14,19 +14,16 @@ use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(120);
 
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(
-    names_of_every_kind_ship_exactly_once,
-    status_exit_codes_and_strict_json,
-    concurrent_setups_all_succeed,
-    hot_standby_with_the_metrics_address_taken_waits_and_takes_over,
-    backdated_event_is_kept_for_the_retention_and_replayed,
+scenarios!(
+    each_postgres: [
+        names_of_every_kind_ship_exactly_once,
+        status_exit_codes_and_strict_json,
+        concurrent_setups_all_succeed,
+        backdated_event_is_kept_for_the_retention_and_replayed,
+    ],
+    clickhouse_only: [
+        hot_standby_with_the_metrics_address_taken_waits_and_takes_over,
+    ],
 );
 
 /// xorshift; the seed comes from RELAY_TEST_SEED or the clock, and is printed.

@@ -11,20 +11,16 @@ use std::time::Duration;
 use common::{Fixture, RelayProcess, http_get, metric, stderr, wait_until};
 use harness::PgVersion;
 
-/// One test function per PostgreSQL version for each scenario.
-macro_rules! on_each_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod pg15 { $( #[test] fn $name() { super::$name(harness::PgVersion::V15) } )* }
-        mod pg18 { $( #[test] fn $name() { super::$name(harness::PgVersion::V18) } )* }
-    };
-}
-
-on_each_postgres!(
-    verify_finds_and_repairs_every_kind_of_difference,
-    background_passes_hash_only_what_came_and_still_see_every_loss,
-    passes_under_load_report_nothing_in_flight,
-    every_retained_event_whatever_its_time,
-    altered_events_are_named
+scenarios!(
+    each_postgres: [
+        verify_finds_and_repairs_every_kind_of_difference,
+        background_passes_hash_only_what_came_and_still_see_every_loss,
+        passes_under_load_report_nothing_in_flight,
+        every_retained_event_whatever_its_time,
+    ],
+    clickhouse_only: [
+        altered_events_are_named,
+    ],
 );
 
 const GRACE_S: u64 = 1;

@@ -10,6 +10,25 @@ use std::time::{Duration, Instant};
 
 use harness::{ClickHouseServer, PgServer, PgVersion};
 
+/// A file's scenarios as tests: those under `each_postgres` run on PostgreSQL 15 and 18
+/// (modules `pg15`, `pg18`); those under `clickhouse_only`, whose subject is ClickHouse or the
+/// relay process, not PostgreSQL's replication, run on 18 alone (in `pg18`).
+#[macro_export]
+macro_rules! scenarios {
+    (
+        each_postgres: [$($each:ident),* $(,)?]
+        $(, clickhouse_only: [$($one:ident),* $(,)?])? $(,)?
+    ) => {
+        mod pg15 {
+            $( #[test] fn $each() { super::$each(harness::PgVersion::V15) } )*
+        }
+        mod pg18 {
+            $( #[test] fn $each() { super::$each(harness::PgVersion::V18) } )*
+            $($( #[test] fn $one() { super::$one(harness::PgVersion::V18) } )*)?
+        }
+    };
+}
+
 /// A PostgreSQL cluster and a ClickHouse server of this test's own (or databases and a slot of
 /// its own on external servers), with setup done.
 pub struct Fixture {
