@@ -23,12 +23,7 @@ const MAX_CONNECTIONS: usize = 64;
 #[test]
 fn endpoint_stays_bounded_under_load() {
     raise_own_nofile(2_500);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::free_addr();
     let f = Fixture::start(
         PgVersion::V15,
         &[

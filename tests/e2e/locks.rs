@@ -293,22 +293,7 @@ fn migrations_never_wait_behind_the_relay(v: PgVersion) {
         "the events after the migrations never shipped\n{}",
         relay.log()
     );
-    let last: u64 = f
-        .ch("SELECT max(commit_lsn) FROM {db}.event_log")
-        .trim()
-        .parse()
-        .unwrap();
-    let checkpointed = wait_until(Duration::from_secs(60), || {
-        f.sql(&format!(
-            "SELECT count(*) FROM event_outbox_checkpoints
-              WHERE confirmed_lsn > '{:X}/{:X}'::pg_lsn",
-            last >> 32,
-            last & 0xffff_ffff
-        ))
-        .trim()
-            != "0"
-    });
-    assert!(checkpointed, "no checkpoint past {last}\n{}", relay.log());
+    f.wait_for_checkpoint(&relay);
     f.sql("UPDATE event_outbox_checkpoints SET recorded_at = recorded_at - interval '2 hours'");
     let purged = wait_until(Duration::from_secs(60), || {
         relay.log().contains("outbox purged")

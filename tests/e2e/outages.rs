@@ -12,7 +12,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Fixture, RelayProcess, http_get, metric, wait_until};
+use common::{Fixture, RelayProcess, free_addr, metric, scrape, wait_until};
 use harness::PgVersion;
 
 const LONG: Duration = Duration::from_secs(180);
@@ -36,15 +36,6 @@ fn postgres_stopped_for_20_s_under_load() {
     outage_under_load(PgVersion::V15, Server::Postgres);
 }
 
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
 /// `outbox_relay_state{state="..."}` that reads 1, if any.
 fn state(text: &str) -> Option<String> {
     text.lines().find_map(|l| {
@@ -52,11 +43,6 @@ fn state(text: &str) -> Option<String> {
         let (name, value) = rest.split_once("\"} ")?;
         (value == "1").then(|| name.to_string())
     })
-}
-
-fn scrape(addr: &str) -> Option<String> {
-    let (code, body) = http_get(addr, "/metrics");
-    (code == 200).then_some(body)
 }
 
 /// About 2,000 events/s (100 per transaction, 20 transactions a second) until `stop`; failures

@@ -248,12 +248,7 @@ fn purge_keeps_the_outbox_bounded(v: PgVersion) {
 /// After a scripted run, /metrics agrees with ClickHouse and pg_replication_slots; /healthz and
 /// /readyz answer, and /readyz turns 503 when ClickHouse is gone.
 fn metrics_match_clickhouse_and_the_slot(v: PgVersion) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::free_addr();
     let mut f = Fixture::start(v, &[("RELAY_METRICS_ADDR", &addr)]);
     let relay = f.spawn_relay();
     f.publish(3_000, 30, "metered");

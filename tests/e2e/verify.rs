@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::process::Output;
 use std::time::Duration;
 
-use common::{Fixture, RelayProcess, http_get, metric, stderr, wait_until};
+use common::{Fixture, RelayProcess, free_addr, http_get, metric, stderr, wait_until};
 use harness::PgVersion;
 
 scenarios!(
@@ -25,15 +25,6 @@ scenarios!(
 
 const GRACE_S: u64 = 1;
 const INTERVAL_S: u64 = 2;
-
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
 
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -596,27 +587,6 @@ fn passes_under_load_report_nothing_in_flight(v: PgVersion) {
     );
 }
 
-/// Waits until the relay recorded a checkpoint past the last event ClickHouse holds: its
-/// snapshot sees every event shipped so far.
-fn wait_for_checkpoint(f: &Fixture, relay: &RelayProcess) {
-    let last: u64 = f
-        .ch("SELECT max(commit_lsn) FROM {db}.event_log")
-        .trim()
-        .parse()
-        .unwrap();
-    let recorded = wait_until(Duration::from_secs(60), || {
-        f.sql(&format!(
-            "SELECT count(*) FROM event_outbox_checkpoints
-              WHERE confirmed_lsn > '{:X}/{:X}'::pg_lsn",
-            last >> 32,
-            last & 0xffff_ffff
-        ))
-        .trim()
-            != "0"
-    });
-    assert!(recorded, "no checkpoint past {last}\n{}", relay.log());
-}
-
 /// Issue 24's second point: verify's range is the retained outbox whatever the events' own
 /// times (backdated 5 days, 1990, forward-dated 2030), and a ClickHouse row whose outbox row
 /// was purged is outside the proof, never extra.
@@ -641,7 +611,7 @@ fn every_retained_event_whatever_its_time(v: PgVersion) {
     );
     f.publish(20, 10, "early");
     f.wait_for_rows(21, Duration::from_secs(60), Some(&relay));
-    wait_for_checkpoint(&f, &relay);
+    f.wait_for_checkpoint(&relay);
     f.sql("UPDATE event_outbox_checkpoints SET recorded_at = recorded_at - interval '2 hours'");
     let future = f.sql("SELECT event_id FROM event_outbox WHERE event_type = 'dated.2030'");
     let future = future.trim().to_string();

@@ -191,6 +191,27 @@ impl Fixture {
     }
 
     /// Runs SQL on the application database, returning psql's unaligned output.
+    /// Waits until the relay recorded a checkpoint past the last event ClickHouse holds: its
+    /// snapshot sees every event shipped so far.
+    pub fn wait_for_checkpoint(&self, relay: &RelayProcess) {
+        let last: u64 = self
+            .ch("SELECT max(commit_lsn) FROM {db}.event_log")
+            .trim()
+            .parse()
+            .expect("max(commit_lsn)");
+        let recorded = wait_until(Duration::from_secs(60), || {
+            self.sql(&format!(
+                "SELECT count(*) FROM event_outbox_checkpoints
+                  WHERE confirmed_lsn > '{:X}/{:X}'::pg_lsn",
+                last >> 32,
+                last & 0xffff_ffff
+            ))
+            .trim()
+                != "0"
+        });
+        assert!(recorded, "no checkpoint past {last}\n{}", relay.log());
+    }
+
     pub fn sql(&self, sql: &str) -> String {
         self.pg
             .psql(&self.db, sql)
@@ -324,6 +345,21 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap_or_default()),
         Err(e) => (0, e.to_string()),
     }
+}
+
+/// `127.0.0.1:<port>` with a port free a moment ago (for the relay's metrics endpoint).
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// GET `http://addr/metrics`: the body when it answers 200.
+pub fn scrape(addr: &str) -> Option<String> {
+    let (code, body) = http_get(addr, "/metrics");
+    (code == 200).then_some(body)
 }
 
 /// GET `http://addr/metrics` with `Accept: accept`: (Content-Type, body).
