@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Bench, SLOT, cpu_seconds, env_or, merge_result, parse_lsn, stop};
+use super::{Bench, SLOT, cpu_seconds, env_or, git_commit, merge_result, parse_lsn, stop};
 
 const HOUR_US: i64 = 3_600_000_000;
 /// The relay's settings in runs A and B.
@@ -121,12 +121,12 @@ pub(super) fn run(bench: &Bench) -> Result<()> {
             merge_result(&key, *value)?;
         }
     }
-    println!(
-        "\nmerged into {}",
-        harness::workspace_root()
-            .join("bench/results.json")
-            .display()
-    );
+    // The commit measured, beside the figures.
+    let path = harness::workspace_root().join("bench/results.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    json["differing_commit"] = git_commit().into();
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
+    println!("\nmerged into {}", path.display());
     Ok(())
 }
 
