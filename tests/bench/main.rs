@@ -12,6 +12,8 @@ use relay::config::ClickHouseTarget;
 use relay::event::EventRow;
 use relay::sink::ClickHouseSink;
 
+mod differing;
+
 const SLOT: &str = "bench_relay";
 const RECV_SLOT: &str = "bench_recvlogical";
 /// The low-latency profile of docs/configuration.md, as the relay's environment.
@@ -77,6 +79,10 @@ fn main() -> Result<()> {
         println!("relay_cpu_s_per_million_events_steady_2000 {cpu:.2}");
         merge_result("relay_cpu_s_per_million_events_steady_2000", cpu)?;
         return Ok(());
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("differing") {
+        // The verifier finding a differing window (issue 27), merged into bench/results.json.
+        return differing::run(&bench);
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("latency") {
         // Only the latency figures, merged into bench/results.json.
