@@ -594,6 +594,72 @@ fn two_shards_two_sources() {
     );
 }
 
+/// setup on a cluster checks every node: a node without the table, and a node whose table has
+/// another engine, are named (setup exits 1; where ON CLUSTER cannot run, as on chDB, it says
+/// what to run on each node); with every node right again, setup succeeds.
+#[test]
+fn setup_names_the_node_without_the_table_or_with_another_engine() {
+    let cluster = Cluster::start(1, 3);
+    let source = cluster.source(&[]);
+    let db = &cluster.ch_db;
+    let port = |i: usize| format!(":{}", cluster.nodes.node(i).tcp_port());
+    let show = |i: usize| {
+        cluster
+            .nodes
+            .node(i)
+            .query(&format!("SHOW CREATE TABLE {db}.event_log FORMAT TSVRaw"))
+            .expect("SHOW CREATE TABLE")
+    };
+    let create = show(2);
+    cluster
+        .nodes
+        .node(2)
+        .query(&format!("DROP TABLE {db}.event_log SYNC"))
+        .expect("drop the table on one node");
+    let out = source.relay(&["setup"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}: the table does not exist there", port(2)))
+            && err.contains("--print-sql"),
+        "{err}"
+    );
+    // Another engine on node 1 (a plain Log table with the same columns).
+    cluster.nodes.node(2).query(&create).expect("create again");
+    cluster
+        .nodes
+        .node(1)
+        .query(&format!(
+            "RENAME TABLE {db}.event_log TO {db}.event_log_kept"
+        ))
+        .expect("keep the table aside");
+    cluster
+        .nodes
+        .node(1)
+        .query(&format!(
+            "CREATE TABLE {db}.event_log AS {db}.event_log_kept ENGINE = Log"
+        ))
+        .expect("another engine on one node");
+    let out = source.relay(&["setup"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&port(1)) && err.contains("Log"), "{err}");
+    cluster
+        .nodes
+        .node(1)
+        .query(&format!("DROP TABLE {db}.event_log SYNC"))
+        .expect("drop the Log table");
+    cluster
+        .nodes
+        .node(1)
+        .query(&format!(
+            "RENAME TABLE {db}.event_log_kept TO {db}.event_log"
+        ))
+        .expect("the table back");
+    let out = source.relay(&["setup"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// verify on a cluster: a row deleted on the one node that held it is missing (exit 1, named);
 /// `verify --repair` ships it again; verify then proves the outbox complete (exit 0).
 #[test]

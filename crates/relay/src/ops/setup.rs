@@ -360,12 +360,16 @@ async fn layout<'a>(
 }
 
 /// A DDL statement failed; on a cluster, what to do where `ON CLUSTER` cannot run.
-fn on_cluster_failed(cluster: &str, e: sink::SinkError) -> SetupError {
+/// `found`: what the check of every node found before setup tried to create the table.
+fn on_cluster_failed(cluster: &str, found: Option<&str>, e: sink::SinkError) -> SetupError {
     if cluster.is_empty() {
         return e.into();
     }
+    let found = found
+        .map(|f| format!(". What the nodes hold: {f}"))
+        .unwrap_or_default();
     SetupError::Unsupported(format!(
-        "{e}. On cluster {cluster:?} setup runs its DDL with ON CLUSTER, which needs the \
+        "{e}{found}. On cluster {cluster:?} setup runs its DDL with ON CLUSTER, which needs the \
          cluster's distributed DDL (Keeper and a distributed_ddl section). Where that cannot run, \
          create the table on every node yourself: `outbox-relay setup --print-sql` prints the \
          statements (drop the ON CLUSTER clauses and run them on each node), then run setup \
@@ -385,19 +389,24 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
     // On a cluster whose every node holds the table already (made through ON CLUSTER, or on
     // each node where that cannot run), there is nothing to create: the check says so, before
     // any ON CLUSTER statement (which a cluster without distributed DDL refuses).
+    let mut found = None;
     if !cluster.is_empty() {
         match sink.check_table().await {
             Ok(()) => return Ok(()),
-            Err(e) => tracing::info!(error = %e, "creating the table on cluster {cluster}"),
+            Err(e) => {
+                tracing::info!(error = %e, "creating the table on cluster {cluster}");
+                found = Some(e.to_string());
+            }
         }
     }
+    let failed = |e| on_cluster_failed(cluster, found.as_deref(), e);
     let database = sink::quote_ch_ident(&target.database);
     sink::execute(
         &server,
         &format!("CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"),
     )
     .await
-    .map_err(|e| on_cluster_failed(cluster, e))?;
+    .map_err(failed)?;
     let client = target.client(true);
     // An existing table whose engine would merge or drop the relay's rows is refused before
     // the DDL below alters it (and before an engine that takes no ALTER fails it obscurely).
@@ -420,7 +429,7 @@ pub async fn setup_clickhouse(config: &Config) -> Result<(), SetupError> {
                  a relay that lost the slot could write after another took over \
                  (docs/operations.md, \"ClickHouse clusters\")"
             ),
-            Err(e) => return Err(on_cluster_failed(cluster, e)),
+            Err(e) => return Err(failed(e)),
         }
     }
     // An existing table is kept as it is: say now, not at the first insert, if it cannot take
