@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Bench, SLOT, cpu_seconds, env_or, git_commit, merge_result, parse_lsn, stop};
+use super::{
+    Bench, SLOT, cpu_seconds, env_or, git_commit, merge_result, parse_lsn, steady_publisher, stop,
+};
 
 const HOUR_US: i64 = 3_600_000_000;
 /// The relay's settings in runs A and B.
@@ -380,25 +382,7 @@ fn streamed_run(bench: &Bench, seconds: u64, rate: u64, label: &str) -> Result<R
         }
     }
     let url = bench.pg.url("bench");
-    let publisher = std::thread::spawn(move || -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
-            let sql = format!(
-                "INSERT INTO event_outbox (event_type, event_context)
-                 SELECT 'streamed', json_build_object('n', g) FROM generate_series(1, {per_tx}) g"
-            );
-            let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
-            for _ in 0..txs {
-                tick.tick().await;
-                client.execute(&sql, &[]).await?;
-            }
-            anyhow::Ok(())
-        })
-    });
+    let publisher = steady_publisher(url, "streamed", per_tx, TICK_MS, txs);
     let mut sampled_kb = 0u64;
     // The relay's CPU a minute into the stream (the first passes behind it), for the log.
     let publishing = Instant::now();

@@ -790,25 +790,7 @@ impl Bench {
             .stderr(Stdio::null())
             .spawn()?;
         let url = self.pg.url("bench");
-        let publisher = std::thread::spawn(move || -> Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                let sql = format!(
-                    "INSERT INTO event_outbox (event_type, event_context)
-                     SELECT 'steady', json_build_object('n', g) FROM generate_series(1, {PER_TX}) g"
-                );
-                let mut tick = tokio::time::interval(Duration::from_millis(10));
-                for _ in 0..txs {
-                    tick.tick().await;
-                    client.execute(&sql, &[]).await?;
-                }
-                anyhow::Ok(())
-            })
-        });
+        let publisher = steady_publisher(url, "steady", PER_TX, 10, txs);
         let total = PER_TX * txs;
         let count = || -> Result<u64> {
             Ok(self
@@ -1121,6 +1103,36 @@ impl Pins {
 }
 
 /// All threads of `pid` on `cpus` (a taskset list).
+/// A thread publishing `txs` transactions of `per_tx` events of `event_type`, one every
+/// `tick_ms` (a steady stream beside a measured relay).
+fn steady_publisher(
+    url: String,
+    event_type: &'static str,
+    per_tx: u64,
+    tick_ms: u64,
+    txs: u64,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let sql = format!(
+                "INSERT INTO event_outbox (event_type, event_context)
+                 SELECT '{event_type}', json_build_object('n', g) FROM generate_series(1, {per_tx}) g"
+            );
+            let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
+            for _ in 0..txs {
+                tick.tick().await;
+                client.execute(&sql, &[]).await?;
+            }
+            anyhow::Ok(())
+        })
+    })
+}
+
 fn set_affinity(pid: u32, cpus: &str) -> Result<()> {
     let out = Command::new("taskset")
         .args(["-a", "-p", "-c", cpus, &pid.to_string()])

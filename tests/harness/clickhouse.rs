@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::util::{
-    PORT_ATTEMPTS, TempDir, free_port, python, signal, stop_or_cont, tail, wait_ready,
+    PORT_ATTEMPTS, TempDir, free_port, python, signal, start_ready, stop_or_cont, tail,
     workspace_root,
 };
 
@@ -148,32 +148,20 @@ impl ClickHouseServer {
             std::fs::write(&path, extra)?;
             command.arg("--config-extra").arg(path);
         }
-        let mut child = command.stdout(log.try_clone()?).stderr(log).spawn()?;
+        let child = command.stdout(log.try_clone()?).stderr(log).spawn()?;
         // Ours, not another test's server that took the HTTP port first: it names our TCP port.
         let probe = format!(
             "http://127.0.0.1:{}/?query=SELECT%20tcpPort()",
             self.http_port
         );
         let tcp_port = self.tcp_port.to_string();
-        let ready = wait_ready(
-            &mut child,
-            "ClickHouse",
-            &self.dir.0.join("server.log"),
-            || {
-                ureq::get(&probe)
-                    .timeout(Duration::from_secs(2))
-                    .call()
-                    .is_ok_and(|r| r.into_string().is_ok_and(|b| b.trim() == tcp_port))
-            },
-        );
-        match ready {
-            Ok(()) => self.child = Some(child),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        }
+        let ready = start_ready(child, "ClickHouse", &self.dir.0.join("server.log"), || {
+            ureq::get(&probe)
+                .timeout(Duration::from_secs(2))
+                .call()
+                .is_ok_and(|r| r.into_string().is_ok_and(|b| b.trim() == tcp_port))
+        });
+        self.child = Some(ready?);
         Ok(())
     }
 

@@ -142,6 +142,24 @@ pub(crate) fn wait_ready(
     }
 }
 
+/// [`wait_ready`] for a server this process may kill: stopped (and reaped) when it does not
+/// become ready, handed back when it does.
+pub(crate) fn start_ready(
+    mut child: Child,
+    what: &str,
+    log: &Path,
+    ready: impl FnMut() -> bool,
+) -> Result<Child> {
+    match wait_ready(&mut child, what, log, ready) {
+        Ok(()) => Ok(child),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
 pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

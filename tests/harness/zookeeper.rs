@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{PORT_ATTEMPTS, TempDir, free_port, tail, wait_ready};
+use crate::util::{PORT_ATTEMPTS, TempDir, free_port, start_ready, tail};
 
 /// Debian's jar; its manifest's `Class-Path` names the jars it needs in /usr/share/java.
 const ZOOKEEPER_JAR: &str = "/usr/share/java/zookeeper.jar";
@@ -84,7 +84,7 @@ impl ZooKeeper {
             ),
         )?;
         let log = std::fs::File::create(self.log())?;
-        let mut child = Command::new(&java)
+        let child = Command::new(&java)
             .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
             .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
             .arg("-cp")
@@ -97,19 +97,12 @@ impl ZooKeeper {
             .spawn()
             .with_context(|| format!("run {}", java.display()))?;
         let data_dir = self.data_dir().display().to_string();
-        let ready = wait_ready(&mut child, "ZooKeeper", &self.log(), || {
+        let ready = start_ready(child, "ZooKeeper", &self.log(), || {
             // Ours (another test's server may hold the port): `conf` names our dataDir.
             four_letter(self.port, "srvr").is_ok_and(|s| s.contains("Mode: standalone"))
                 && four_letter(self.port, "conf").is_ok_and(|c| c.contains(&data_dir))
         });
-        match ready {
-            Ok(()) => self.child = Some(child),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        }
+        self.child = Some(ready?);
         Ok(())
     }
 
