@@ -459,6 +459,16 @@ fn hot_standby_with_the_metrics_address_taken_waits_and_takes_over(v: PgVersion)
         "{}",
         first.log()
     );
+    // The first holds the slot before the second starts (else the second may take it first).
+    let slot_active = format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}' AND active",
+        f.slot
+    );
+    assert!(
+        wait_until(LONG, || f.sql(&slot_active).trim() == "1"),
+        "the first relay never took the slot\n{}",
+        first.log()
+    );
     let mut second = f.spawn_relay();
     let waiting = wait_until(LONG, || {
         let log = second.log();
