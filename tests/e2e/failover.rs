@@ -146,8 +146,15 @@ impl Setup {
     /// operators to.
     fn wait_synced(&self) {
         // The first sync of a slot can take minutes on a loaded machine (the standby keeps it
-        // temporary until the primary's slot moved past what the standby reserved).
+        // temporary until the primary's slot moved past what the standby reserved). The
+        // primary's slot moves its catalog_xmin on a running-transactions record, which
+        // PostgreSQL writes every 15 s by itself: writing one at each look only hastens what
+        // happens anyway (the relay and `status` are not told).
         let ok = wait_until(Duration::from_secs(300), || {
+            let _ = self
+                .pair
+                .primary
+                .psql("postgres", "SELECT pg_log_standby_snapshot()");
             let standby = self.standby_status();
             standby["ready_for_failover"] == true && standby["failover_state"] == "ready"
         });

@@ -271,6 +271,18 @@ impl ClickHouseServer {
             bail!("cannot kill an external ClickHouse (RELAY_TEST_CLICKHOUSE_URL)");
         }
         if let Some(mut child) = self.child.take() {
+            if let Ok(Some(status)) = child.try_wait() {
+                // Not killed by the harness: a crash, whose log is about to be removed with
+                // the directory.
+                eprintln!(
+                    "ClickHouse (pid {}, HTTP port {}) had exited by itself ({status}); the \
+                     end of its log:\n{}",
+                    child.id(),
+                    self.http_port,
+                    tail(&self.dir.0.join("server.log"))
+                );
+                return Ok(());
+            }
             if self.stopped {
                 signal(child.id(), "CONT");
                 self.stopped = false;

@@ -8,12 +8,14 @@
 //! One module per role, their public names re-exported here: `postgres.rs` (clusters, versions,
 //! TLS options, a primary with a standby), `clickhouse.rs`, `cluster.rs` (chDB servers declared
 //! as the shards and replicas of one ClickHouse cluster), `proxy.rs` (a round-robin TCP proxy,
-//! one endpoint for a cluster), `zookeeper.rs` (a Keeper for KeeperMap tables), [`pginstall`]
+//! one endpoint for a cluster), `zookeeper.rs` (a Keeper for KeeperMap tables), `pgdata.rs` (a new
+//! cluster's data directory, copied from a template), [`pginstall`]
 //! (PostgreSQL 18 runnable by the `postgres` user), [`tls`] (a test CA and a TLS terminator) and
 //! `util.rs` (what the servers share: names, directories, ports, the wait for a start).
 
 mod clickhouse;
 mod cluster;
+mod pgdata;
 pub mod pginstall;
 mod postgres;
 mod proxy;

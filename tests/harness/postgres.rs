@@ -277,16 +277,7 @@ impl PgServer {
         }
         let data = dir.0.join("data");
         let log = dir.0.join("postgres.log");
-        let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
-            .arg("-D")
-            .arg(&data)
-            .stdout(Stdio::null());
-        let out = as_user(&mut initdb, run_as).output()?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        crate::pgdata::init_data_dir(&bin, &data, run_as)?;
         let port = free_port()?;
         let conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
@@ -742,6 +733,32 @@ impl WriteStr for std::fs::File {
 mod tests {
     use super::*;
     use crate::unique_name;
+
+    /// Data directories come from a template (pgdata.rs): each cluster still has a system
+    /// identifier of its own, as initdb would give it.
+    #[test]
+    fn each_cluster_has_a_system_identifier_of_its_own() {
+        for version in PgVersion::available() {
+            let id = |pg: &PgServer| {
+                pg.psql(
+                    "postgres",
+                    "SELECT system_identifier FROM pg_control_system()",
+                )
+                .unwrap()
+                .trim()
+                .to_string()
+            };
+            let (a, b) = (
+                PgServer::start(version).unwrap(),
+                PgServer::start(version).unwrap(),
+            );
+            assert_ne!(id(&a), id(&b), "{version:?}");
+            assert_eq!(
+                a.psql("postgres", "SHOW wal_level").unwrap().trim(),
+                "logical"
+            );
+        }
+    }
 
     #[test]
     fn postgres_clusters_are_logical() {
