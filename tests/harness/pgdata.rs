@@ -9,12 +9,12 @@
 //! are kept for later runs; a template is complete when its directory exists (made elsewhere, then renamed).
 
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+use crate::postgres::as_user;
 use crate::util::{data_temp_dir, unique_name};
 
 /// Makes `data` (which must not exist) a fresh cluster's data directory for the binaries in
@@ -80,13 +80,6 @@ fn template(bin: &Path, run_as: Option<(u32, u32)>) -> Result<PathBuf> {
         let _ = std::fs::remove_dir_all(&building);
     }
     Ok(template.join("data"))
-}
-
-fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) -> &mut Command {
-    if let Some((uid, gid)) = run_as {
-        cmd.uid(uid).gid(gid).env("HOME", "/tmp");
-    }
-    cmd
 }
 
 /// A system identifier no other cluster here has: initdb's recipe (seconds, microseconds,

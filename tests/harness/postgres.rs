@@ -712,7 +712,8 @@ impl Drop for PgServer {
     }
 }
 
-fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) -> &mut Command {
+/// `cmd` run as `run_as` (the `postgres` user when the tests run as root).
+pub(crate) fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) -> &mut Command {
     if let Some((uid, gid)) = run_as {
         cmd.uid(uid).gid(gid).env("HOME", "/tmp");
     }
