@@ -885,27 +885,7 @@ impl Bench {
         }
         let url = self.pg.url("bench");
         let started = Instant::now();
-        let publisher = std::thread::spawn(move || -> Result<Vec<Instant>> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                let sql = format!(
-                    "INSERT INTO event_outbox (event_type, event_context)
-                     SELECT 'latency', json_build_object('n', g) FROM generate_series(1, {per_tx}) g"
-                );
-                let mut tick = tokio::time::interval(Duration::from_millis(10));
-                let mut committed = Vec::with_capacity(TXS);
-                for _ in 0..TXS {
-                    tick.tick().await;
-                    client.execute(&sql, &[]).await?;
-                    committed.push(Instant::now());
-                }
-                anyhow::Ok(committed)
-            })
-        });
+        let publisher = steady_publisher(url, "latency", per_tx, 10, TXS as u64);
         let total = per_tx * TXS as u64;
         let mut seen: Vec<(Instant, u64)> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -1102,17 +1082,16 @@ impl Pins {
     }
 }
 
-/// All threads of `pid` on `cpus` (a taskset list).
 /// A thread publishing `txs` transactions of `per_tx` events of `event_type`, one every
-/// `tick_ms` (a steady stream beside a measured relay).
+/// `tick_ms` (a steady stream beside a measured relay); it returns when each committed.
 fn steady_publisher(
     url: String,
     event_type: &'static str,
     per_tx: u64,
     tick_ms: u64,
     txs: u64,
-) -> std::thread::JoinHandle<Result<()>> {
-    std::thread::spawn(move || -> Result<()> {
+) -> std::thread::JoinHandle<Result<Vec<Instant>>> {
+    std::thread::spawn(move || -> Result<Vec<Instant>> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -1124,15 +1103,18 @@ fn steady_publisher(
                  SELECT '{event_type}', json_build_object('n', g) FROM generate_series(1, {per_tx}) g"
             );
             let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
+            let mut committed = Vec::with_capacity(txs as usize);
             for _ in 0..txs {
                 tick.tick().await;
                 client.execute(&sql, &[]).await?;
+                committed.push(Instant::now());
             }
-            anyhow::Ok(())
+            anyhow::Ok(committed)
         })
     })
 }
 
+/// All threads of `pid` on `cpus` (a taskset list).
 fn set_affinity(pid: u32, cpus: &str) -> Result<()> {
     let out = Command::new("taskset")
         .args(["-a", "-p", "-c", cpus, &pid.to_string()])
